@@ -1,0 +1,116 @@
+"""Captioned-image data: the Hugging Face imagefolder layout used by the LAION-Aesthetics subsets.
+
+A folder of images plus ``metadata.csv`` (or ``metadata.jsonl``) with a ``file_name`` column and a
+caption column (``text``). Images are resized (shorter side), center-cropped, randomly flipped and
+normalised to [-1, 1]; captions are tokenised to the tokenizer's length (77 for SD).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+
+
+class DataError(ValueError):
+    """The data folder or its metadata is not usable; the message says what was found."""
+
+
+def check_folder(root: str | Path, caption_column: str = "text", image_column: str = "file_name") -> Path:
+    """Fail fast on a missing folder or metadata, listing what was found instead."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={str(root)!r} does not exist. Download a LAION-Aesthetics subset there (see README.md, "
+            f"'Data'), point `data.root=/path/to/folder` at an image folder with metadata.csv, or run the offline "
+            f"demo: `python -m bksdm_lab.train experiment=demo`."
+        )
+    if not any((root / m).is_file() for m in METADATA_FILES):
+        found = sorted(p.name for p in root.iterdir())[:10]
+        raise DataError(f"data.root={str(root)!r} has no {' or '.join(METADATA_FILES)}; found: {found}")
+    return root
+
+
+def read_metadata(root: Path, caption_column: str = "text", image_column: str = "file_name") -> list[tuple[str, str]]:
+    path = next(root / m for m in METADATA_FILES if (root / m).is_file())
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    columns = list(rows[0]) if rows else []
+    for column, key in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
+        if rows and column not in rows[0]:
+            raise DataError(f"{path} has no {column!r} column ({key}); columns found: {columns}")
+    return [(r[image_column], r[caption_column]) for r in rows]
+
+
+def image_to_tensor(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, center-crop, optionally flip, scale to [-1, 1], CHW."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageCaptionFolder(Dataset):
+    """An image folder with metadata; yields ``pixel_values`` and ``input_ids``."""
+
+    def __init__(self, root, tokenizer, resolution: int, random_flip: bool = True,
+                 caption_column: str = "text", image_column: str = "file_name", max_samples: int | None = None):
+        self.root = check_folder(root, caption_column, image_column)
+        self.samples = read_metadata(self.root, caption_column, image_column)[:max_samples]
+        if not self.samples:
+            raise DataError(f"data.root={str(self.root)!r}: the metadata lists no samples")
+        self.tokenizer, self.resolution, self.random_flip = tokenizer, resolution, random_flip
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for attempt in range(len(self.samples)):
+            file_name, caption = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with Image.open(self.root / file_name) as image:
+                    pixels = image_to_tensor(image, self.resolution, self.random_flip and random.random() < 0.5)
+            except (OSError, ValueError) as err:
+                self.skipped += 1
+                log.warning("skipping unreadable image %s: %s", file_name, err)
+                continue
+            ids = self.tokenizer(str(caption), max_length=self.tokenizer.model_max_length, padding="max_length",
+                                 truncation=True, return_tensors="pt").input_ids[0]
+            return {"pixel_values": pixels, "input_ids": ids}
+        raise DataError(f"no readable image in {self.root}")
+
+
+class FolderDataModule(pl.LightningDataModule):
+    def __init__(self, root, tokenizer, resolution: int, batch_size: int, num_workers: int = 0,
+                 random_flip: bool = True, caption_column: str = "text", image_column: str = "file_name",
+                 max_samples: int | None = None, **_ignored):
+        super().__init__()
+        self.dataset = ImageCaptionFolder(root, tokenizer, resolution, random_flip, caption_column, image_column, max_samples)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())

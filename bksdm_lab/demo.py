@@ -1,0 +1,113 @@
+"""The offline demo: a tiny teacher Stable Diffusion with the real SD-v1 block topology and a small
+synthetic captioned-image set in the LAION-Aesthetics on-disk layout. Both are built once and reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image, ImageDraw
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from bksdm_lab.teachers import shipped_configs
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins CLIP's byte-level BPE uses for the bytes 0..255."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer over single bytes (no merges): deterministic, offline, 514 tokens."""
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _publish(build, out: Path) -> Path:
+    """Build into a temporary sibling folder and rename it into place, so a crash never leaves half."""
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process published first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_demo_teacher(out: str | Path, configs: str = "demo", seed: int = 0) -> Path:
+    """Save a randomly initialised tiny SD pipeline (from shipped configs) as a diffusers folder."""
+
+    def build(tmp: Path) -> None:
+        cfg = shipped_configs(configs)
+        torch.manual_seed(seed)
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_config(cfg["vae"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+            tokenizer=byte_level_tokenizer(),
+            unet=UNet2DConditionModel.from_config(cfg["unet"]),
+            scheduler=PNDMScheduler.from_config(cfg["scheduler"]),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(tmp)
+
+    return _publish(build, Path(out).expanduser())
+
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40),
+          "white": (245, 245, 245), "black": (15, 15, 15), "purple": (140, 50, 170), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 80, seed: int = 0) -> Path:
+    """Write ``num_images`` JPEGs of coloured shapes plus ``metadata.csv`` (file_name,text)."""
+
+    def build(tmp: Path) -> None:
+        rng = random.Random(seed)
+        tmp.mkdir(parents=True)
+        rows = []
+        for i in range(num_images):
+            shape, fg, bg = rng.choice(SHAPES), *rng.sample(sorted(COLORS), 2)
+            image = Image.new("RGB", (size, size), COLORS[bg])
+            draw = ImageDraw.Draw(image)
+            r = rng.randint(size // 6, size // 3)
+            cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+            if shape == "circle":
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLORS[fg])
+            elif shape == "square":
+                draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=COLORS[fg])
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[fg])
+            name = f"{i:05d}.jpg"
+            image.save(tmp / name, quality=90)
+            rows.append({"file_name": name, "text": f"a {fg} {shape} on a {bg} background"})
+        with (tmp / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
+            writer.writeheader()
+            writer.writerows(rows)
+        (tmp / "README.json").write_text(json.dumps({"synthetic": True, "num_images": num_images, "seed": seed}))
+
+    return _publish(build, Path(out).expanduser())

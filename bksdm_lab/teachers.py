@@ -1,0 +1,97 @@
+"""Load a frozen teacher Stable Diffusion (U-Net, VAE, text encoder, tokenizer, schedulers).
+
+Real teachers (a hub id or a local diffusers folder) and the offline demo teacher go through the same
+``from_pretrained`` calls. Each part is loaded on its own, so no safety checker is ever needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+class TeacherLoadError(RuntimeError):
+    """The teacher could not be loaded; the message says which, why, and what to do."""
+
+
+@dataclass
+class Teacher:
+    name: str
+    source: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: Any  # the pipeline's inference scheduler, exported with the student
+    noise_scheduler: DDPMScheduler  # the training noise scheduler (same betas and prediction type)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists() or source.count("/") != 1
+
+
+def load_teacher(cfg) -> Teacher:
+    """Load every part of the teacher named by a ``conf/teacher/*.yaml`` config."""
+    name, source = cfg.name, str(cfg.pretrained)
+    hint = (
+        f"Point at a local copy with `teacher.pretrained=/path/to/diffusers/folder` (a folder with unet/, vae/, "
+        f"text_encoder/, tokenizer/, scheduler/), or run the offline demo: `python -m bksdm_lab.train experiment=demo`."
+    )
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise TeacherLoadError(f"Teacher {name!r}: local folder {path} does not exist. {hint}")
+        missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+        if missing:
+            raise TeacherLoadError(f"Teacher {name!r}: {path} is not a diffusers pipeline folder (no {', '.join(missing)}/). {hint}")
+        source = str(path)
+    kw = {"revision": cfg.get("revision")}
+    try:
+        sched_config = DDPMScheduler.load_config(source, subfolder="scheduler", **kw)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.get("variant"), **kw)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.get("variant"), **kw)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+    except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TeacherLoadError(
+            f"Teacher {name!r} could not be loaded from {source!r}: {type(err).__name__}: {reason}\n"
+            f"(Without network access the Hugging Face Hub cannot be reached; HF_HUB_OFFLINE=1 only finds "
+            f"models already in the local cache.) {hint}"
+        ) from err
+    scheduler_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+    return Teacher(
+        name=name,
+        source=source,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler_cls.from_config(sched_config),
+        noise_scheduler=DDPMScheduler.from_config(sched_config),
+    )
+
+
+def shipped_configs(configs: str) -> dict[str, dict]:
+    """The shipped config.json data (no weights) of a teacher: unet, text_encoder, vae, scheduler."""
+    root = MODEL_CONFIGS / configs
+    if not root.is_dir():
+        known = sorted(p.name for p in MODEL_CONFIGS.iterdir() if p.is_dir())
+        raise ValueError(f"teacher.configs={configs!r} is not shipped; known: {known}")
+    out = {}
+    for sub in ("unet", "text_encoder", "vae"):
+        out[sub] = json.loads((root / sub / "config.json").read_text())
+    out["scheduler"] = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    return out

@@ -1,0 +1,144 @@
+"""Distil a block-removed student U-Net from a frozen teacher.
+
+    python -m bksdm_lab.train                                  # the paper: BK-SDM-Tiny from SD-v1.4
+    python -m bksdm_lab.train arch=base teacher=sd21base       # BK-SDM-v2-Base
+    python -m bksdm_lab.train experiment=demo                  # offline, 2 CPU cores, < 3 minutes
+    python -m bksdm_lab.train -m experiment=demo arch=base,small,tiny
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bksdm_lab import demo
+from bksdm_lab.data import DataError, check_folder
+from bksdm_lab.export import export_pipeline
+from bksdm_lab.module import DistillModule
+from bksdm_lab.teachers import TeacherLoadError, load_teacher
+from bksdm_lab.unets import WeightMapError, count_params, init_student_from_teacher, removed_blocks
+
+log = logging.getLogger("bksdm_lab")
+USER_ERRORS = (TeacherLoadError, DataError, WeightMapError, FileNotFoundError)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def prepare_inputs(cfg: DictConfig) -> None:
+    """Build the demo's teacher and data if asked to; fail fast on a missing data folder."""
+    if cfg.teacher.get("build_if_missing"):
+        demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs)
+    if cfg.data.get("synthetic"):
+        demo.make_synthetic_dataset(cfg.data.root, **cfg.data.synthetic)
+    check_folder(cfg.data.root, cfg.data.caption_column, cfg.data.image_column)
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.run_name:
+        return str(cfg.run_name)
+    overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return overrides or f"{cfg.arch.name}-{cfg.teacher.name}"
+
+
+def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    if cfg.ckpt_path in (None, ""):
+        return None
+    if cfg.ckpt_path == "last":
+        path = out_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path=last but {path} does not exist (resume needs the same hydra.run.dir)")
+        return str(path)
+    if not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+    return str(cfg.ckpt_path)
+
+
+def train(cfg: DictConfig) -> dict:
+    """data -> teacher -> student -> loss -> module -> loggers -> callbacks -> trainer -> fit -> export."""
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.run_name is None:
+        cfg.run_name = run_name(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    prepare_inputs(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, out_dir)
+
+    teacher = load_teacher(cfg.teacher)
+    student = init_student_from_teacher(teacher.unet, cfg.arch)
+    loss = instantiate(cfg.loss)
+    data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k != "synthetic"])
+    datamodule = instantiate(data_cfg, tokenizer=teacher.tokenizer)
+    module = DistillModule(
+        teacher,
+        student,
+        loss,
+        optimizer=instantiate(cfg.optimizer),
+        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.lr_scheduler else None,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+
+    summary = {
+        "arch": cfg.arch.name,
+        "teacher": cfg.teacher.name,
+        "params/teacher_unet": count_params(teacher.unet),
+        "params/student_unet": count_params(student),
+        "params/trainable": count_params(module, trainable_only=True),
+        "params/frozen": count_params(module) - count_params(module, trainable_only=True),
+    }
+    removed = removed_blocks(student.state_dict(), teacher.unet.state_dict(), cfg.arch.weight_map or {})
+    log.info("student %s: %s U-Net parameters (teacher %s); removed: %s", cfg.arch.name,
+             f"{summary['params/student_unet']:,}", f"{summary['params/teacher_unet']:,}", ", ".join(removed) or "nothing")
+    for logger in loggers:
+        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **summary, "removed_blocks": removed})
+
+    wandb_dir = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger":
+                wandb_dir = logger.experiment.dir
+        if cfg.export_pipeline and trainer.is_global_zero:
+            summary["pipeline"] = str(export_pipeline(teacher, module.student, out_dir / "pipeline"))
+    finally:
+        import wandb
+
+        wandb.finish()  # one failed multirun job must not break the next
+
+    ckpt = trainer.checkpoint_callback
+    summary.update(
+        run_dir=str(out_dir),
+        checkpoint=str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.dirpath else None,
+        csv=next((str(Path(lg.log_dir) / "metrics.csv") for lg in loggers if type(lg).__name__ == "CSVLogger"), None),
+        wandb=str(Path(wandb_dir).parent) if wandb_dir else None,
+        steps=trainer.global_step,
+    )
+    print("\nbksdm_lab: run finished")
+    for key in ("run_dir", "checkpoint", "csv", "wandb", "pipeline", "steps"):
+        if summary.get(key) is not None:
+            print(f"  {key:<10} {summary[key]}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    torch.set_float32_matmul_precision("high")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        train(cfg)
+    except USER_ERRORS as err:  # a clear message, not a traceback
+        print(f"bksdm_lab.train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Build BK-SDM students from a teacher U-Net config and copy the teacher's weights into them.
+
+A student is a stock diffusers ``UNet2DConditionModel``: the teacher's config plus the overrides of an
+architecture variant (``conf/arch/*.yaml``). Nothing here performs module surgery, so an exported
+student loads in plain diffusers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+
+# Config keys that hold one value per U-Net stage (down stage i mirrors up stage n-1-i).
+_PER_STAGE_DOWN = ("block_out_channels", "down_block_types")
+_PER_STAGE_UP = ("up_block_types",)
+_MAYBE_PER_STAGE = ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "layers_per_block")
+
+
+class WeightMapError(ValueError):
+    """The teacher -> student weight map leaves student tensors uncovered or mismatched."""
+
+
+def student_config(teacher_config: Mapping[str, Any], arch: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the student's U-Net config: the teacher config, minus dropped stages, plus overrides."""
+    cfg = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
+    drop = int(arch.get("drop_deepest_stages", 0) or 0)
+    if drop:
+        n = len(cfg["block_out_channels"])
+        if drop >= n:
+            raise ValueError(f"arch.drop_deepest_stages={drop} leaves no stage of the teacher's {n}")
+        keep = n - drop
+        for key in _PER_STAGE_DOWN:
+            cfg[key] = list(cfg[key])[:keep]
+        for key in _PER_STAGE_UP:
+            cfg[key] = list(cfg[key])[drop:]
+        for key in _MAYBE_PER_STAGE:
+            if isinstance(cfg.get(key), (list, tuple)):
+                cfg[key] = list(cfg[key])[:keep]
+    for key, value in dict(arch.get("unet_config") or {}).items():
+        cfg[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return cfg
+
+
+def build_student(teacher_config: Mapping[str, Any], arch: Mapping[str, Any]) -> UNet2DConditionModel:
+    """A freshly initialised student U-Net (on the current default device)."""
+    return UNet2DConditionModel.from_config(student_config(teacher_config, arch))
+
+
+def map_key(student_key: str, weight_map: Mapping[str, str]) -> str:
+    """The teacher key a student key copies from: the longest matching prefix remap, else the same name."""
+    best = ""
+    for prefix in weight_map:
+        if student_key.startswith(prefix) and len(prefix) > len(best):
+            best = prefix
+    return weight_map[best] + student_key[len(best) :] if best else student_key
+
+
+def plan_weight_copy(
+    student_shapes: Mapping[str, torch.Size], teacher_shapes: Mapping[str, torch.Size], weight_map: Mapping[str, str]
+) -> dict[str, str]:
+    """Student key -> teacher key for every student tensor; raises WeightMapError listing every problem."""
+    plan, missing, mismatched = {}, [], []
+    for skey, sshape in student_shapes.items():
+        tkey = map_key(skey, weight_map)
+        if tkey not in teacher_shapes:
+            missing.append(f"{skey} <- {tkey} (no such teacher tensor)")
+        elif tuple(teacher_shapes[tkey]) != tuple(sshape):
+            mismatched.append(f"{skey} {tuple(sshape)} <- {tkey} {tuple(teacher_shapes[tkey])}")
+        else:
+            plan[skey] = tkey
+    if missing or mismatched:
+        lines = [f"weight map does not cover the student: {len(missing)} uncovered, {len(mismatched)} mismatched"]
+        lines += [f"  uncovered: {m}" for m in missing[:50]]
+        lines += [f"  shape mismatch: {m}" for m in mismatched[:50]]
+        raise WeightMapError("\n".join(lines))
+    return plan
+
+
+def copy_teacher_weights(
+    student: torch.nn.Module, teacher: torch.nn.Module, weight_map: Mapping[str, str]
+) -> dict[str, str]:
+    """Initialise every student tensor from the teacher by ``weight_map``; returns the plan used."""
+    sstate, tstate = student.state_dict(), teacher.state_dict()
+    plan = plan_weight_copy(
+        {k: v.shape for k, v in sstate.items()}, {k: v.shape for k, v in tstate.items()}, weight_map
+    )
+    with torch.no_grad():
+        for skey, tkey in plan.items():
+            assert sstate[skey].shape == tstate[tkey].shape, (skey, tkey)
+            sstate[skey].copy_(tstate[tkey])
+    return plan
+
+
+def init_student_from_teacher(teacher: UNet2DConditionModel, arch: Mapping[str, Any]) -> UNet2DConditionModel:
+    """Build the student for ``arch`` and copy the teacher's weights into it."""
+    with torch.device(teacher.device):
+        student = build_student(teacher.config, arch).to(teacher.dtype)
+    copy_teacher_weights(student, teacher, arch.get("weight_map") or {})
+    return student
+
+
+def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+_BLOCK = re.compile(r"^(down_blocks\.\d+\.(?:resnets|attentions|downsamplers)\.\d+|up_blocks\.\d+\.(?:resnets|attentions|upsamplers)\.\d+|mid_block)\.")
+
+
+def teacher_blocks(teacher_keys) -> list[str]:
+    """The removable building blocks of a U-Net (resnets, attentions, samplers, the mid block), in order."""
+    seen: dict[str, None] = {}
+    for key in teacher_keys:
+        m = _BLOCK.match(key)
+        if m:
+            seen.setdefault(m.group(1))
+    return list(seen)
+
+
+def removed_blocks(student_keys, teacher_keys, weight_map: Mapping[str, str]) -> list[str]:
+    """Teacher blocks that no student tensor copies from: what the variant removed."""
+    used = {m.group(1) for k in student_keys if (m := _BLOCK.match(map_key(k, weight_map)))}
+    return [b for b in teacher_blocks(teacher_keys) if b not in used]
