@@ -28,9 +28,12 @@ def export_pipeline(teacher: Teacher, unet: UNet2DConditionModel, out_dir: str |
     """Save the pipeline in fp32 with safetensors; ``StableDiffusionPipeline.from_pretrained`` loads it."""
     out_dir = Path(out_dir)
     pipe = build_pipeline(teacher, unet)
-    dtypes = {name: m.dtype for name, m in (("vae", teacher.vae), ("text_encoder", teacher.text_encoder), ("unet", unet))}
-    pipe.to(torch.float32)
+    dtypes = {name: getattr(pipe, name).dtype for name in ("vae", "text_encoder", "unet")}
+    for name, dtype in dtypes.items():
+        if dtype != torch.float32:
+            getattr(pipe, name).to(torch.float32)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     for name, dtype in dtypes.items():  # leave the caller's modules as they were
-        getattr(pipe, name).to(dtype)
+        if dtype != torch.float32:
+            getattr(pipe, name).to(dtype)
     return out_dir

@@ -73,7 +73,8 @@ def train(cfg: DictConfig) -> dict:
     teacher = load_teacher(cfg.teacher)
     student = init_student_from_teacher(teacher.unet, cfg.arch)
     loss = instantiate(cfg.loss)
-    data_cfg = OmegaConf.masked_copy(cfg.data, [k for k in cfg.data if k != "synthetic"])
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg.pop("synthetic", None)
     datamodule = instantiate(data_cfg, tokenizer=teacher.tokenizer)
     module = DistillModule(
         teacher,

@@ -98,7 +98,9 @@ def copy_teacher_weights(
 def init_student_from_teacher(teacher: UNet2DConditionModel, arch: Mapping[str, Any]) -> UNet2DConditionModel:
     """Build the student for ``arch`` and copy the teacher's weights into it."""
     with torch.device(teacher.device):
-        student = build_student(teacher.config, arch).to(teacher.dtype)
+        student = build_student(teacher.config, arch)
+    if student.dtype != teacher.dtype:
+        student.to(teacher.dtype)
     copy_teacher_weights(student, teacher, arch.get("weight_map") or {})
     return student
 
