@@ -64,9 +64,11 @@ def unet_macs(unet: UNet2DConditionModel) -> tuple[int, int]:
 _KIND_ORDER = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
 
 
-def _block_order(block: str) -> tuple[int, int]:
-    kind, index = block.split(".")[-2:] if block.count(".") >= 2 else (block, "0")
-    return int(index), _KIND_ORDER.get(kind, 3)
+def _block_order(block: str) -> tuple[bool, int, int]:
+    """Sort key of "resnets.1"-style names: by index, resnet before attention before sampler."""
+    kind, _, index = block.rpartition(".")
+    rank = _KIND_ORDER.get(kind.rsplit(".", 1)[-1], 3)
+    return rank == 2, int(index) if index.isdigit() else 0, rank
 
 
 def _stage_of(block: str) -> str:

@@ -7,12 +7,17 @@ Real teachers (a hub id or a local diffusers folder) and the offline demo teache
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from transformers import CLIPTextModel, CLIPTokenizer
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -42,21 +47,69 @@ def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).expanduser().exists() or source.count("/") != 1
 
 
-def load_teacher(cfg) -> Teacher:
-    """Load every part of the teacher named by a ``conf/teacher/*.yaml`` config."""
-    name, source = cfg.name, str(cfg.pretrained)
-    hint = (
-        f"Point at a local copy with `teacher.pretrained=/path/to/diffusers/folder` (a folder with unet/, vae/, "
-        f"text_encoder/, tokenizer/, scheduler/), or run the offline demo: `python -m bksdm_lab.train experiment=demo`."
+def _hint() -> str:
+    return (
+        "Point at a local copy with `teacher.pretrained=/path/to/diffusers/folder` (a folder with unet/, vae/, "
+        "text_encoder/, tokenizer/, scheduler/), or run the offline demo: `python -m bksdm_lab.train experiment=demo`."
     )
+
+
+def _source(cfg) -> str:
+    """The hub id or local folder of a teacher config, checked if it is local."""
+    name, source = cfg.name, str(cfg.pretrained)
     if _looks_local(source):
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise TeacherLoadError(f"Teacher {name!r}: local folder {path} does not exist. {hint}")
+            raise TeacherLoadError(f"Teacher {name!r}: local folder {path} does not exist. {_hint()}")
         missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
         if missing:
-            raise TeacherLoadError(f"Teacher {name!r}: {path} is not a diffusers pipeline folder (no {', '.join(missing)}/). {hint}")
+            raise TeacherLoadError(
+                f"Teacher {name!r}: {path} is not a diffusers pipeline folder (no {', '.join(missing)}/). {_hint()}"
+            )
         source = str(path)
+    return source
+
+
+def _load_error(cfg, source: str, err: Exception) -> TeacherLoadError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return TeacherLoadError(
+        f"Teacher {cfg.name!r} could not be loaded from {source!r}: {type(err).__name__}: {reason}\n"
+        f"(Without network access the Hugging Face Hub cannot be reached; HF_HUB_OFFLINE=1 only finds "
+        f"models already in the local cache.) {_hint()}"
+    )
+
+
+def _hub_unreachable(repo_id: str) -> str | None:
+    """Why the hub cannot serve ``repo_id`` right now (None if it may): checked in well under a second.
+
+    Without this, a hub look-up with no network fails only after ~30 s of retries.
+    """
+    if hf_constants.HF_HUB_OFFLINE or os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return None  # offline mode fails fast by itself; behind a proxy a direct probe proves nothing
+    if isinstance(try_to_load_from_cache(repo_id, "unet/config.json"), str):
+        return None
+    host = urlparse(hf_constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        return f"the Hugging Face Hub ({host}) is unreachable: {err}"
+    return None
+
+
+def probe_teacher(cfg) -> None:
+    """Cheaply check that the teacher can be found (its U-Net config), raising TeacherLoadError if not."""
+    source = _source(cfg)
+    if not Path(source).is_dir() and (why := _hub_unreachable(source)):
+        raise TeacherLoadError(f"Teacher {cfg.name!r} could not be loaded from {source!r}: {why}. {_hint()}")
+    try:
+        UNet2DConditionModel.load_config(source, subfolder="unet", revision=cfg.get("revision"))
+    except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
+        raise _load_error(cfg, source, err) from err
+
+
+def load_teacher(cfg) -> Teacher:
+    """Load every part of the teacher named by a ``conf/teacher/*.yaml`` config."""
+    source = _source(cfg)
     kw = {"revision": cfg.get("revision")}
     try:
         sched_config = DDPMScheduler.load_config(source, subfolder="scheduler", **kw)
@@ -65,15 +118,10 @@ def load_teacher(cfg) -> Teacher:
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
     except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TeacherLoadError(
-            f"Teacher {name!r} could not be loaded from {source!r}: {type(err).__name__}: {reason}\n"
-            f"(Without network access the Hugging Face Hub cannot be reached; HF_HUB_OFFLINE=1 only finds "
-            f"models already in the local cache.) {hint}"
-        ) from err
+        raise _load_error(cfg, source, err) from err
     scheduler_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
     return Teacher(
-        name=name,
+        name=cfg.name,
         source=source,
         unet=unet,
         vae=vae,

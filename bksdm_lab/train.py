@@ -24,21 +24,34 @@ from bksdm_lab import demo
 from bksdm_lab.data import DataError, check_folder
 from bksdm_lab.export import export_pipeline
 from bksdm_lab.module import DistillModule
-from bksdm_lab.teachers import TeacherLoadError, load_teacher
+from bksdm_lab.teachers import TeacherLoadError, load_teacher, probe_teacher
 from bksdm_lab.unets import WeightMapError, count_params, init_student_from_teacher, removed_blocks
 
 log = logging.getLogger("bksdm_lab")
-USER_ERRORS = (TeacherLoadError, DataError, WeightMapError, FileNotFoundError)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+class InputError(RuntimeError):
+    """The teacher or the data cannot be found; lists every such problem at once."""
+
+
 def prepare_inputs(cfg: DictConfig) -> None:
-    """Build the demo's teacher and data if asked to; fail fast on a missing data folder."""
+    """Build the demo's teacher and data if asked to; fail fast, before any heavy loading, on missing inputs."""
     if cfg.teacher.get("build_if_missing"):
         demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs)
     if cfg.data.get("synthetic"):
         demo.make_synthetic_dataset(cfg.data.root, **cfg.data.synthetic)
-    check_folder(cfg.data.root, cfg.data.caption_column, cfg.data.image_column)
+    problems = []
+    for check in (
+        lambda: probe_teacher(cfg.teacher),
+        lambda: check_folder(cfg.data.root, cfg.data.caption_column, cfg.data.image_column),
+    ):
+        try:
+            check()
+        except (TeacherLoadError, DataError) as err:
+            problems.append(str(err))
+    if problems:
+        raise InputError("\n".join(problems))
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -128,6 +141,9 @@ def train(cfg: DictConfig) -> dict:
         if summary.get(key) is not None:
             print(f"  {key:<10} {summary[key]}")
     return summary
+
+
+USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotFoundError)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
