@@ -1,0 +1,36 @@
+# make demo  : install (once) and run the offline demo
+# make test  : install (once) and run the test suite
+# make arch  : print the architecture report
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# torch is installed first, and only where the venv has none: a bare `torch` requirement would pull a
+# multi-GB CUDA build. On a GPU machine install your CUDA build into the venv first, or set TORCH.
+TORCH ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install demo test lint arch clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) -m bksdm_lab.train experiment=demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+arch: install
+	$(PY) -m bksdm_lab.arch
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,163 @@
+"""The real `python -m bksdm_lab.train` commands, in subprocesses, offline."""
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import wandb_offline
+from conftest import PYTHON, REPO, subprocess_env
+
+
+def run_train(args, cache_dir, cwd, check=True):
+    proc = subprocess.run(
+        [PYTHON, "-m", "bksdm_lab.train", *args],
+        capture_output=True, text=True, cwd=cwd, env=subprocess_env(cache_dir), timeout=900,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses(metrics_csv: Path, key: str = "train/loss") -> list[float]:
+    with metrics_csv.open() as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(cache_dir, tmp_path_factory):
+    """The demo exactly as the README gives it (plus where to put the run)."""
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    proc = run_train(["experiment=demo", f"hydra.run.dir={run_dir}"], cache_dir, cwd=tmp_path_factory.mktemp("cwd"))
+    return run_dir, proc
+
+
+@pytest.mark.slow
+def test_demo_writes_everything_and_learns(demo_run):
+    run_dir, proc = demo_run
+    for key in ("run_dir", "checkpoint", "csv", "wandb", "pipeline"):
+        assert f"  {key} " in proc.stdout, proc.stdout[-2000:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "pipeline" / "model_index.json").is_file()
+    assert (run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "student_step000100", "student_step000200", "teacher_step000000"
+    ]
+    assert len(list((run_dir / "samples" / "student_step000200").glob("*.png"))) == 2
+
+    metrics = run_dir / "csv" / "metrics.csv"
+    total = losses(metrics)
+    assert len(total) >= 30
+    assert sum(total[-5:]) / 5 < 0.9 * sum(total[:5]) / 5, total
+    for part in ("task", "out_kd", "feat_kd"):
+        assert len(losses(metrics, f"train/loss_{part}")) == len(total)
+
+
+@pytest.mark.slow
+def test_demo_checkpoint_holds_only_the_student(demo_run):
+    run_dir, _ = demo_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all(k.startswith("student.") for k in keys)
+    assert ckpt["global_step"] == 200
+    assert "optimizer_states" in ckpt
+
+
+@pytest.mark.slow
+def test_demo_wandb_offline_run(demo_run):
+    run_dir, _ = demo_run
+    (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
+    (run_file,) = list(wandb_run.glob("run-*.wandb"))
+    rows = wandb_offline.history(run_file)
+    for key in ("train/loss", "train/loss_task", "train/loss_out_kd", "train/loss_feat_kd", "lr-AdamW"):
+        values = [r[key] for r in rows if key in r]
+        assert len(values) >= 30 and all(isinstance(v, float) for v in values), key
+    assert max(r.get("trainer/global_step", 0) for r in rows) >= 199
+    panels = {k.split("/")[1]: r for r in rows for k in r if k.startswith("samples/") and k.endswith("/_type")}
+    assert set(panels) == {"teacher", "student"}
+    for who, row in panels.items():
+        files = row[f"samples/{who}/filenames"]
+        assert row[f"samples/{who}/captions"] == ["a red circle on a blue background", "a yellow square on a black background"]
+        assert all((wandb_run / "files" / f).is_file() for f in files)
+    config = wandb_offline.config(run_file)
+    assert config["params/student_unet"] < config["params/teacher_unet"]
+    assert "mid_block" in config["removed_blocks"]
+    assert config["config"]["optimizer"]["lr"] == 1e-3
+
+
+PLAIN_DIFFUSERS = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+image = pipe("a red circle on a blue background", num_inference_steps=3,
+             generator=torch.Generator().manual_seed(0)).images[0]
+assert not any(m.startswith("bksdm_lab") for m in sys.modules)
+print(image.size, sum(p.numel() for p in pipe.unet.parameters()), pipe.unet.config.block_out_channels)
+"""
+
+
+@pytest.mark.slow
+def test_exported_pipeline_loads_in_plain_diffusers(demo_run, cache_dir):
+    run_dir, _ = demo_run
+    env = subprocess_env(cache_dir)
+    env.pop("PYTHONPATH")
+    out = subprocess.run([PYTHON, "-c", PLAIN_DIFFUSERS, str(run_dir / "pipeline")], capture_output=True, text=True,
+                         env=env, cwd="/", check=True).stdout
+    # tiny student of the demo teacher: three stages, no mid block
+    assert out.strip().startswith("(64, 64)"), out
+    assert out.strip().endswith("[32, 64, 64]"), out
+
+
+@pytest.mark.slow
+def test_multirun_one_wandb_run_per_job(cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(["-m", "experiment=demo", "arch=base,small,tiny", "trainer.max_steps=2", "callbacks.samples.prompts=[]",
+               f"hydra.sweep.dir={sweep}"], cache_dir, cwd=tmp_path)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "wandb").is_dir())
+    assert [p.name.split(",")[0] for p in jobs] == ["0_arch=base", "1_arch=small", "2_arch=tiny"]
+    names = []
+    for job, arch in zip(jobs, ("base", "small", "tiny")):
+        (run_file,) = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
+        (run,) = [r.run for r in wandb_offline.records(run_file) if r.HasField("run")]
+        names.append(run.display_name)
+        assert run.run_group == "demo"
+        assert f"arch={arch}" in run.display_name
+        assert wandb_offline.config(run_file)["arch"] == arch
+        assert (job / "pipeline" / "unet" / "config.json").is_file()
+    assert len(set(names)) == 3
+
+
+def test_paper_recipe_without_hub_fails_fast_and_clearly(cache_dir, demo_data_dir, tmp_path):
+    proc = run_train(["arch=tiny", f"data.root={demo_data_dir}", f"hydra.run.dir={tmp_path}/run"], cache_dir,
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "Teacher 'sd14'" in err and "CompVis/stable-diffusion-v1-4" in err
+    assert "teacher.pretrained=" in err and "experiment=demo" in err
+    assert "Traceback" not in err
+
+
+def test_missing_data_folder_is_named(cache_dir, demo_teacher_dir, tmp_path):
+    proc = run_train(["teacher=demo", f"data.root={tmp_path}/nope", f"hydra.run.dir={tmp_path}/run"], cache_dir,
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert f"data.root='{tmp_path}/nope' does not exist" in proc.stderr
+    assert "Teacher" not in proc.stderr  # the demo teacher is fine: only the real problem is reported
+
+
+def test_missing_local_teacher_and_data_reported_together(cache_dir, tmp_path):
+    proc = run_train([f"teacher.pretrained={tmp_path}/no_teacher", f"hydra.run.dir={tmp_path}/run"], cache_dir,
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert f"local folder {tmp_path}/no_teacher does not exist" in proc.stderr
+    assert "data.root='data/preprocessed_212k' does not exist" in proc.stderr
+
+
+def test_unknown_arch_lists_the_valid_ones(cache_dir, tmp_path):
+    proc = run_train(["arch=huge"], cache_dir, cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "Could not find 'arch/huge'" in proc.stderr
+    for name in ("base", "small", "tiny"):
+        assert f"\t{name}\n" in proc.stderr
