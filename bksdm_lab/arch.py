@@ -110,7 +110,8 @@ def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
         report = {"teacher": entry(teacher_cfg.title, teacher, None)}
         for name, arch in arch_cfgs.items():
             student = build_student(cfgs["unet"], arch)
-            report[name] = entry(arch.get("title", name), student, arch.get("weight_map") or {})
+            title = str(arch.get("title", name)).replace("BK-SDM", teacher_cfg.get("family") or "BK-SDM", 1)
+            report[name] = entry(title, student, arch.get("weight_map") or {})
     for name, item in report.items():
         item["unet_fraction_of_teacher"] = round(item["unet_params"] / report["teacher"]["unet_params"], 4)
     meta = {
@@ -135,12 +136,12 @@ def format_table(report: dict) -> str:
         f"Teacher {models['teacher']['title']} ({meta['teacher_source']}), {meta['resolution_px']} px "
         f"({meta['latent_size']}x{meta['latent_size']} latent)",
         "",
-        f"{'model':<22}{'U-Net params':>15}{'% teacher':>11}{'whole params':>16}{'MACs (paper)':>14}{'MACs (+attn)':>14}",
+        f"{'model':<25}{'U-Net params':>15}{'% teacher':>11}{'whole params':>16}{'MACs (paper)':>14}{'MACs (+attn)':>14}",
     ]
     for name, m in models.items():
         label = m["title"] if name == "teacher" else f"{m['title']} [{name}]"
         lines.append(
-            f"{label:<22}{m['unet_params']:>15,}{100 * m['unet_fraction_of_teacher']:>10.1f}%{m['whole_params']:>16,}"
+            f"{label:<25}{m['unet_params']:>15,}{100 * m['unet_fraction_of_teacher']:>10.1f}%{m['whole_params']:>16,}"
             f"{m['macs'] / 1e9:>13.1f}G{m['macs_with_attention'] / 1e9:>13.1f}G"
         )
     lines += [
