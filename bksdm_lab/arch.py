@@ -112,7 +112,7 @@ def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
             student = build_student(cfgs["unet"], arch)
             title = str(arch.get("title", name)).replace("BK-SDM", teacher_cfg.get("family") or "BK-SDM", 1)
             report[name] = entry(title, student, arch.get("weight_map") or {})
-    for name, item in report.items():
+    for item in report.values():
         item["unet_fraction_of_teacher"] = round(item["unet_params"] / report["teacher"]["unet_params"], 4)
     meta = {
         "teacher_name": teacher_cfg.name,
