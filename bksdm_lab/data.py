@@ -17,7 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,14 @@ class ImageCaptionFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, bool]) -> dict[str, torch.Tensor]:
+        """``item`` is an index, or ``(index, flip)`` from :class:`ResumableSampler` (flip decided there)."""
+        index, flip = item if isinstance(item, tuple) else (item, random.random() < 0.5)
         for attempt in range(len(self.samples)):
             file_name, caption = self.samples[(index + attempt) % len(self.samples)]
             try:
                 with Image.open(self.root / file_name) as image:
-                    pixels = image_to_tensor(image, self.resolution, self.random_flip and random.random() < 0.5)
+                    pixels = image_to_tensor(image, self.resolution, self.random_flip and flip)
             except (OSError, ValueError) as err:
                 self.skipped += 1
                 log.warning("skipping unreadable image %s: %s", file_name, err)
@@ -103,14 +105,67 @@ class ImageCaptionFolder(Dataset):
         raise DataError(f"no readable image in {self.root}")
 
 
+class ResumableSampler(Sampler):
+    """Shuffles each epoch with a generator seeded by ``(seed, epoch)`` and yields ``(index, flip)``.
+
+    The order and the flips are a function of the seed and the epoch only, so a resumed run can skip
+    exactly the batches it already trained on (``resume``) and then see what an uninterrupted run sees.
+    Each of ``world_size`` ranks takes every ``world_size``-th sample of the shuffled order (the tail
+    that does not fill a step on every rank is dropped), so each sample is seen at most once per epoch.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.epoch, self._skip_epoch, self._skip = 0, -1, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        """In epoch ``epoch``, skip the first ``samples_done`` samples of this rank."""
+        self._skip_epoch, self._skip = epoch, samples_done
+
+    def _order(self) -> tuple[list[int], list[bool]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)
+        flips = torch.rand(self.num_samples, generator=g) < 0.5
+        per_rank = self.num_samples // self.world_size
+        mine = slice(self.rank, per_rank * self.world_size, self.world_size)
+        return order[mine].tolist(), flips[mine].tolist()
+
+    def __iter__(self):
+        order, flips = self._order()
+        skip = self._skip if self.epoch == self._skip_epoch else 0
+        self._skip_epoch, self._skip = -1, 0
+        return iter(list(zip(order, flips))[skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+
 class FolderDataModule(pl.LightningDataModule):
     def __init__(self, root, tokenizer, resolution: int, batch_size: int, num_workers: int = 0,
                  random_flip: bool = True, caption_column: str = "text", image_column: str = "file_name",
-                 max_samples: int | None = None, **_ignored):
+                 max_samples: int | None = None, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.dataset = ImageCaptionFolder(root, tokenizer, resolution, random_flip, caption_column, image_column, max_samples)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(len(self.dataset), seed=self.seed, rank=rank, world_size=world)
+        position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
+        if position:  # a resumed run: skip what the checkpointed run already trained on in this epoch
+            sampler.resume(position["epoch"], position["batches"] * self.batch_size)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds do not consume the global RNG
+        )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -13,6 +15,12 @@ from bksdm_lab.teachers import Teacher
 
 FROZEN = ("teacher_unet", "vae", "text_encoder")
 FROZEN_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+CHECKPOINTED = ("student.", "ema_student.")
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss part became NaN or Inf and loss.nonfinite=stop."""
 
 
 class DistillModule(pl.LightningModule):
@@ -30,8 +38,14 @@ class DistillModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         gradient_checkpointing: bool = False,
+        ema: Mapping[str, Any] | None = None,
+        nonfinite: str = "stop",
+        seed: int = 0,
+        run_config: Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_POLICIES}")
         self.student = student
         self.teacher_unet = teacher.unet
         self.vae = teacher.vae
@@ -44,6 +58,17 @@ class DistillModule(pl.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         if gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
+        ema = dict(ema or {})
+        self.ema_decay = float(ema.get("decay", 0.9999))
+        self.ema_start_step = int(ema.get("start_step", 0))
+        self.ema_student = copy.deepcopy(student).requires_grad_(False).eval() if ema.get("enabled") else None
+        self.nonfinite = nonfinite
+        self.seed = seed
+        self.run_config = dict(run_config or {})  # stored in checkpoints, so export can rebuild the teacher
+        self._rng: torch.Generator | None = None  # noise and timesteps: its state is checkpointed
+        self._pending_rng_state: torch.Tensor | None = None
+        self.resume_position: dict[str, int] | None = None  # {"epoch", "batches"} read back from a checkpoint
+        self._batches_in_epoch = 0
         pairs = loss.feature_pairs
         # Hooks on the unwrapped modules: later DDP / torch.compile wrappers cannot rename them away.
         self.student_taps = FeatureTaps(self.student, [s for _, s in pairs]) if pairs else None
@@ -54,7 +79,19 @@ class DistillModule(pl.LightningModule):
         super().train(mode)
         for name in FROZEN:
             getattr(self, name).eval()
+        if self.ema_student is not None:
+            self.ema_student.eval()
         return self
+
+    @property
+    def rng(self) -> torch.Generator:
+        """The generator of the diffusion noise, timesteps and VAE posterior samples (checkpointed)."""
+        if self._rng is None or self._rng.device != self.device:
+            self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
+            if self._pending_rng_state is not None:
+                self._rng.set_state(self._pending_rng_state)
+                self._pending_rng_state = None
+        return self._rng
 
     def setup(self, stage: str) -> None:
         dtype = FROZEN_DTYPES.get(str(self.trainer.precision))
@@ -67,15 +104,15 @@ class DistillModule(pl.LightningModule):
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (sampled from the VAE posterior, scaled) and text conditioning of a batch."""
         pixels = batch["pixel_values"].to(self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+        latents = self.vae.encode(pixels).latent_dist.sample(generator=self.rng) * self.vae.config.scaling_factor
         cond = self.text_encoder(batch["input_ids"])[0]
         return latents.float(), cond
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         latents, cond = self.encode(batch)
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, generator=self.rng, device=latents.device, dtype=latents.dtype)
         steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (latents.shape[0],), device=latents.device).long()
+        t = torch.randint(0, steps, (latents.shape[0],), generator=self.rng, device=latents.device).long()
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
@@ -98,9 +135,25 @@ class DistillModule(pl.LightningModule):
         )
         return self.loss(inputs)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_train_epoch_start(self) -> None:
+        position = self.resume_position
+        resumed = position is not None and position["epoch"] == self.current_epoch
+        self._batches_in_epoch = position["batches"] if resumed else 0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        self._batches_in_epoch += 1  # the data position a checkpoint taken after this step records
         total, parts = self.compute_loss(batch)
         bs = batch["input_ids"].shape[0]
+        if not torch.isfinite(total):
+            bad = [f"{name}={value.item()}" for name, value in parts.items() if not torch.isfinite(value)]
+            message = (f"non-finite loss at step {self.global_step} (batch {batch_idx}): "
+                       f"{', '.join(bad) or f'total={total.item()}'}")
+            if self.nonfinite == "skip":
+                self.log("train/nonfinite_skipped", 1.0, reduce_fx="sum", batch_size=bs)
+                print(f"bksdm_lab: {message}; batch skipped (loss.nonfinite=skip)")
+                return None
+            path = self.save_last_good_state()
+            raise NonFiniteLossError(f"{message}. Stopped (loss.nonfinite=stop); last good state saved to {path}")
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value, batch_size=bs)
@@ -109,7 +162,37 @@ class DistillModule(pl.LightningModule):
             self.log(f"train/feat_kd/{layer}", value, batch_size=bs)
         return total
 
+    def save_last_good_state(self) -> str | None:
+        """Checkpoint the state before this step (its update has not happened) next to the others."""
+        callback = self.trainer.checkpoint_callback
+        if callback is None or not callback.dirpath:
+            return None
+        path = f"{callback.dirpath}/nonfinite_step{self.global_step:06d}.ckpt"
+        self.trainer.save_checkpoint(path)
+        return path
+
     # ---- optimisation -------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm)  # before clipping
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema_student is None:
+            return
+        ema_params = list(self.ema_student.parameters())
+        params = [p.detach() for p in self.student.parameters()]
+        if self.global_step < self.ema_start_step:  # before the start: the EMA follows the student
+            torch._foreach_copy_(ema_params, params)
+        else:
+            torch._foreach_lerp_(ema_params, params, 1.0 - self.ema_decay)
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=[p for p in self.student.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
@@ -119,10 +202,26 @@ class DistillModule(pl.LightningModule):
 
     # ---- checkpoints hold the student only ----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(CHECKPOINTED)}
+        checkpoint["bksdm"] = {
+            "config": self.run_config,
+            "rng": self.rng.get_state(),
+            "ema": self.ema_student is not None,
+            "data_position": {"epoch": self.current_epoch, "batches": self._batches_in_epoch},
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("bksdm") or {}
+        if meta.get("rng") is not None:
+            self._rng, self._pending_rng_state = None, meta["rng"]
+        self.resume_position = meta.get("data_position")
         expected = {f"student.{k}" for k in self.student.state_dict()}
+        if self.ema_student is not None and meta.get("ema"):
+            expected |= {f"ema_student.{k}" for k in self.ema_student.state_dict()}
+        elif self.ema_student is not None:  # EMA turned on when resuming a run without it: start from the student
+            checkpoint["state_dict"].update(
+                {f"ema_{k}": v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+            )
         missing = sorted(expected - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} student tensors, e.g. {missing[:5]}: wrong arch= for it?")

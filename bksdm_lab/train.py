@@ -21,9 +21,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bksdm_lab import demo
+from bksdm_lab.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data import DataError, check_folder
 from bksdm_lab.export import export_pipeline
-from bksdm_lab.module import DistillModule
+from bksdm_lab.module import DistillModule, NonFiniteLossError
+from bksdm_lab.secrets import redact, redact_override, scrub_hydra_dir
 from bksdm_lab.teachers import TeacherLoadError, load_teacher, probe_teacher
 from bksdm_lab.unets import WeightMapError, count_params, init_student_from_teacher, removed_blocks
 
@@ -77,8 +79,11 @@ def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict:
     """data -> teacher -> student -> loss -> module -> loggers -> callbacks -> trainer -> fit -> export."""
     out_dir = Path(cfg.paths.output_dir)
+    scrub_hydra_dir(out_dir)
+    sys.argv[:] = [redact_override(a) for a in sys.argv]  # W&B records the command line
     if cfg.run_name is None:
         cfg.run_name = run_name(cfg)
+    run_config = redact(OmegaConf.to_container(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
     prepare_inputs(cfg)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
@@ -96,10 +101,14 @@ def train(cfg: DictConfig) -> dict:
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.lr_scheduler else None,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        ema=cfg.ema,
+        nonfinite=cfg.nonfinite,
+        seed=cfg.seed,
+        run_config=run_config,
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
 
     summary = {
         "arch": cfg.arch.name,
@@ -113,7 +122,7 @@ def train(cfg: DictConfig) -> dict:
     log.info("student %s: %s U-Net parameters (teacher %s); removed: %s", cfg.arch.name,
              f"{summary['params/student_unet']:,}", f"{summary['params/teacher_unet']:,}", ", ".join(removed) or "nothing")
     for logger in loggers:
-        logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True), **summary, "removed_blocks": removed})
+        logger.log_hyperparams({"config": run_config, **summary, "removed_blocks": removed})
 
     wandb_dir = None
     try:
@@ -143,7 +152,7 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
-USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotFoundError)
+USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotFoundError, NonFiniteLossError)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

@@ -100,12 +100,12 @@ class CaptureTask(TaskLoss):
         return super().forward(x)
 
 
-def _reference(module: DistillModule, batch, seed: int):
-    """Latents, noise and timesteps drawn exactly as compute_loss draws them."""
-    torch.manual_seed(seed)
+def _reference(module: DistillModule, batch):
+    """Latents, noise and timesteps drawn exactly as compute_loss draws them, from the module's own generator."""
+    module._rng = None  # re-seeded from module.seed on next use
     latents, _ = module.encode(batch)
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+    noise = torch.randn(latents.shape, generator=module.rng)
+    t = torch.randint(0, module.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=module.rng)
     return latents, noise, t
 
 
@@ -119,9 +119,9 @@ def test_task_target_follows_prediction_type(teacher, prediction_type):
     module.student.register_forward_pre_hook(lambda _m, args: seen.update(noisy=args[0].detach(), t=args[1]))
     batch = make_batch(teacher.tokenizer)
 
-    torch.manual_seed(11)
+    module._rng = None
     _, parts = module.compute_loss(batch)
-    latents, noise, t = _reference(module, batch, seed=11)
+    latents, noise, t = _reference(module, batch)
     sched = module.noise_scheduler
     velocity = sched.get_velocity(latents, noise, t)
 
@@ -158,11 +158,10 @@ def test_unsupported_prediction_type_raises(teacher):
 def test_latents_are_scaled_vae_samples(teacher):
     module = make_module(teacher)
     batch = make_batch(teacher.tokenizer)
-    torch.manual_seed(5)
     latents, cond = module.encode(batch)
-    torch.manual_seed(5)
     with torch.no_grad():
-        expected = teacher.vae.encode(batch["pixel_values"]).latent_dist.sample() * 0.18215
+        generator = torch.Generator().manual_seed(module.seed)  # the module's noise generator, fresh
+        expected = teacher.vae.encode(batch["pixel_values"]).latent_dist.sample(generator=generator) * 0.18215
         expected_cond = teacher.text_encoder(batch["input_ids"])[0]
     assert teacher.vae.config.scaling_factor == 0.18215
     assert torch.equal(latents, expected)
@@ -190,7 +189,7 @@ def test_feature_taps_survive_wrapping_the_student(teacher):
     student_names = [s for _, s in module.loss.feature_pairs]
     batch = make_batch(teacher.tokenizer)
 
-    torch.manual_seed(3)
+    module._rng = None
     _, plain = module.compute_loss(batch)
     plain_layers = dict(module.loss.terms["feat_kd"].last_layer_losses)
 
@@ -205,7 +204,7 @@ def test_feature_taps_survive_wrapping_the_student(teacher):
     module.teacher_taps.pop()
 
     module.student = wrapped
-    torch.manual_seed(3)
+    module._rng = None
     _, through_wrapper = module.compute_loss(batch)
     assert through_wrapper["feat_kd"] == plain["feat_kd"]
     assert plain["feat_kd"].item() > 0

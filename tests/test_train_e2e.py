@@ -1,14 +1,13 @@
 """The real `python -m bksdm_lab.train` commands, in subprocesses, offline."""
 
 import csv
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import wandb_offline
-from conftest import PYTHON, REPO, subprocess_env
+from conftest import PYTHON, subprocess_env
 
 
 def run_train(args, cache_dir, cwd, check=True):
