@@ -173,6 +173,7 @@ class DistillModule(pl.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
+        self.log("train/lr", optimizer.param_groups[0]["lr"])
         grads = [p.grad for p in self.student.parameters() if p.grad is not None]
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))

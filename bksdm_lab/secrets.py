@@ -48,3 +48,8 @@ def scrub_hydra_dir(run_dir: str | Path) -> None:
             if job.get("override_dirname"):
                 job["override_dirname"] = ",".join(redact_override(a) for a in job["override_dirname"].split(","))
         OmegaConf.save(OmegaConf.create(data), path)
+
+
+def redact_dirname(override_dirname: str) -> str:
+    """Hydra's ``job.override_dirname`` (``a=1,hub.token=x``) with secret values redacted."""
+    return ",".join(redact_override(a) for a in override_dirname.split(",")) if override_dirname else ""

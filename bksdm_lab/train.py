@@ -25,7 +25,7 @@ from bksdm_lab.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data import DataError, check_folder
 from bksdm_lab.export import export_pipeline
 from bksdm_lab.module import DistillModule, NonFiniteLossError
-from bksdm_lab.secrets import redact, redact_override, scrub_hydra_dir
+from bksdm_lab.secrets import redact, redact_dirname, redact_override, scrub_hydra_dir
 from bksdm_lab.teachers import TeacherLoadError, load_teacher, probe_teacher
 from bksdm_lab.unets import WeightMapError, count_params, init_student_from_teacher, removed_blocks
 
@@ -60,7 +60,7 @@ def run_name(cfg: DictConfig) -> str:
     if cfg.run_name:
         return str(cfg.run_name)
     overrides = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
-    return overrides or f"{cfg.arch.name}-{cfg.teacher.name}"
+    return redact_dirname(overrides) or f"{cfg.arch.name}-{cfg.teacher.name}"
 
 
 def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> str | None:
@@ -152,6 +152,8 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+# multirun job folders are named by their overrides: never by a secret's value
+OmegaConf.register_new_resolver("redact_dirname", redact_dirname, replace=True)
 USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotFoundError, NonFiniteLossError)
 
 
@@ -159,6 +161,8 @@ USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotF
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.offline:
+        os.environ["WANDB_MODE"] = "offline"
     try:
         train(cfg)
     except USER_ERRORS as err:  # a clear message, not a traceback

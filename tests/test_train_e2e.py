@@ -70,7 +70,7 @@ def test_demo_wandb_offline_run(demo_run):
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
     (run_file,) = list(wandb_run.glob("run-*.wandb"))
     rows = wandb_offline.history(run_file)
-    for key in ("train/loss", "train/loss_task", "train/loss_out_kd", "train/loss_feat_kd", "lr-AdamW"):
+    for key in ("train/loss", "train/loss_task", "train/loss_out_kd", "train/loss_feat_kd", "train/lr"):
         values = [r[key] for r in rows if key in r]
         assert len(values) >= 30 and all(isinstance(v, float) for v in values), key
     assert max(r.get("trainer/global_step", 0) for r in rows) >= 199
