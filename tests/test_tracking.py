@@ -13,7 +13,7 @@ from conftest import PYTHON, arch_cfg, subprocess_env
 from test_module import make_batch
 
 from bksdm_lab.checkpoint import AtomicCheckpointIO
-from bksdm_lab.losses import KDLoss, LossTerm, OutputKD, TaskLoss
+from bksdm_lab.losses import KDLoss, LossTerm, OutputKD
 from bksdm_lab.module import DistillModule, NonFiniteLossError
 from bksdm_lab.unets import init_student_from_teacher
 
@@ -171,10 +171,10 @@ def test_logger_choices(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
     subprocess.run(
         train_cmd("-m", "experiment=demo", "trainer.max_steps=2", "callbacks.samples.prompts=[]",
-                  "export_pipeline=false", "logger=none,tensorboard,csv", f"hydra.sweep.dir={sweep}"),
+                  "export_pipeline=false", "trainer.log_every_n_steps=1", "logger=none,tensorboard,csv", f"hydra.sweep.dir={sweep}"),
         env=subprocess_env(cache_dir), cwd=tmp_path, check=True, capture_output=True,
     )
-    jobs = {p.name.split("logger=")[1].split(",")[0]: p for p in sweep.iterdir() if p.is_dir()}
+    jobs = {p.name.split("logger=")[1].split(",")[0]: p for p in sweep.iterdir() if p.is_dir() and "logger=" in p.name}
     assert sorted(jobs) == ["csv", "none", "tensorboard"]
     assert list((jobs["tensorboard"] / "tensorboard").glob("events.out.tfevents.*"))
     assert (jobs["csv"] / "csv" / "metrics.csv").is_file()
