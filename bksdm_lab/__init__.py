@@ -1,0 +1,9 @@
+"""bksdm_lab: block-removed knowledge distillation of Stable Diffusion (BK-SDM) with Hydra, Lightning and W&B."""
+
+from omegaconf import OmegaConf
+
+from bksdm_lab.secrets import redact_dirname
+
+# conf/train.yaml names multirun job folders through this resolver: registered on import, so composing
+# the config from Python (tests, notebooks) resolves it too.
+OmegaConf.register_new_resolver("redact_dirname", redact_dirname, replace=True)

@@ -149,6 +149,57 @@ def _by_stage(removed: Sequence[str], teacher_keys) -> list[dict[str, Any]]:
     return out
 
 
+def card_info(
+    cfg: Mapping[str, Any],
+    teacher: Teacher,
+    unet: UNet2DConditionModel,
+    global_step: int,
+    weights: str,
+    trained_source: str | None = None,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """What the model card says about a student of run config ``cfg`` (the resolved train config)."""
+    arch = cfg["arch"]
+    teacher_cfg = cfg["teacher"]
+    trained_source = trained_source or teacher_cfg.get("pretrained")
+    expected = unet.state_dict()
+    teacher_keys = list(teacher.unet.state_dict())
+    removed = removed_blocks(list(expected), teacher_keys, arch.get("weight_map") or {})
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    ema_cfg = cfg.get("ema") or {}
+    base_model = next((s for s in (teacher.source, trained_source) if _is_hub_id(s)), None)
+    info = {
+        "arch_name": arch.get("name"),
+        "arch_title": arch.get("title") or arch.get("name"),
+        "teacher_name": teacher.name,
+        "teacher_title": teacher_cfg.get("title") or teacher.name,
+        "teacher_source": teacher.source,
+        "teacher_trained_source": trained_source,
+        "base_model": base_model,
+        "resolution": teacher_cfg.get("resolution") or data.get("resolution"),
+        "params_student": count_params(unet),
+        "params_teacher": count_params(teacher.unet),
+        "removed_blocks": removed,
+        "removed_by_stage": _by_stage(removed, teacher_keys),
+        "data_root": data.get("root"),
+        "global_step": int(global_step),
+        "batch_size": data.get("batch_size"),
+        "accumulate_grad_batches": trainer.get("accumulate_grad_batches") or 1,
+        "devices": trainer.get("devices") if isinstance(trainer.get("devices"), int) else None,
+        "num_nodes": trainer.get("num_nodes") if isinstance(trainer.get("num_nodes"), int) else None,
+        "precision": trainer.get("precision"),
+        "lr": (cfg.get("optimizer") or {}).get("lr"),
+        "kd_weights": dict((cfg.get("loss") or {}).get("weights") or {}),
+        "weights": weights,
+        "ema": weights == "ema",
+        "ema_decay": ema_cfg.get("decay"),
+        "seed": cfg.get("seed"),
+        "experiment_name": cfg.get("experiment_name"),
+        "checkpoint": checkpoint,
+    }
+    return info
+
+
 def load_checkpoint_student(
     ckpt_path: str | Path, weights: str | None = None, teacher_pretrained: str | None = None
 ) -> tuple[Teacher, UNet2DConditionModel, dict[str, Any]]:
@@ -189,40 +240,7 @@ def load_checkpoint_student(
     unet.load_state_dict(student_state, strict=True)
     unet.eval()
 
-    teacher_keys = list(teacher.unet.state_dict())
-    removed = removed_blocks(list(expected), teacher_keys, arch.get("weight_map") or {})
-    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
-    ema_cfg = cfg.get("ema") or {}
-    base_model = next((s for s in (teacher.source, trained_source) if _is_hub_id(s)), None)
-    info = {
-        "arch_name": arch.get("name"),
-        "arch_title": arch.get("title") or arch.get("name"),
-        "teacher_name": teacher.name,
-        "teacher_title": teacher_cfg.get("title") or teacher.name,
-        "teacher_source": teacher.source,
-        "teacher_trained_source": trained_source,
-        "base_model": base_model,
-        "resolution": teacher_cfg.get("resolution") or data.get("resolution"),
-        "params_student": count_params(unet),
-        "params_teacher": count_params(teacher.unet),
-        "removed_blocks": removed,
-        "removed_by_stage": _by_stage(removed, teacher_keys),
-        "data_root": data.get("root"),
-        "global_step": int(ckpt.get("global_step", 0)),
-        "batch_size": data.get("batch_size"),
-        "accumulate_grad_batches": trainer.get("accumulate_grad_batches") or 1,
-        "devices": trainer.get("devices") if isinstance(trainer.get("devices"), int) else None,
-        "num_nodes": trainer.get("num_nodes") if isinstance(trainer.get("num_nodes"), int) else None,
-        "precision": trainer.get("precision"),
-        "lr": (cfg.get("optimizer") or {}).get("lr"),
-        "kd_weights": dict((cfg.get("loss") or {}).get("weights") or {}),
-        "weights": weights,
-        "ema": weights == "ema",
-        "ema_decay": ema_cfg.get("decay"),
-        "seed": cfg.get("seed"),
-        "experiment_name": cfg.get("experiment_name"),
-        "checkpoint": str(ckpt_path),
-    }
+    info = card_info(cfg, teacher, unet, int(ckpt.get("global_step", 0)), weights, trained_source, str(ckpt_path))
     return teacher, unet, info
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from bksdm_lab import demo
 from bksdm_lab.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data import DataError, check_folder
-from bksdm_lab.export import export_pipeline
+from bksdm_lab.export import card_info, export_pipeline, push_to_hub
 from bksdm_lab.module import DistillModule, NonFiniteLossError
 from bksdm_lab.secrets import redact, redact_dirname, redact_override, scrub_hydra_dir
 from bksdm_lab.teachers import TeacherLoadError, load_teacher, probe_teacher
@@ -85,6 +85,8 @@ def train(cfg: DictConfig) -> dict:
         cfg.run_name = run_name(cfg)
     run_config = redact(OmegaConf.to_container(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
+    if cfg.hub.push and not cfg.hub.repo_id:
+        raise InputError("hub.push=true needs hub.repo_id=<user>/<name>")
     prepare_inputs(cfg)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
 
@@ -131,7 +133,14 @@ def train(cfg: DictConfig) -> dict:
             if type(logger).__name__ == "WandbLogger":
                 wandb_dir = logger.experiment.dir
         if cfg.export_pipeline and trainer.is_global_zero:
-            summary["pipeline"] = str(export_pipeline(teacher, module.student, out_dir / "pipeline"))
+            weights = "ema" if module.ema_student is not None else "student"
+            unet = module.ema_student if weights == "ema" else module.student
+            card = card_info(run_config, teacher, unet, trainer.global_step, weights,
+                             checkpoint=str(out_dir / "checkpoints" / "last.ckpt"))
+            summary["pipeline"] = str(export_pipeline(teacher, unet, out_dir / "pipeline", card=card))
+            if cfg.hub.push:
+                summary["hub"] = push_to_hub(out_dir / "pipeline", cfg.hub.repo_id, token=cfg.hub.token,
+                                             private=cfg.hub.private)
     finally:
         import wandb
 
@@ -146,14 +155,12 @@ def train(cfg: DictConfig) -> dict:
         steps=trainer.global_step,
     )
     print("\nbksdm_lab: run finished")
-    for key in ("run_dir", "checkpoint", "csv", "wandb", "pipeline", "steps"):
+    for key in ("run_dir", "checkpoint", "csv", "wandb", "pipeline", "hub", "steps"):
         if summary.get(key) is not None:
             print(f"  {key:<10} {summary[key]}")
     return summary
 
 
-# multirun job folders are named by their overrides: never by a secret's value
-OmegaConf.register_new_resolver("redact_dirname", redact_dirname, replace=True)
 USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotFoundError, NonFiniteLossError)
 
 

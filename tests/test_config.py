@@ -7,6 +7,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
+import bksdm_lab  # noqa: F401  (registers the resolvers conf/train.yaml uses)
+
 GROUPS = ["arch", "teacher", "data", "loss", "optimizer", "trainer", "logger", "callbacks", "paths", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 

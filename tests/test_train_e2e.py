@@ -1,6 +1,7 @@
 """The real `python -m bksdm_lab.train` commands, in subprocesses, offline."""
 
 import csv
+import json
 import subprocess
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_demo_writes_everything_and_learns(demo_run):
     assert (run_dir / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "student_step000100", "student_step000200", "teacher_step000000"
+        "ema_step000100", "ema_step000200", "student_step000100", "student_step000200", "teacher_step000000"
     ]
     assert len(list((run_dir / "samples" / "student_step000200").glob("*.png"))) == 2
 
@@ -59,7 +60,9 @@ def test_demo_checkpoint_holds_only_the_student(demo_run):
     run_dir, _ = demo_run
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     keys = list(ckpt["state_dict"])
-    assert keys and all(k.startswith("student.") for k in keys)
+    student = [k for k in keys if k.startswith("student.")]
+    assert student and sorted(keys) == sorted(student + [f"ema_{k}" for k in student])  # student + its EMA only
+    assert ckpt["bksdm"]["config"]["teacher"]["name"] == "demo" and ckpt["bksdm"]["ema"] is True
     assert ckpt["global_step"] == 200
     assert "optimizer_states" in ckpt
 
@@ -70,16 +73,25 @@ def test_demo_wandb_offline_run(demo_run):
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
     (run_file,) = list(wandb_run.glob("run-*.wandb"))
     rows = wandb_offline.history(run_file)
-    for key in ("train/loss", "train/loss_task", "train/loss_out_kd", "train/loss_feat_kd", "train/lr"):
+    for key in ("train/loss", "train/loss_task", "train/loss_out_kd", "train/loss_feat_kd", "train/lr",
+                "train/grad_norm", "perf/images_per_s", "perf/step_time_s", "perf/peak_mem_gb"):
         values = [r[key] for r in rows if key in r]
-        assert len(values) >= 30 and all(isinstance(v, float) for v in values), key
+        assert len(values) >= 30 and all(isinstance(v, (int, float)) and v >= 0 for v in values), key
     assert max(r.get("trainer/global_step", 0) for r in rows) >= 199
-    panels = {k.split("/")[1]: r for r in rows for k in r if k.startswith("samples/") and k.endswith("/_type")}
-    assert set(panels) == {"teacher", "student"}
+    panels = {k.split("/")[1]: r for r in rows for k in r if k.startswith("samples/") and r[k] == "images/separated"}
+    assert set(panels) == {"teacher", "student", "ema"}
     for who, row in panels.items():
         files = row[f"samples/{who}/filenames"]
         assert row[f"samples/{who}/captions"] == ["a red circle on a blue background", "a yellow square on a black background"]
         assert all((wandb_run / "files" / f).is_file() for f in files)
+    tables = [r for r in rows if r.get("samples/table/_type") == "table-file"]
+    assert [r["trainer/global_step"] for r in tables] == [100, 200]
+    assert all(r["samples/table/ncols"] == 6 and r["samples/table/nrows"] == 2 for r in tables)
+    table = json.loads((wandb_run / "files" / tables[-1]["samples/table/path"]).read_text())
+    assert table["columns"] == ["step", "prompt", "seed", "teacher", "student", "ema"]
+    assert [row[1] for row in table["data"]] == ["a red circle on a blue background", "a yellow square on a black background"]
+    (artifact,) = {r.artifact.name: r.artifact for r in wandb_offline.records(run_file) if r.HasField("artifact")}.values()
+    assert sum(e.path.endswith(".png") for e in artifact.manifest.contents) == 6  # 3 models x 2 prompts
     config = wandb_offline.config(run_file)
     assert config["params/student_unet"] < config["params/teacher_unet"]
     assert "mid_block" in config["removed_blocks"]
