@@ -102,8 +102,16 @@ def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
                 "vae_decoder_params": decoder_params,
                 "macs": macs,
                 "macs_with_attention": macs_all,
-                "config": {k: unet.config[k] for k in ("block_out_channels", "layers_per_block", "mid_block_type",
-                                                       "down_block_types", "up_block_types")},
+                "config": {
+                    k: unet.config[k]
+                    for k in (
+                        "block_out_channels",
+                        "layers_per_block",
+                        "mid_block_type",
+                        "down_block_types",
+                        "up_block_types",
+                    )
+                },
                 "removed": by_stage,
             }
 

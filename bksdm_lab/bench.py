@@ -39,8 +39,13 @@ def random_teacher(configs: str, device: torch.device) -> Teacher:
         vae = AutoencoderKL.from_config(cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     return Teacher(
-        name=configs, source="random", unet=unet, vae=vae, text_encoder=text_encoder,
-        tokenizer=byte_level_tokenizer(), scheduler=PNDMScheduler.from_config(cfg["scheduler"]),
+        name=configs,
+        source="random",
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_tokenizer(),
+        scheduler=PNDMScheduler.from_config(cfg["scheduler"]),
         noise_scheduler=DDPMScheduler.from_config(cfg["scheduler"]),
     )
 
@@ -60,10 +65,13 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
 
 def bench_training(teacher: Teacher, arch: dict, args, device: torch.device, resolution: int) -> dict:
     student = init_student_from_teacher(teacher.unet, arch).to(device, torch.float32)
-    loss = KDLoss({"task": TaskLoss(), "out_kd": OutputKD(), "feat_kd": FeatureKD(arch["feature_pairs"])},
-                  {"task": 1.0, "out_kd": 1.0, "feat_kd": 1.0})
-    module = DistillModule(teacher, student, loss, optimizer=torch.optim.AdamW,
-                           gradient_checkpointing=args.gradient_checkpointing).to(device)
+    loss = KDLoss(
+        {"task": TaskLoss(), "out_kd": OutputKD(), "feat_kd": FeatureKD(arch["feature_pairs"])},
+        {"task": 1.0, "out_kd": 1.0, "feat_kd": 1.0},
+    )
+    module = DistillModule(
+        teacher, student, loss, optimizer=torch.optim.AdamW, gradient_checkpointing=args.gradient_checkpointing
+    ).to(device)
     half = torch.float16 if device.type == "cuda" else None
     if half is not None:
         for part in (module.teacher_unet, module.vae, module.text_encoder):
@@ -119,14 +127,27 @@ def bench_frozen_parts(teacher: Teacher, args, device: torch.device, resolution:
 @torch.no_grad()
 def bench_generation(teacher: Teacher, unet, args, device: torch.device, resolution: int, batch: int) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline(vae=teacher.vae.to(dtype), text_encoder=teacher.text_encoder.to(dtype),
-                                   tokenizer=teacher.tokenizer, unet=unet.to(dtype), scheduler=teacher.scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=teacher.vae.to(dtype),
+        text_encoder=teacher.text_encoder.to(dtype),
+        tokenizer=teacher.tokenizer,
+        unet=unet.to(dtype),
+        scheduler=teacher.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
-        pipe(["a photo of an astronaut riding a horse on mars"] * batch, num_inference_steps=args.gen_steps,
-             guidance_scale=7.5, height=resolution, width=resolution, output_type="np")
+        pipe(
+            ["a photo of an astronaut riding a horse on mars"] * batch,
+            num_inference_steps=args.gen_steps,
+            guidance_scale=7.5,
+            height=resolution,
+            width=resolution,
+            output_type="np",
+        )
 
     seconds = timed(generate, max(1, args.steps // 3), 1, device)
     return {"batch": batch, "s_per_batch": seconds, "images_per_s": batch / seconds}
@@ -154,9 +175,16 @@ def main(argv=None) -> dict:
     resolution = int(cfg.teacher.resolution)
     teacher = random_teacher(cfg.teacher.configs, device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"device": gpu, "teacher": args.teacher, "resolution": resolution, "batch": args.batch,
-              "gradient_checkpointing": args.gradient_checkpointing, "torch": torch.__version__, "train": {},
-              "generate": {}}
+    result = {
+        "device": gpu,
+        "teacher": args.teacher,
+        "resolution": resolution,
+        "batch": args.batch,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "torch": torch.__version__,
+        "train": {},
+        "generate": {},
+    }
     result["frozen_parts"] = bench_frozen_parts(teacher, args, device, resolution)
     for name, arch in archs.items():
         result["train"][name] = bench_training(teacher, arch, args, device, resolution)
@@ -170,11 +198,15 @@ def main(argv=None) -> dict:
         result["generate"][name] = [bench_generation(teacher, unet, args, device, resolution, b) for b in gen_batches]
         print(name, json.dumps(result["generate"][name]), flush=True)
 
-    print(f"\n{gpu}, teacher {args.teacher} ({resolution} px), micro-batch {args.batch}, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, torch {torch.__version__}")
+    print(
+        f"\n{gpu}, teacher {args.teacher} ({resolution} px), micro-batch {args.batch}, "
+        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, torch {torch.__version__}"
+    )
     fp = result["frozen_parts"]
-    print(f"frozen parts per micro-batch: VAE encode {fp['vae_encode_s']:.3f} s, text encode "
-          f"{fp['text_encode_s']:.3f} s, teacher U-Net forward {fp['teacher_unet_forward_s']:.3f} s")
+    print(
+        f"frozen parts per micro-batch: VAE encode {fp['vae_encode_s']:.3f} s, text encode "
+        f"{fp['text_encode_s']:.3f} s, teacher U-Net forward {fp['teacher_unet_forward_s']:.3f} s"
+    )
     print(f"{'variant':<8}{'U-Net params':>15}{'step s':>9}{'img/s':>8}{'peak GB':>9}")
     for name, r in result["train"].items():
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"

@@ -23,8 +23,15 @@ class SampleImages(pl.Callback):
     table ``samples/table`` (step, prompt, seed, teacher, student, ema) with the models side by side.
     """
 
-    def __init__(self, prompts: list[str], seed: int = 1234, every_n_steps: int = 1000,
-                 num_inference_steps: int = 25, guidance_scale: float = 7.5, out_dir: str | None = None):
+    def __init__(
+        self,
+        prompts: list[str],
+        seed: int = 1234,
+        every_n_steps: int = 1000,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        out_dir: str | None = None,
+    ):
         self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.out_dir = Path(out_dir) if out_dir else None
@@ -41,8 +48,13 @@ class SampleImages(pl.Callback):
         for i, prompt in enumerate(self.prompts):
             generator = torch.Generator(device="cpu").manual_seed(self.seed + i)
             with torch.autocast(module.device.type, enabled=module.device.type == "cuda"):
-                out = pipe(prompt, num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                           generator=generator, output_type="pil")
+                out = pipe(
+                    prompt,
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    generator=generator,
+                    output_type="pil",
+                )
             images.append(out.images[0])
         unet.train(was_training)
         return images
@@ -125,7 +137,11 @@ class Throughput(pl.Callback):
             return  # still accumulating
         seconds = time.perf_counter() - self._start
         images = batch["input_ids"].shape[0] * trainer.accumulate_grad_batches * trainer.world_size
-        metrics = {"perf/step_time_s": seconds, "perf/images_per_s": images / seconds, "perf/peak_mem_gb": peak_memory_gb(module.device)}
+        metrics = {
+            "perf/step_time_s": seconds,
+            "perf/images_per_s": images / seconds,
+            "perf/peak_mem_gb": peak_memory_gb(module.device),
+        }
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         self._start = None
 

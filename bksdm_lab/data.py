@@ -75,8 +75,16 @@ def image_to_tensor(image: Image.Image, resolution: int, flip: bool) -> torch.Te
 class ImageCaptionFolder(Dataset):
     """An image folder with metadata; yields ``pixel_values`` and ``input_ids``."""
 
-    def __init__(self, root, tokenizer, resolution: int, random_flip: bool = True,
-                 caption_column: str = "text", image_column: str = "file_name", max_samples: int | None = None):
+    def __init__(
+        self,
+        root,
+        tokenizer,
+        resolution: int,
+        random_flip: bool = True,
+        caption_column: str = "text",
+        image_column: str = "file_name",
+        max_samples: int | None = None,
+    ):
         self.root = check_folder(root, caption_column, image_column)
         self.samples = read_metadata(self.root, caption_column, image_column)[:max_samples]
         if not self.samples:
@@ -99,8 +107,13 @@ class ImageCaptionFolder(Dataset):
                 self.skipped += 1
                 log.warning("skipping unreadable image %s: %s", file_name, err)
                 continue
-            ids = self.tokenizer(str(caption), max_length=self.tokenizer.model_max_length, padding="max_length",
-                                 truncation=True, return_tensors="pt").input_ids[0]
+            ids = self.tokenizer(
+                str(caption),
+                max_length=self.tokenizer.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids[0]
             return {"pixel_values": pixels, "input_ids": ids}
         raise DataError(f"no readable image in {self.root}")
 
@@ -144,12 +157,24 @@ class ResumableSampler(Sampler):
 
 
 class FolderDataModule(pl.LightningDataModule):
-    def __init__(self, root, tokenizer, resolution: int, batch_size: int, num_workers: int = 0,
-                 random_flip: bool = True, caption_column: str = "text", image_column: str = "file_name",
-                 max_samples: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        root,
+        tokenizer,
+        resolution: int,
+        batch_size: int,
+        num_workers: int = 0,
+        random_flip: bool = True,
+        caption_column: str = "text",
+        image_column: str = "file_name",
+        max_samples: int | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.seed = seed
-        self.dataset = ImageCaptionFolder(root, tokenizer, resolution, random_flip, caption_column, image_column, max_samples)
+        self.dataset = ImageCaptionFolder(
+            root, tokenizer, resolution, random_flip, caption_column, image_column, max_samples
+        )
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:

@@ -21,7 +21,9 @@ from bksdm_lab.teachers import shipped_configs
 
 def _byte_chars() -> list[str]:
     """The 256 printable stand-ins CLIP's byte-level BPE uses for the bytes 0..255."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -77,8 +79,16 @@ def build_demo_teacher(out: str | Path, configs: str = "demo", seed: int = 0) ->
     return _publish(build, Path(out).expanduser())
 
 
-COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40),
-          "white": (245, 245, 245), "black": (15, 15, 15), "purple": (140, 50, 170), "orange": (245, 140, 30)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 210, 40),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 
 

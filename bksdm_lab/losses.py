@@ -74,7 +74,9 @@ class FeatureKD(LossTerm):
         for (tname, sname), weight in zip(self.feature_pairs, self.layer_weights):
             s, t = x.student_features[sname], x.teacher_features[tname]
             if s.shape != t.shape:
-                raise ValueError(f"feature pair {tname} -> {sname}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
+                raise ValueError(
+                    f"feature pair {tname} -> {sname}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}"
+                )
             value = F.mse_loss(s.float(), t.float())
             self.last_layer_losses[sname] = value.detach()
             total = total + weight * value

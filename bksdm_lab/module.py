@@ -125,7 +125,9 @@ class DistillModule(pl.LightningModule):
         teacher_out = None
         if self.loss.needs_teacher:
             with torch.no_grad():
-                teacher_out = self.teacher_unet(noisy.to(self.teacher_unet.dtype), t, cond.to(self.teacher_unet.dtype)).sample
+                teacher_out = self.teacher_unet(
+                    noisy.to(self.teacher_unet.dtype), t, cond.to(self.teacher_unet.dtype)
+                ).sample
         inputs = KDInputs(
             student_out=student_out,
             target=target,
@@ -146,8 +148,10 @@ class DistillModule(pl.LightningModule):
         bs = batch["input_ids"].shape[0]
         if not torch.isfinite(total):
             bad = [f"{name}={value.item()}" for name, value in parts.items() if not torch.isfinite(value)]
-            message = (f"non-finite loss at step {self.global_step} (batch {batch_idx}): "
-                       f"{', '.join(bad) or f'total={total.item()}'}")
+            message = (
+                f"non-finite loss at step {self.global_step} (batch {batch_idx}): "
+                f"{', '.join(bad) or f'total={total.item()}'}"
+            )
             if self.nonfinite == "skip":
                 self.log("train/nonfinite_skipped", 1.0, reduce_fx="sum", batch_size=bs)
                 print(f"bksdm_lab: {message}; batch skipped (loss.nonfinite=skip)")

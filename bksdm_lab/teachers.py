@@ -61,7 +61,9 @@ def _source(cfg) -> str:
         path = Path(source).expanduser()
         if not path.is_dir():
             raise TeacherLoadError(f"Teacher {name!r}: local folder {path} does not exist. {_hint()}")
-        missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()]
+        missing = [
+            sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()
+        ]
         if missing:
             raise TeacherLoadError(
                 f"Teacher {name!r}: {path} is not a diffusers pipeline folder (no {', '.join(missing)}/). {_hint()}"

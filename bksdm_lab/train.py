@@ -1,9 +1,9 @@
 """Distil a block-removed student U-Net from a frozen teacher.
 
-    python -m bksdm_lab.train                                  # the paper: BK-SDM-Tiny from SD-v1.4
-    python -m bksdm_lab.train arch=base teacher=sd21base       # BK-SDM-v2-Base
-    python -m bksdm_lab.train experiment=demo                  # offline, 2 CPU cores, < 3 minutes
-    python -m bksdm_lab.train -m experiment=demo arch=base,small,tiny
+python -m bksdm_lab.train                                  # the paper: BK-SDM-Tiny from SD-v1.4
+python -m bksdm_lab.train arch=base teacher=sd21base       # BK-SDM-v2-Base
+python -m bksdm_lab.train experiment=demo                  # offline, 2 CPU cores, < 3 minutes
+python -m bksdm_lab.train -m experiment=demo arch=base,small,tiny
 """
 
 from __future__ import annotations
@@ -121,8 +121,13 @@ def train(cfg: DictConfig) -> dict:
         "params/frozen": count_params(module) - count_params(module, trainable_only=True),
     }
     removed = removed_blocks(student.state_dict(), teacher.unet.state_dict(), cfg.arch.weight_map or {})
-    log.info("student %s: %s U-Net parameters (teacher %s); removed: %s", cfg.arch.name,
-             f"{summary['params/student_unet']:,}", f"{summary['params/teacher_unet']:,}", ", ".join(removed) or "nothing")
+    log.info(
+        "student %s: %s U-Net parameters (teacher %s); removed: %s",
+        cfg.arch.name,
+        f"{summary['params/student_unet']:,}",
+        f"{summary['params/teacher_unet']:,}",
+        ", ".join(removed) or "nothing",
+    )
     for logger in loggers:
         logger.log_hyperparams({"config": run_config, **summary, "removed_blocks": removed})
 
@@ -135,12 +140,19 @@ def train(cfg: DictConfig) -> dict:
         if cfg.export_pipeline and trainer.is_global_zero:
             weights = "ema" if module.ema_student is not None else "student"
             unet = module.ema_student if weights == "ema" else module.student
-            card = card_info(run_config, teacher, unet, trainer.global_step, weights,
-                             checkpoint=str(out_dir / "checkpoints" / "last.ckpt"))
+            card = card_info(
+                run_config,
+                teacher,
+                unet,
+                trainer.global_step,
+                weights,
+                checkpoint=str(out_dir / "checkpoints" / "last.ckpt"),
+            )
             summary["pipeline"] = str(export_pipeline(teacher, unet, out_dir / "pipeline", card=card))
             if cfg.hub.push:
-                summary["hub"] = push_to_hub(out_dir / "pipeline", cfg.hub.repo_id, token=cfg.hub.token,
-                                             private=cfg.hub.private)
+                summary["hub"] = push_to_hub(
+                    out_dir / "pipeline", cfg.hub.repo_id, token=cfg.hub.token, private=cfg.hub.private
+                )
     finally:
         import wandb
 

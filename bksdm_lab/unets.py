@@ -109,7 +109,9 @@ def count_params(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-_BLOCK = re.compile(r"^(down_blocks\.\d+\.(?:resnets|attentions|downsamplers)\.\d+|up_blocks\.\d+\.(?:resnets|attentions|upsamplers)\.\d+|mid_block)\.")
+_BLOCK = re.compile(
+    r"^(down_blocks\.\d+\.(?:resnets|attentions|downsamplers)\.\d+|up_blocks\.\d+\.(?:resnets|attentions|upsamplers)\.\d+|mid_block)\."
+)
 
 
 def teacher_blocks(teacher_keys) -> list[str]:

@@ -60,8 +60,13 @@ def arch_cfg(name: str) -> dict:
 
 def subprocess_env(cache_dir: Path) -> dict:
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", BKSDM_CACHE_DIR=str(cache_dir), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        BKSDM_CACHE_DIR=str(cache_dir),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 

@@ -58,7 +58,11 @@ def test_v2_unet_params():
 def test_cli_json_keyed_by_variant():
     out = subprocess.run(
         [PYTHON, "-m", "bksdm_lab.arch", "teacher=sd21", "format=json"],
-        capture_output=True, text=True, check=True, cwd=REPO, env=subprocess_env(REPO / ".pytest_cache"),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env=subprocess_env(REPO / ".pytest_cache"),
     ).stdout
     report = json.loads(out)
     assert list(report) == ["teacher", "base", "small", "tiny"]
@@ -68,7 +72,11 @@ def test_cli_json_keyed_by_variant():
 
 def test_cli_table_and_bad_format():
     env = subprocess_env(REPO / ".pytest_cache")
-    table = subprocess.run([PYTHON, "-m", "bksdm_lab.arch"], capture_output=True, text=True, check=True, cwd=REPO, env=env)
+    table = subprocess.run(
+        [PYTHON, "-m", "bksdm_lab.arch"], capture_output=True, text=True, check=True, cwd=REPO, env=env
+    )
     assert "BK-SDM-Tiny [tiny]" in table.stdout and "859,520,964" in table.stdout
-    bad = subprocess.run([PYTHON, "-m", "bksdm_lab.arch", "format=xml"], capture_output=True, text=True, cwd=REPO, env=env)
+    bad = subprocess.run(
+        [PYTHON, "-m", "bksdm_lab.arch", "format=xml"], capture_output=True, text=True, cwd=REPO, env=env
+    )
     assert bad.returncode != 0 and "table, json" in bad.stderr

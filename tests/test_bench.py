@@ -7,8 +7,28 @@ from bksdm_lab.bench import main
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    result = main(["--teacher", "demo", "--arch", "tiny", "--batch", "2", "--steps", "1", "--warmup", "0",
-                   "--gen-batch", "1", "--gen-steps", "2", "--device", "cpu", "--json", str(out)])
+    result = main(
+        [
+            "--teacher",
+            "demo",
+            "--arch",
+            "tiny",
+            "--batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--gen-batch",
+            "1",
+            "--gen-steps",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     tiny = result["train"]["tiny"]
     assert tiny["student_params"] == 1_476_484  # the demo teacher's Tiny student

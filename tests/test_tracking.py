@@ -18,8 +18,14 @@ from bksdm_lab.module import DistillModule, NonFiniteLossError
 from bksdm_lab.unets import init_student_from_teacher
 
 RESUME_ARGS = [
-    "experiment=demo", "trainer.max_steps=40", "callbacks.checkpoint.every_n_train_steps=4",
-    "callbacks.samples.prompts=[]", "logger=csv", "export_pipeline=false", "data.max_samples=64", "ema.decay=0.9",
+    "experiment=demo",
+    "trainer.max_steps=40",
+    "callbacks.checkpoint.every_n_train_steps=4",
+    "callbacks.samples.prompts=[]",
+    "logger=csv",
+    "export_pipeline=false",
+    "data.max_samples=64",
+    "ema.decay=0.9",
 ]
 
 
@@ -40,11 +46,17 @@ def test_sigkill_then_resume_ends_with_the_same_weights(cache_dir, tmp_path):
     """
     env = subprocess_env(cache_dir)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    subprocess.run(train_cmd(*RESUME_ARGS, f"hydra.run.dir={straight}"), env=env, cwd=tmp_path, check=True,
-                   capture_output=True)
+    subprocess.run(
+        train_cmd(*RESUME_ARGS, f"hydra.run.dir={straight}"), env=env, cwd=tmp_path, check=True, capture_output=True
+    )
 
-    proc = subprocess.Popen(train_cmd(*RESUME_ARGS, f"hydra.run.dir={crashed}"), env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(*RESUME_ARGS, f"hydra.run.dir={crashed}"),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (crashed / "checkpoints" / "step_000012.ckpt").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -54,8 +66,13 @@ def test_sigkill_then_resume_ends_with_the_same_weights(cache_dir, tmp_path):
     assert 8 <= killed_at < 40  # last.ckpt is written right after step_000012.ckpt: it may still hold step 8
     # a kill mid-write leaves at most a hidden temporary file, never a corrupt last.ckpt (it loaded above)
 
-    resumed = subprocess.run(train_cmd(*RESUME_ARGS, f"hydra.run.dir={crashed}", "ckpt_path=last"), env=env,
-                             cwd=tmp_path, capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_cmd(*RESUME_ARGS, f"hydra.run.dir={crashed}", "ckpt_path=last"),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     assert not list((crashed / "checkpoints").glob(".*tmp*"))  # stale temporaries are cleaned up on resume
@@ -88,15 +105,22 @@ class NaNOnCall(LossTerm):
 def nan_module(teacher, policy: str, n: int = 3) -> DistillModule:
     arch = arch_cfg("tiny")
     loss = KDLoss({"task": NaNOnCall(n), "out_kd": OutputKD()}, {"task": 1.0, "out_kd": 1.0})
-    return DistillModule(teacher, init_student_from_teacher(teacher.unet, arch), loss, optimizer=torch.optim.AdamW,
-                         nonfinite=policy)
+    return DistillModule(
+        teacher, init_student_from_teacher(teacher.unet, arch), loss, optimizer=torch.optim.AdamW, nonfinite=policy
+    )
 
 
 def fit(module, tmp_path, steps=5):
     batches = [make_batch(module.teacher.tokenizer) for _ in range(steps)]
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, plugins=[AtomicCheckpointIO()],
-                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=False)])
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=False)],
+    )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return trainer
 
@@ -149,9 +173,18 @@ def test_secrets_never_reach_files(cache_dir, tmp_path):
     env["HF_TOKEN"] = "hf_SECRET_FROM_ENV"
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        train_cmd("experiment=demo", "trainer.max_steps=2", "logger=all", "callbacks.samples.prompts=[]",
-                  "+wandb_api_key=wb_SECRET_FROM_CLI", f"hydra.run.dir={run_dir}"),
-        env=env, cwd=tmp_path, capture_output=True, text=True,
+        train_cmd(
+            "experiment=demo",
+            "trainer.max_steps=2",
+            "logger=all",
+            "callbacks.samples.prompts=[]",
+            "+wandb_api_key=wb_SECRET_FROM_CLI",
+            f"hydra.run.dir={run_dir}",
+        ),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = [p for p in run_dir.rglob("*") if p.is_file()]
@@ -170,9 +203,20 @@ def test_secrets_never_reach_files(cache_dir, tmp_path):
 def test_logger_choices(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
     subprocess.run(
-        train_cmd("-m", "experiment=demo", "trainer.max_steps=2", "callbacks.samples.prompts=[]",
-                  "export_pipeline=false", "trainer.log_every_n_steps=1", "logger=none,tensorboard,csv", f"hydra.sweep.dir={sweep}"),
-        env=subprocess_env(cache_dir), cwd=tmp_path, check=True, capture_output=True,
+        train_cmd(
+            "-m",
+            "experiment=demo",
+            "trainer.max_steps=2",
+            "callbacks.samples.prompts=[]",
+            "export_pipeline=false",
+            "trainer.log_every_n_steps=1",
+            "logger=none,tensorboard,csv",
+            f"hydra.sweep.dir={sweep}",
+        ),
+        env=subprocess_env(cache_dir),
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
     )
     jobs = {p.name.split("logger=")[1].split(",")[0]: p for p in sweep.iterdir() if p.is_dir() and "logger=" in p.name}
     assert sorted(jobs) == ["csv", "none", "tensorboard"]

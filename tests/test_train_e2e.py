@@ -14,7 +14,11 @@ from conftest import PYTHON, subprocess_env
 def run_train(args, cache_dir, cwd, check=True):
     proc = subprocess.run(
         [PYTHON, "-m", "bksdm_lab.train", *args],
-        capture_output=True, text=True, cwd=cwd, env=subprocess_env(cache_dir), timeout=900,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=subprocess_env(cache_dir),
+        timeout=900,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
@@ -43,7 +47,11 @@ def test_demo_writes_everything_and_learns(demo_run):
     assert (run_dir / "pipeline" / "model_index.json").is_file()
     assert (run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
-        "ema_step000100", "ema_step000200", "student_step000100", "student_step000200", "teacher_step000000"
+        "ema_step000100",
+        "ema_step000200",
+        "student_step000100",
+        "student_step000200",
+        "teacher_step000000",
     ]
     assert len(list((run_dir / "samples" / "student_step000200").glob("*.png"))) == 2
 
@@ -73,8 +81,17 @@ def test_demo_wandb_offline_run(demo_run):
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
     (run_file,) = list(wandb_run.glob("run-*.wandb"))
     rows = wandb_offline.history(run_file)
-    for key in ("train/loss", "train/loss_task", "train/loss_out_kd", "train/loss_feat_kd", "train/lr",
-                "train/grad_norm", "perf/images_per_s", "perf/step_time_s", "perf/peak_mem_gb"):
+    for key in (
+        "train/loss",
+        "train/loss_task",
+        "train/loss_out_kd",
+        "train/loss_feat_kd",
+        "train/lr",
+        "train/grad_norm",
+        "perf/images_per_s",
+        "perf/step_time_s",
+        "perf/peak_mem_gb",
+    ):
         values = [r[key] for r in rows if key in r]
         assert len(values) >= 30 and all(isinstance(v, (int, float)) and v >= 0 for v in values), key
     assert max(r.get("trainer/global_step", 0) for r in rows) >= 199
@@ -82,15 +99,23 @@ def test_demo_wandb_offline_run(demo_run):
     assert set(panels) == {"teacher", "student", "ema"}
     for who, row in panels.items():
         files = row[f"samples/{who}/filenames"]
-        assert row[f"samples/{who}/captions"] == ["a red circle on a blue background", "a yellow square on a black background"]
+        assert row[f"samples/{who}/captions"] == [
+            "a red circle on a blue background",
+            "a yellow square on a black background",
+        ]
         assert all((wandb_run / "files" / f).is_file() for f in files)
     tables = [r for r in rows if r.get("samples/table/_type") == "table-file"]
     assert [r["trainer/global_step"] for r in tables] == [100, 200]
     assert all(r["samples/table/ncols"] == 6 and r["samples/table/nrows"] == 2 for r in tables)
     table = json.loads((wandb_run / "files" / tables[-1]["samples/table/path"]).read_text())
     assert table["columns"] == ["step", "prompt", "seed", "teacher", "student", "ema"]
-    assert [row[1] for row in table["data"]] == ["a red circle on a blue background", "a yellow square on a black background"]
-    (artifact,) = {r.artifact.name: r.artifact for r in wandb_offline.records(run_file) if r.HasField("artifact")}.values()
+    assert [row[1] for row in table["data"]] == [
+        "a red circle on a blue background",
+        "a yellow square on a black background",
+    ]
+    (artifact,) = {
+        r.artifact.name: r.artifact for r in wandb_offline.records(run_file) if r.HasField("artifact")
+    }.values()
     assert sum(e.path.endswith(".png") for e in artifact.manifest.contents) == 6  # 3 models x 2 prompts
     config = wandb_offline.config(run_file)
     assert config["params/student_unet"] < config["params/teacher_unet"]
@@ -114,8 +139,14 @@ def test_exported_pipeline_loads_in_plain_diffusers(demo_run, cache_dir):
     run_dir, _ = demo_run
     env = subprocess_env(cache_dir)
     env.pop("PYTHONPATH")
-    out = subprocess.run([PYTHON, "-c", PLAIN_DIFFUSERS, str(run_dir / "pipeline")], capture_output=True, text=True,
-                         env=env, cwd="/", check=True).stdout
+    out = subprocess.run(
+        [PYTHON, "-c", PLAIN_DIFFUSERS, str(run_dir / "pipeline")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd="/",
+        check=True,
+    ).stdout
     # tiny student of the demo teacher: three stages, no mid block
     assert out.strip().startswith("(64, 64)"), out
     assert out.strip().endswith("[32, 64, 64]"), out
@@ -124,8 +155,18 @@ def test_exported_pipeline_loads_in_plain_diffusers(demo_run, cache_dir):
 @pytest.mark.slow
 def test_multirun_one_wandb_run_per_job(cache_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    run_train(["-m", "experiment=demo", "arch=base,small,tiny", "trainer.max_steps=2", "callbacks.samples.prompts=[]",
-               f"hydra.sweep.dir={sweep}"], cache_dir, cwd=tmp_path)
+    run_train(
+        [
+            "-m",
+            "experiment=demo",
+            "arch=base,small,tiny",
+            "trainer.max_steps=2",
+            "callbacks.samples.prompts=[]",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cache_dir,
+        cwd=tmp_path,
+    )
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "wandb").is_dir())
     assert [p.name.split(",")[0] for p in jobs] == ["0_arch=base", "1_arch=small", "2_arch=tiny"]
     names = []
@@ -141,8 +182,12 @@ def test_multirun_one_wandb_run_per_job(cache_dir, tmp_path):
 
 
 def test_paper_recipe_without_hub_fails_fast_and_clearly(cache_dir, demo_data_dir, tmp_path):
-    proc = run_train(["arch=tiny", f"data.root={demo_data_dir}", f"hydra.run.dir={tmp_path}/run"], cache_dir,
-                     cwd=tmp_path, check=False)
+    proc = run_train(
+        ["arch=tiny", f"data.root={demo_data_dir}", f"hydra.run.dir={tmp_path}/run"],
+        cache_dir,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr
     assert "Teacher 'sd14'" in err and "CompVis/stable-diffusion-v1-4" in err
@@ -151,16 +196,24 @@ def test_paper_recipe_without_hub_fails_fast_and_clearly(cache_dir, demo_data_di
 
 
 def test_missing_data_folder_is_named(cache_dir, demo_teacher_dir, tmp_path):
-    proc = run_train(["teacher=demo", f"data.root={tmp_path}/nope", f"hydra.run.dir={tmp_path}/run"], cache_dir,
-                     cwd=tmp_path, check=False)
+    proc = run_train(
+        ["teacher=demo", f"data.root={tmp_path}/nope", f"hydra.run.dir={tmp_path}/run"],
+        cache_dir,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     assert f"data.root='{tmp_path}/nope' does not exist" in proc.stderr
     assert "Teacher" not in proc.stderr  # the demo teacher is fine: only the real problem is reported
 
 
 def test_missing_local_teacher_and_data_reported_together(cache_dir, tmp_path):
-    proc = run_train([f"teacher.pretrained={tmp_path}/no_teacher", f"hydra.run.dir={tmp_path}/run"], cache_dir,
-                     cwd=tmp_path, check=False)
+    proc = run_train(
+        [f"teacher.pretrained={tmp_path}/no_teacher", f"hydra.run.dir={tmp_path}/run"],
+        cache_dir,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     assert f"local folder {tmp_path}/no_teacher does not exist" in proc.stderr
     assert "data.root='data/preprocessed_212k' does not exist" in proc.stderr
