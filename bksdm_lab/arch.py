@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bksdm_lab.teachers import shipped_configs
-from bksdm_lab.unets import build_student, count_params, removed_blocks
+from bksdm_lab.unets import build_student, count_params, removed_blocks, removed_by_stage
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _COUNTED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm)
@@ -61,20 +61,6 @@ def unet_macs(unet: UNet2DConditionModel) -> tuple[int, int]:
     return layer_macs, counter.get_total_flops() // 2
 
 
-_KIND_ORDER = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
-
-
-def _block_order(block: str) -> tuple[bool, int, int]:
-    """Sort key of "resnets.1"-style names: by index, resnet before attention before sampler."""
-    kind, _, index = block.rpartition(".")
-    rank = _KIND_ORDER.get(kind.rsplit(".", 1)[-1], 3)
-    return rank == 2, int(index) if index.isdigit() else 0, rank
-
-
-def _stage_of(block: str) -> str:
-    return "mid_block" if block == "mid_block" else ".".join(block.split(".")[:2])
-
-
 def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
     """The report: ``{"meta": ..., "models": {"teacher": ..., <arch name>: ...}}``."""
     cfgs = shipped_configs(teacher_cfg.configs)
@@ -89,11 +75,7 @@ def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
         def entry(title: str, unet, weight_map) -> dict:
             macs, macs_all = unet_macs(unet)
             removed = removed_blocks(unet.state_dict(), tkeys, weight_map) if weight_map is not None else []
-            by_stage: dict[str, list[str]] = {}
-            for block in removed:
-                stage = _stage_of(block)
-                by_stage.setdefault(stage, []).append(block[len(stage) + 1 :] if stage != block else "all")
-            by_stage = {k: sorted(v, key=_block_order) for k, v in by_stage.items()}
+            by_stage = {g["stage"]: g["removed"] or ["all"] for g in removed_by_stage(removed, tkeys)}
             return {
                 "title": title,
                 "unet_params": count_params(unet),

@@ -26,7 +26,7 @@ from huggingface_hub import HfApi
 from omegaconf import OmegaConf
 
 from bksdm_lab.teachers import Teacher, TeacherLoadError, load_teacher
-from bksdm_lab.unets import build_student, count_params, removed_blocks, teacher_blocks
+from bksdm_lab.unets import build_student, count_params, removed_blocks, removed_by_stage
 
 WEIGHTS = ("ema", "student")
 PAPER = "https://arxiv.org/abs/2305.15798"
@@ -115,40 +115,6 @@ def _is_hub_id(source: Any) -> bool:
     return isinstance(source, str) and bool(_HUB_ID.match(source)) and not Path(source).expanduser().exists()
 
 
-_KIND_ORDER = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
-
-
-def _stage(block: str) -> str:
-    parts = block.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
-
-
-def _stage_order(stage: str) -> tuple[int, int]:
-    kind, _, index = stage.partition(".")
-    return {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(kind, 3), int(index or 0)
-
-
-def _block_order(block: str) -> tuple[int, int, int]:
-    kind, _, index = block.partition(".")
-    order = _KIND_ORDER.get(kind, 3)
-    return order >= 2, int(index or 0), order  # resnet i, attention i, ..., then the down/upsampler
-
-
-def _by_stage(removed: Sequence[str], teacher_keys) -> list[dict[str, Any]]:
-    """Removed blocks grouped by U-Net stage (down, mid, up): [{stage, removed, whole}], blocks relative to the stage."""
-    stages: dict[str, list[str]] = {}
-    for block in teacher_blocks(teacher_keys):
-        stages.setdefault(_stage(block), []).append(block)
-    out = []
-    for stage in sorted(stages, key=_stage_order):
-        blocks = stages[stage]
-        gone = sorted((b[len(stage) + 1 :] for b in blocks if b in removed and b != stage), key=_block_order)
-        whole = all(b in removed for b in blocks)
-        if whole or gone:
-            out.append({"stage": stage, "removed": gone, "whole": whole})
-    return out
-
-
 def card_info(
     cfg: Mapping[str, Any],
     teacher: Teacher,
@@ -180,7 +146,7 @@ def card_info(
         "params_student": count_params(unet),
         "params_teacher": count_params(teacher.unet),
         "removed_blocks": removed,
-        "removed_by_stage": _by_stage(removed, teacher_keys),
+        "removed_by_stage": removed_by_stage(removed, teacher_keys),
         "data_root": data.get("root"),
         "global_step": int(global_step),
         "batch_size": data.get("batch_size"),

@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -176,17 +179,41 @@ def train(cfg: DictConfig) -> dict:
 USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotFoundError, NonFiniteLossError)
 
 
+FAILED_MARKER = "FAILED"
+
+
+class SweepFailures(Callback):
+    """Hydra callback: after a multirun, exit non-zero listing the jobs that failed (the others still ran)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{FAILED_MARKER}"))
+        if failed:
+            print(f"bksdm_lab.train: {len(failed)} multirun job(s) failed:", file=sys.stderr)
+            for marker in failed:
+                print(f"  {marker.parent}: {marker.read_text().strip()}", file=sys.stderr)
+            raise SystemExit(1)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.offline:
         os.environ["WANDB_MODE"] = "offline"
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         train(cfg)
     except USER_ERRORS as err:  # a clear message, not a traceback
         print(f"bksdm_lab.train: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if not multirun:
+            raise SystemExit(2) from None
+        Path(cfg.paths.output_dir, FAILED_MARKER).write_text(f"{type(err).__name__}: {err}\n")
+    except Exception as err:
+        if not multirun:
+            raise
+        # one failed sweep job must not stop the others: record it, SweepFailures reports at the end
+        traceback.print_exc()
+        Path(cfg.paths.output_dir, FAILED_MARKER).write_text(f"{type(err).__name__}: {err}\n")
 
 
 if __name__ == "__main__":

@@ -128,3 +128,41 @@ def removed_blocks(student_keys, teacher_keys, weight_map: Mapping[str, str]) ->
     """Teacher blocks that no student tensor copies from: what the variant removed."""
     used = {m.group(1) for k in student_keys if (m := _BLOCK.match(map_key(k, weight_map)))}
     return [b for b in teacher_blocks(teacher_keys) if b not in used]
+
+
+_KIND_ORDER = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
+
+
+def _stage(block: str) -> str:
+    parts = block.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+
+
+def _stage_order(stage: str) -> tuple[int, int]:
+    kind, _, index = stage.partition(".")
+    return {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(kind, 3), int(index or 0)
+
+
+def _block_order(block: str) -> tuple[bool, int, int]:
+    kind, _, index = block.partition(".")
+    order = _KIND_ORDER.get(kind, 3)
+    return order >= 2, int(index or 0), order  # resnet i, attention i, ..., then the down/upsampler
+
+
+def removed_by_stage(removed, teacher_keys) -> list[dict]:
+    """Removed blocks grouped by U-Net stage in order (down, mid, up): ``[{stage, removed, whole}]``.
+
+    ``removed`` lists block names relative to the stage ("resnets.1"); ``whole`` says the stage is gone.
+    """
+    removed = set(removed)
+    stages: dict[str, list[str]] = {}
+    for block in teacher_blocks(teacher_keys):
+        stages.setdefault(_stage(block), []).append(block)
+    out = []
+    for stage in sorted(stages, key=_stage_order):
+        blocks = stages[stage]
+        gone = sorted((b[len(stage) + 1 :] for b in blocks if b in removed and b != stage), key=_block_order)
+        whole = all(b in removed for b in blocks)
+        if whole or gone:
+            out.append({"stage": stage, "removed": gone, "whole": whole})
+    return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import wandb_offline
 from conftest import PYTHON, arch_cfg, subprocess_env
 from test_module import make_batch
 
@@ -226,3 +227,34 @@ def test_logger_choices(cache_dir, tmp_path):
         assert not (job / "wandb").exists()
         assert (job / "checkpoints" / "last.ckpt").is_file()
     assert not (jobs["none"] / "csv").exists() and not (jobs["none"] / "tensorboard").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_job_does_not_stop_the_next(cache_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        train_cmd(
+            "-m",
+            "experiment=demo",
+            "trainer.max_steps=2",
+            "callbacks.samples.prompts=[]",
+            "optimizer.lr=-1,1e-3",  # the first job's optimizer refuses a negative learning rate
+            f"hydra.sweep.dir={sweep}",
+        ),
+        env=subprocess_env(cache_dir),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "1 multirun job(s) failed" in proc.stderr and "Invalid learning rate: -1" in proc.stderr
+    failed, ok = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert "Invalid learning rate" in (failed / "FAILED").read_text()
+    assert not (ok / "FAILED").exists() and (ok / "checkpoints" / "last.ckpt").is_file()
+    runs = []
+    for job in (failed, ok):
+        (run_file,) = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
+        records = wandb_offline.records(run_file)
+        assert any(r.HasField("exit") for r in records), job  # wandb.finish() ran, in a finally
+        runs.append(next(r.run.run_id for r in records if r.HasField("run")))
+    assert runs[0] != runs[1]
