@@ -120,6 +120,7 @@ def train(cfg: DictConfig) -> dict:
         "teacher": cfg.teacher.name,
         "params/teacher_unet": count_params(teacher.unet),
         "params/student_unet": count_params(student),
+        "params/total": count_params(module),
         "params/trainable": count_params(module, trainable_only=True),
         "params/frozen": count_params(module) - count_params(module, trainable_only=True),
     }
