@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +58,33 @@ def read_metadata(root: Path, caption_column: str = "text", image_column: str = 
     return [(r[image_column], r[caption_column]) for r in rows]
 
 
+SKIP_REASONS = ("missing", "corrupt", "bomb", "caption", "small")
+CONVERT_REASONS = ("mode", "16bit", "alpha", "small")
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """8-bit RGB from any PIL mode; returns the image and what was converted (``alpha``, ``16bit``, ``mode``)."""
+    converted = []
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit / 32-bit grayscale: scale, don't clip
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        converted.append("16bit")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white, not black
+        image = Image.alpha_composite(background, rgba)
+        converted.append("alpha")
+    if image.mode != "RGB":
+        if image.mode not in ("RGBA",) and "16bit" not in converted:
+            converted.append("mode")  # CMYK, grayscale, palette, YCbCr, ...
+        image = image.convert("RGB")
+    return image, converted
+
+
 def image_to_tensor(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
     """Resize the shorter side to ``resolution``, center-crop, optionally flip, scale to [-1, 1], CHW."""
-    image = image.convert("RGB")
+    image, _ = to_rgb(image)
     w, h = image.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -72,8 +97,43 @@ def image_to_tensor(image: Image.Image, resolution: int, flip: bool) -> torch.Te
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+class BadSample(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def load_image(path: Path, resolution: int, flip: bool, small: str, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
+    """Open, verify and transform one image; raises BadSample(reason) for what cannot be used."""
+    if not path.is_file():
+        raise BadSample("missing", f"{path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > max_pixels:
+                    raise BadSample("bomb", f"{path}: {image.width}x{image.height} pixels > data.max_pixels")
+                image.load()  # decode now: truncated files fail here
+                rgb, converted = to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("bomb", f"{path}: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise BadSample("corrupt", f"{path}: {err}") from None
+    if min(rgb.size) < resolution:
+        if small == "skip":
+            raise BadSample("small", f"{path}: {rgb.size[0]}x{rgb.size[1]} < {resolution}")
+        converted.append("small")  # upscaled by the resize below
+    return image_to_tensor(rgb, resolution, flip), converted
+
+
 class ImageCaptionFolder(Dataset):
-    """An image folder with metadata; yields ``pixel_values`` and ``input_ids``."""
+    """An image folder with metadata; yields ``pixel_values``, ``input_ids`` and ``index``.
+
+    A sample that cannot be used yields ``{"skipped": reason}`` instead of raising: the collate function
+    drops it and counts it, so a bad file never kills a run and is never silently lost. Images smaller than
+    the resolution are upscaled (``small_images: upscale``) or skipped (``skip``); odd modes (CMYK, RGBA,
+    grayscale, 16-bit) are converted to 8-bit RGB and counted.
+    """
 
     def __init__(
         self,
@@ -84,38 +144,59 @@ class ImageCaptionFolder(Dataset):
         caption_column: str = "text",
         image_column: str = "file_name",
         max_samples: int | None = None,
+        small_images: str = "upscale",
+        max_pixels: int = 16384 * 16384,
     ):
+        if small_images not in ("upscale", "skip"):
+            raise DataError(f"data.small_images={small_images!r} is not one of: upscale, skip")
         self.root = check_folder(root, caption_column, image_column)
         self.samples = read_metadata(self.root, caption_column, image_column)[:max_samples]
         if not self.samples:
             raise DataError(f"data.root={str(self.root)!r}: the metadata lists no samples")
         self.tokenizer, self.resolution, self.random_flip = tokenizer, resolution, random_flip
-        self.skipped = 0
+        self.small_images, self.max_pixels = small_images, max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item: int | tuple[int, bool]) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, bool]) -> dict:
         """``item`` is an index, or ``(index, flip)`` from :class:`ResumableSampler` (flip decided there)."""
         index, flip = item if isinstance(item, tuple) else (item, random.random() < 0.5)
-        for attempt in range(len(self.samples)):
-            file_name, caption = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                with Image.open(self.root / file_name) as image:
-                    pixels = image_to_tensor(image, self.resolution, self.random_flip and flip)
-            except (OSError, ValueError) as err:
-                self.skipped += 1
-                log.warning("skipping unreadable image %s: %s", file_name, err)
-                continue
-            ids = self.tokenizer(
-                str(caption),
-                max_length=self.tokenizer.model_max_length,
-                padding="max_length",
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids[0]
-            return {"pixel_values": pixels, "input_ids": ids}
-        raise DataError(f"no readable image in {self.root}")
+        file_name, caption = self.samples[index]
+        try:
+            if not isinstance(caption, str) or not caption.strip():
+                raise BadSample("caption", f"{file_name}: caption {caption!r} is empty or not text")
+            pixels, converted = load_image(
+                self.root / str(file_name),
+                self.resolution,
+                self.random_flip and flip,
+                self.small_images,
+                self.max_pixels,
+            )
+        except BadSample as bad:
+            log.warning("skipping sample %d (%s): %s", index, bad.reason, bad)
+            return {"skipped": bad.reason, "index": index}
+        ids = self.tokenizer(
+            caption,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+        return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the good samples; count the skipped (``skipped``) and converted (``converted``) ones by reason."""
+    good = [s for s in samples if "skipped" not in s]
+    skipped = {r: sum(s.get("skipped") == r for s in samples) for r in SKIP_REASONS}
+    converted = {r: sum(r in s.get("converted", ()) for s in good) for r in CONVERT_REASONS}
+    batch = {"skipped": skipped, "converted": converted, "num_samples": len(samples)}
+    if good:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
+        batch["input_ids"] = torch.stack([s["input_ids"] for s in good])
+        batch["index"] = torch.tensor([s["index"] for s in good])
+    return batch
 
 
 class ResumableSampler(Sampler):
@@ -169,11 +250,21 @@ class FolderDataModule(pl.LightningDataModule):
         image_column: str = "file_name",
         max_samples: int | None = None,
         seed: int = 0,
+        small_images: str = "upscale",
+        max_pixels: int = 16384 * 16384,
     ):
         super().__init__()
         self.seed = seed
         self.dataset = ImageCaptionFolder(
-            root, tokenizer, resolution, random_flip, caption_column, image_column, max_samples
+            root,
+            tokenizer,
+            resolution,
+            random_flip,
+            caption_column,
+            image_column,
+            max_samples,
+            small_images,
+            max_pixels,
         )
         self.batch_size, self.num_workers = batch_size, num_workers
 
@@ -189,6 +280,7 @@ class FolderDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
+            collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -2,7 +2,7 @@
 
     python -m bksdm_lab.generate --pipeline nota-ai/bk-sdm-tiny --prompt "a golden retriever" --out samples
     python -m bksdm_lab.generate --pipeline EXPORT_DIR --metadata coco/metadata.csv --num-prompts 1000 --out gen
-    python -m bksdm_lab.generate --teacher CompVis/stable-diffusion-v1-4 --unet EXPORT_DIR --prompts-file p.txt --out gen
+    python -m bksdm_lab.generate --teacher CompVis/stable-diffusion-v1-4 --unet EXPORT_DIR --prompts-file p.txt --out g
     python -m bksdm_lab.generate --checkpoint outputs/<run>/checkpoints/last.ckpt --prompt "a red circle" --out gen
 
 Writes ``OUT/images/<prompt index:05d>.png``, ``OUT/grid.png`` (the first ``--grid`` images), ``OUT/prompts.csv``
@@ -32,12 +32,16 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from bksdm_lab.export import ExportError, build_pipeline, load_checkpoint_student
+from bksdm_lab.teachers import TeacherLoadError
 
 SCHEDULERS = ("pndm", "dpm++", "euler")
 SEED_MODES = ("paper", "per-prompt")
@@ -100,6 +104,10 @@ def default_precision(device: torch.device | str) -> str:
     return "fp16" if torch.device(device).type == "cuda" else "fp32"
 
 
+def hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
@@ -152,29 +160,25 @@ def load_pipeline(
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # "you have disabled the safety checker" is the point here
     try:
-        if pipeline is not None:
-            pipe = StableDiffusionPipeline.from_pretrained(pipeline, torch_dtype=dtype, **none)
-            name = _source_name(pipeline)
-        elif unet is not None:
-            student = _load_unet(unet, dtype)
-            pipe = StableDiffusionPipeline.from_pretrained(teacher, unet=student, torch_dtype=dtype, **none)
-            name = f"{_source_name(teacher)} + unet {_source_name(unet)}"
-        else:
-            from bksdm_lab.export import build_pipeline, load_checkpoint_student
-
-            teach, student, info = load_checkpoint_student(checkpoint, weights=weights, teacher_pretrained=teacher)
-            teach.unet = None  # the teacher's U-Net is not part of the student's pipeline
-            pipe = build_pipeline(teach, student).to(dtype=dtype)
-            name = f"{_source_name(checkpoint)} ({info['weights']} weights, {info['arch_title']})"
-    except GenerationError:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)  # `dtype` in 0.36+
+            if pipeline is not None:
+                pipe = StableDiffusionPipeline.from_pretrained(pipeline, torch_dtype=dtype, **none)
+                name = _source_name(pipeline)
+            elif unet is not None:
+                student = _load_unet(unet, dtype)
+                pipe = StableDiffusionPipeline.from_pretrained(teacher, unet=student, torch_dtype=dtype, **none)
+                name = f"{_source_name(teacher)} + unet {_source_name(unet)}"
+            else:
+                teach, student, info = load_checkpoint_student(checkpoint, weights=weights, teacher_pretrained=teacher)
+                teach.unet = None  # the teacher's U-Net is not part of the student's pipeline
+                pipe = build_pipeline(teach, student).to(dtype=dtype)
+                name = f"{_source_name(checkpoint)} ({info['weights']} weights, {info['arch_title']})"
+    except (GenerationError, ExportError, TeacherLoadError, FileNotFoundError):
         raise
     except Exception as err:  # hub, file-system and format errors, with the cause named
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        offline = (
-            " (HF_HUB_OFFLINE=1: only models already in the local cache load)"
-            if os.environ.get("HF_HUB_OFFLINE")
-            else ""
-        )
+        offline = " (HF_HUB_OFFLINE=1: only models already in the local cache load)" if hf_offline() else ""
         raise GenerationError(f"cannot load the pipeline: {type(err).__name__}: {first}{offline}") from err
     finally:
         diffusers_logging.set_verbosity(verbosity)
@@ -510,9 +514,6 @@ def summary(result: GenerationResult) -> str:
 
 def main(argv: Sequence[str] | None = None) -> GenerationResult:
     args = parse_args(argv)
-    from bksdm_lab.export import ExportError
-    from bksdm_lab.teachers import TeacherLoadError
-
     try:
         prompts = read_prompts(args.prompt, args.prompts_file, args.metadata, args.num_prompts)
         pipe, model = pipeline_from_args(args)

@@ -41,8 +41,8 @@ def _require(module: str, what: str):
     except ImportError as err:
         raise MissingEvalDependency(
             f"{what} needs the `{module}` package, which is not installed: {EVAL_EXTRA} "
-            f"(it needs torchvision, i.e. a torch build with a matching torchvision). For an offline smoke test use the "
-            f"tiny random models instead (`--feature-extractor demo --clip demo`; their numbers are meaningless)."
+            f"(it needs torchvision, i.e. a torch build with a matching torchvision). For an offline smoke test use "
+            f"the tiny random models instead (`--feature-extractor demo --clip demo`; their numbers are meaningless)."
         ) from err
 
 
@@ -254,14 +254,17 @@ def inception_extractor(weights_path: str | None = None) -> InceptionExtractor:
     return InceptionExtractor(weights_path)
 
 
-DEMO_EXTRACTOR = {"channels": [8, 16, 32], "num_classes": 10, "seed": 0}
+DEMO_EXTRACTOR = {"channels": [8, 16, 32], "num_classes": 10, "logit_scale": 20.0, "seed": 0}
 
 
 class DemoExtractor(torch.nn.Module):
     """A tiny random conv net standing in for the Inception: uint8 images -> (features, logits). Smoke tests only."""
 
-    def __init__(self, channels: Sequence[int] = (8, 16, 32), num_classes: int = 10, seed: int = 0):
+    def __init__(
+        self, channels: Sequence[int] = (8, 16, 32), num_classes: int = 10, logit_scale: float = 20.0, seed: int = 0
+    ):
         super().__init__()
+        self.logit_scale = logit_scale
         layers, c_in = [], 3
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -276,7 +279,7 @@ class DemoExtractor(torch.nn.Module):
     def forward(self, images: torch.Tensor):
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         features = self.body(x * 2 - 1)
-        return features, self.head(features)
+        return features, self.head(features) * self.logit_scale
 
 
 def demo_extractor(config: dict | None = None) -> DemoExtractor:
@@ -438,10 +441,26 @@ def clip_from_spec(spec: str) -> ClipModel:
         return demo_clip()
     if kind == "open_clip":
         name, _, pretrained = rest.partition(":")
-        return open_clip_model(name or "ViT-g-14", pretrained or ("laion2b_s34b_b88k" if not name else None))
+        if name and not pretrained:
+            raise ValueError(f"CLIP {spec!r}: name the weights too, open_clip:{name}:PRETRAINED")
+        return open_clip_model(name or "ViT-g-14", pretrained or "laion2b_s34b_b88k")
     if kind in ("transformers", "hf") and rest:
         return transformers_clip(rest)
     raise ValueError(f"unknown CLIP {spec!r}: use demo, open_clip[:NAME[:PRETRAINED]] or transformers:MODEL_ID")
+
+
+def check_available(feature_extractor: str | None = None, clip: str | None = None) -> None:
+    """Fail fast (before hours of generation) if a named metric model is unknown or its package is missing."""
+    if feature_extractor not in (None, "inception", "demo"):
+        raise ValueError(f"unknown feature extractor {feature_extractor!r}: use inception or demo")
+    if feature_extractor == "inception":
+        _require("torch_fidelity", "The default Inception feature extractor (FID, IS)")
+    if clip is not None and clip not in ("none", "demo"):
+        kind = clip.partition(":")[0]
+        if kind == "open_clip":
+            _require("open_clip", f"The CLIP score with {clip}")
+        elif kind not in ("transformers", "hf") or not clip.partition(":")[2]:
+            raise ValueError(f"unknown CLIP {clip!r}: use demo, open_clip[:NAME:PRETRAINED] or transformers:MODEL_ID")
 
 
 def extractor_from_spec(spec: str) -> torch.nn.Module:

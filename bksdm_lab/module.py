@@ -9,6 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from bksdm_lab.data import DataError
 from bksdm_lab.features import FeatureTaps
 from bksdm_lab.losses import KDInputs, KDLoss
 from bksdm_lab.teachers import Teacher
@@ -42,6 +43,8 @@ class DistillModule(pl.LightningModule):
         nonfinite: str = "stop",
         seed: int = 0,
         run_config: Mapping[str, Any] | None = None,
+        max_skipped_fraction: float | None = 0.05,
+        skip_check_after: int = 1000,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -68,6 +71,8 @@ class DistillModule(pl.LightningModule):
         self._rng: torch.Generator | None = None  # noise and timesteps: its state is checkpointed
         self._pending_rng_state: torch.Tensor | None = None
         self.resume_position: dict[str, int] | None = None  # {"epoch", "batches"} read back from a checkpoint
+        self.data_counts: dict[str, int] = {"seen": 0}  # skipped / converted samples by reason (checkpointed)
+        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
         self._batches_in_epoch = 0
         pairs = loss.feature_pairs
         # Hooks on the unwrapped modules: later DDP / torch.compile wrappers cannot rename them away.
@@ -142,8 +147,31 @@ class DistillModule(pl.LightningModule):
         resumed = position is not None and position["epoch"] == self.current_epoch
         self._batches_in_epoch = position["batches"] if resumed else 0
 
+    def count_data(self, batch: dict) -> None:
+        """Accumulate and log the skipped / converted sample counts the collate function reports."""
+        if "skipped" not in batch:
+            return
+        counts = self.data_counts
+        counts["seen"] += int(batch["num_samples"])
+        for kind in ("skipped", "converted"):
+            for reason, n in batch[kind].items():
+                key = f"{kind}_{reason}"
+                counts[key] = counts.get(key, 0) + int(n)
+                self.log(f"data/{key}", float(counts[key]), reduce_fx="max")
+        skipped = sum(v for k, v in counts.items() if k.startswith("skipped_"))
+        limit = self.max_skipped_fraction
+        if limit is not None and counts["seen"] >= self.skip_check_after and skipped > limit * counts["seen"]:
+            reasons = {k: v for k, v in counts.items() if k.startswith("skipped_") and v}
+            raise DataError(
+                f"{skipped} of the {counts['seen']} samples read so far were unusable ({reasons}), more than "
+                f"data.max_skipped_fraction={limit}: check the data (the log names each bad file) or raise the limit"
+            )
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self._batches_in_epoch += 1  # the data position a checkpoint taken after this step records
+        self.count_data(batch)
+        if "pixel_values" not in batch:  # every sample of this batch was unusable
+            return None
         total, parts = self.compute_loss(batch)
         bs = batch["input_ids"].shape[0]
         if not torch.isfinite(total):
@@ -213,6 +241,7 @@ class DistillModule(pl.LightningModule):
             "rng": self.rng.get_state(),
             "ema": self.ema_student is not None,
             "data_position": {"epoch": self.current_epoch, "batches": self._batches_in_epoch},
+            "data_counts": dict(self.data_counts),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -220,6 +249,7 @@ class DistillModule(pl.LightningModule):
         if meta.get("rng") is not None:
             self._rng, self._pending_rng_state = None, meta["rng"]
         self.resume_position = meta.get("data_position")
+        self.data_counts = dict(meta.get("data_counts") or {"seen": 0})
         expected = {f"student.{k}" for k in self.student.state_dict()}
         if self.ema_student is not None and meta.get("ema"):
             expected |= {f"ema_student.{k}" for k in self.ema_student.state_dict()}

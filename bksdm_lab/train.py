@@ -98,6 +98,8 @@ def train(cfg: DictConfig) -> dict:
     loss = instantiate(cfg.loss)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg.pop("synthetic", None)
+    max_skipped_fraction = data_cfg.pop("max_skipped_fraction", 0.05)
+    skip_check_after = data_cfg.pop("skip_check_after", 1000)
     datamodule = instantiate(data_cfg, tokenizer=teacher.tokenizer)
     module = DistillModule(
         teacher,
@@ -110,6 +112,8 @@ def train(cfg: DictConfig) -> dict:
         nonfinite=cfg.nonfinite,
         seed=cfg.seed,
         run_config=run_config,
+        max_skipped_fraction=max_skipped_fraction,
+        skip_check_after=skip_check_after,
     )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -1,0 +1,173 @@
+"""Data: bad samples are skipped or converted and counted, never fatal; exactly-once sharding; resumable order."""
+
+import csv
+import json
+import subprocess
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, subprocess_env
+from PIL import Image
+
+from bksdm_lab.data import DataError, FolderDataModule, ImageCaptionFolder, ResumableSampler, collate, read_metadata
+from bksdm_lab.demo import byte_level_tokenizer
+
+GOOD = 36
+
+
+def _jpeg(path, color=(200, 30, 30), size=80):
+    Image.new("RGB", (size, size), color).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def bad_folder(tmp_path_factory):
+    """36 good JPEGs plus one of every kind of bad or odd sample, in metadata.jsonl (captions may be non-text)."""
+    root = tmp_path_factory.mktemp("bad_data")
+    rows = []
+    for i in range(GOOD):
+        _jpeg(root / f"good{i:02d}.jpg", color=(7 * i % 256, 100, 200))
+        rows.append({"file_name": f"good{i:02d}.jpg", "text": f"a picture number {i}"})
+    (root / "random_bytes.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    _jpeg(root / "whole.jpg", size=256)
+    (root / "truncated.jpg").write_bytes((root / "whole.jpg").read_bytes()[:600])
+    _jpeg(root / "empty_caption.jpg")
+    _jpeg(root / "number_caption.jpg")
+    Image.new("CMYK", (80, 80), (0, 255, 255, 0)).save(root / "cmyk.jpg")
+    Image.new("RGBA", (80, 80), (255, 0, 0, 0)).save(root / "rgba.png")  # fully transparent: white, not black
+    Image.new("L", (80, 80), 128).save(root / "gray.png")
+    Image.fromarray(np.full((80, 80), 65535 // 2, dtype=np.uint16)).save(root / "sixteen.png")
+    _jpeg(root / "small.jpg", size=16)
+    _jpeg(root / "bomb.jpg", size=200)  # 40,000 pixels > data.max_pixels=10,000 in these tests
+    odd = [
+        ("random_bytes.jpg", "noise"),
+        ("truncated.jpg", "cut short"),
+        ("not_there.jpg", "a missing file"),
+        ("empty_caption.jpg", "  "),
+        ("number_caption.jpg", 42),
+        ("cmyk.jpg", "cmyk"),
+        ("rgba.png", "rgba"),
+        ("gray.png", "gray"),
+        ("sixteen.png", "sixteen bit"),
+        ("small.jpg", "small"),
+        ("bomb.jpg", "a bomb"),
+        ("good00.jpg", "good again"),
+    ]
+    rows += [{"file_name": f, "text": t} for f, t in odd]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root  # 48 samples
+
+
+def counts(dataset):
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    return batch, {k: v for k, v in batch["skipped"].items() if v}, {k: v for k, v in batch["converted"].items() if v}
+
+
+def test_every_bad_sample_is_skipped_or_converted_and_counted(bad_folder):
+    ds = ImageCaptionFolder(bad_folder, byte_level_tokenizer(), resolution=64, max_pixels=10_000)
+    batch, skipped, converted = counts(ds)
+    assert skipped == {"corrupt": 2, "missing": 1, "caption": 2, "bomb": 1}
+    assert converted == {"mode": 2, "alpha": 1, "16bit": 1, "small": 1}
+    assert batch["num_samples"] == 48 and batch["pixel_values"].shape == (48 - 6, 3, 64, 64)
+    by_name = {ds.samples[i][0]: batch["pixel_values"][k] for k, i in enumerate(batch["index"].tolist())}
+    assert torch.allclose(by_name["rgba.png"], torch.ones(3, 64, 64))  # transparent became white
+    sixteen = by_name["sixteen.png"]
+    assert sixteen.min() > -0.05 and sixteen.max() < 0.05  # mid-grey, not clipped to white
+    assert ds.samples[-1][0] == "good00.jpg" and (batch["index"] == 47).any()  # duplicates of a file are fine
+
+    strict = ImageCaptionFolder(
+        bad_folder, byte_level_tokenizer(), resolution=64, small_images="skip", max_pixels=10_000
+    )
+    assert counts(strict)[1]["small"] == 1
+
+
+def test_metadata_errors_list_what_was_found(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"has no metadata.csv or metadata.jsonl; found: \['a.jpg'\]"):
+        ImageCaptionFolder(tmp_path, byte_level_tokenizer(), 64)
+    with (tmp_path / "metadata.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["file_name", "caption"], ["a.jpg", "hi"]])
+    with pytest.raises(
+        DataError, match=r"no 'text' column \(data.caption_column\); columns found: \['file_name', 'caption'\]"
+    ):
+        read_metadata(tmp_path)
+    assert read_metadata(tmp_path, caption_column="caption") == [("a.jpg", "hi")]
+
+
+@pytest.mark.slow
+def test_demo_trains_through_bad_samples_and_logs_the_counts(bad_folder, cache_dir, tmp_path):
+    """48 samples, micro-batch 8 x 2: one epoch is 3 optimizer steps; every sample is read exactly once."""
+    run = tmp_path / "run"
+    args = [
+        "experiment=demo",
+        f"data.root={bad_folder}",
+        "~data.synthetic",
+        "data.max_pixels=10000",
+        "data.max_skipped_fraction=0.5",
+        "trainer.max_steps=3",
+        "trainer.log_every_n_steps=1",
+        "callbacks.samples.prompts=[]",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.run(
+        [PYTHON, "-m", "bksdm_lab.train", *args],
+        env=subprocess_env(cache_dir),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (run / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    last = {k: float(v) for k, v in rows[-1].items() if k.startswith("data/") and v}
+    assert last["data/skipped_corrupt"] == 2 and last["data/skipped_missing"] == 1
+    assert last["data/skipped_caption"] == 2 and last["data/skipped_bomb"] == 1
+    assert last["data/converted_mode"] == 2 and last["data/converted_alpha"] == 1
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["bksdm"]["data_counts"]["seen"] == 48
+
+    limited = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "bksdm_lab.train",
+            *args[:-1],
+            "data.max_skipped_fraction=0.05",
+            "data.skip_check_after=16",
+            f"hydra.run.dir={tmp_path}/limited",
+        ],
+        env=subprocess_env(cache_dir),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert limited.returncode == 2
+    assert "data.max_skipped_fraction=0.05" in limited.stderr and "unusable" in limited.stderr
+
+
+def shard_indices(dm, rank, world, epoch):
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, lightning_module=None)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return [i for batch in loader for i in batch["index"].tolist()]
+
+
+def test_two_ranks_two_workers_see_each_sample_exactly_once(demo_data_dir):
+    dm = FolderDataModule(demo_data_dir, byte_level_tokenizer(), resolution=64, batch_size=4, num_workers=2)
+    assert len(dm.dataset) == 32
+    for epoch in (0, 1):
+        seen = [i for rank in (0, 1) for i in shard_indices(dm, rank, 2, epoch)]
+        assert sorted(seen) == list(range(32)), epoch
+    assert shard_indices(dm, 0, 2, 0) != shard_indices(dm, 0, 2, 1)  # reshuffled each epoch
+
+
+def test_resumed_sampler_continues_where_it_stopped():
+    full = ResumableSampler(40, seed=3, rank=1, world_size=2)
+    full.set_epoch(2)
+    order = list(full)
+    resumed = ResumableSampler(40, seed=3, rank=1, world_size=2)
+    resumed.resume(epoch=2, samples_done=8)
+    resumed.set_epoch(2)
+    assert list(resumed) == order[8:]
+    assert len(list(resumed)) == 20  # the skip applies once: the next pass is the whole epoch again

@@ -1,0 +1,230 @@
+"""`bksdm_lab.generate`: repeatable, resumable (the paper's one-generator seeding included), and the real command."""
+
+import csv
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import PYTHON, arch_cfg, subprocess_env
+from PIL import Image
+
+from bksdm_lab import generate as gen
+
+PROMPTS = ["a red circle on a blue background", "a green square", "a yellow triangle on black", "a white circle"]
+FAST = {"steps": 2, "resolution": 64, "progress": False}
+
+
+def export_demo_student(cache_dir: Path) -> Path:
+    """The demo teacher with a BK-SDM-Tiny student (initialised from it), exported as a plain diffusers folder."""
+    out = cache_dir / "eval" / "bk-sdm-tiny-demo-export"
+    if out.is_dir():
+        return out
+    from omegaconf import OmegaConf
+
+    from bksdm_lab.demo import build_demo_teacher
+    from bksdm_lab.export import export_pipeline
+    from bksdm_lab.teachers import load_teacher
+    from bksdm_lab.unets import init_student_from_teacher
+
+    teacher_dir = build_demo_teacher(cache_dir / "demo" / "teacher")
+    teacher = load_teacher(OmegaConf.create({"name": "demo", "pretrained": str(teacher_dir)}))
+    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    export_pipeline(teacher, student, tmp)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(cache_dir) -> Path:
+    return export_demo_student(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe(exported):
+    pipe, _ = gen.load_pipeline(pipeline=str(exported), device="cpu")
+    return pipe
+
+
+@pytest.fixture()
+def pndm(pipe):
+    gen.set_scheduler(pipe, "pndm")
+    return pipe
+
+
+def pixels(folder: Path, n: int) -> list[np.ndarray]:
+    return [np.asarray(Image.open(folder / "images" / gen.image_name(i))) for i in range(n)]
+
+
+def assert_same_images(a: Path, b: Path, n: int) -> None:
+    for i, (x, y) in enumerate(zip(pixels(a, n), pixels(b, n))):
+        assert np.array_equal(x, y), f"image {i} differs (max |diff| {np.abs(x.astype(int) - y).max()})"
+
+
+def assert_round_off_close(a: Path, b: Path, n: int) -> None:
+    """Equal up to float round-off of batched vs single kernels: a few pixels one level apart."""
+    for i, (x, y) in enumerate(zip(pixels(a, n), pixels(b, n))):
+        diff = np.abs(x.astype(int) - y)
+        assert diff.max() <= 1 and (diff == 0).mean() > 0.99, f"image {i}: max |diff| {diff.max()}"
+
+
+def test_fixed_seed_is_repeatable(pndm, tmp_path):
+    first = gen.generate_images(pndm, PROMPTS[:2], tmp_path / "a", **FAST)
+    gen.generate_images(pndm, PROMPTS[:2], tmp_path / "b", **FAST)
+    gen.generate_images(pndm, PROMPTS[:2], tmp_path / "c", seed=7, **FAST)
+    assert first.generated == 2 and first.skipped == 0
+    assert Image.open(first.paths[0]).size == (64, 64)
+    assert_same_images(tmp_path / "a", tmp_path / "b", 2)
+    assert not np.array_equal(pixels(tmp_path / "a", 1)[0], pixels(tmp_path / "c", 1)[0])
+    # paper mode: prompt 1 continues the generator, it does not restart it
+    assert not np.array_equal(*pixels(tmp_path / "a", 2)) or PROMPTS[0] == PROMPTS[1]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after(pipe, calls: int, monkeypatch):
+    """Make the pipeline raise on its (calls + 1)-th call, as a run killed half-way."""
+    real = type(pipe).__call__
+    count = {"n": 0}
+
+    def call(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise Crash("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", call)
+    return lambda: monkeypatch.setattr(type(pipe), "__call__", real)
+
+
+@pytest.mark.parametrize("scheduler,batch_size", [("pndm", 1), ("euler_ancestral", 2)])
+def test_paper_seed_mode_resumed_half_way_gives_the_same_images(pipe, tmp_path, monkeypatch, scheduler, batch_size):
+    if scheduler == "euler_ancestral":  # draws noise at every step: the replay must run the scheduler too
+        from diffusers import EulerAncestralDiscreteScheduler
+
+        monkeypatch.setattr(pipe, "scheduler", EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config))
+    else:
+        gen.set_scheduler(pipe, scheduler)
+    kw = {**FAST, "batch_size": batch_size, "seed_mode": "paper"}
+    whole = gen.generate_images(pipe, PROMPTS, tmp_path / "whole", **kw)
+    assert whole.generated == 4
+
+    restore = crash_after(pipe, 2 // batch_size, monkeypatch)
+    with pytest.raises(Crash):
+        gen.generate_images(pipe, PROMPTS, tmp_path / "resumed", **kw)
+    restore()
+    on_disk = sorted(p.name for p in (tmp_path / "resumed" / "images").iterdir())
+    assert on_disk == ["00000.png", "00001.png"]
+    mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "resumed" / "images").iterdir())]
+
+    resumed = gen.generate_images(pipe, PROMPTS, tmp_path / "resumed", **kw)
+    assert (resumed.generated, resumed.skipped) == (2, 2)
+    assert [p.stat().st_mtime_ns for p in resumed.paths[:2]] == mtimes  # not generated again
+    assert_same_images(tmp_path / "whole", tmp_path / "resumed", 4)
+
+    again = gen.generate_images(pipe, PROMPTS, tmp_path / "resumed", **kw)
+    assert (again.generated, again.skipped) == (0, 4)
+
+
+def test_a_replay_that_misses_draws_is_caught(pipe, tmp_path, monkeypatch):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    monkeypatch.setattr(pipe, "scheduler", EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config))
+
+    def latents_only(pipe, generator, batch, height, width, steps):
+        pipe.prepare_latents(batch, 4, height, width, pipe.unet.dtype, pipe._execution_device, generator)
+
+    monkeypatch.setattr(gen, "replay_draws", latents_only)
+    with pytest.raises(gen.GenerationError, match="does not reproduce"):
+        gen.generate_images(pipe, PROMPTS[:1], tmp_path / "x", **FAST)
+
+
+def test_per_prompt_seeds_do_not_depend_on_batch_size_or_order(pndm, tmp_path):
+    kw = {**FAST, "seed_mode": "per-prompt"}
+    gen.generate_images(pndm, PROMPTS, tmp_path / "b1", batch_size=1, **kw)
+    gen.generate_images(pndm, PROMPTS, tmp_path / "b2", batch_size=2, **kw)
+    gen.generate_images(pndm, PROMPTS[::-1], tmp_path / "reversed", batch_size=1, seed=1234 - 3, **kw)
+    # the same noise for each prompt; batched kernels may round differently (CPU: ~1e-4 of pixels, 1 level)
+    assert_round_off_close(tmp_path / "b1", tmp_path / "b2", 4)
+    assert np.array_equal(pixels(tmp_path / "b1", 4)[3], pixels(tmp_path / "reversed", 1)[0])  # seed 1234 + 3
+    # a resumed per-prompt run in another batch size is the same run
+    gen.generate_images(pndm, PROMPTS[:3], tmp_path / "mixed", batch_size=3, **kw)
+    (tmp_path / "mixed" / "images" / gen.image_name(1)).unlink()
+    resumed = gen.generate_images(pndm, PROMPTS, tmp_path / "mixed", batch_size=1, **kw)
+    assert (resumed.generated, resumed.skipped) == (2, 2)
+    for i in (1, 3):  # generated one at a time, as in b1
+        assert np.array_equal(pixels(tmp_path / "b1", 4)[i], pixels(tmp_path / "mixed", 4)[i])
+    assert_round_off_close(tmp_path / "b1", tmp_path / "mixed", 4)
+
+
+def test_resume_refuses_other_settings_or_prompts(pndm, tmp_path):
+    gen.generate_images(pndm, PROMPTS[:2], tmp_path / "run", **FAST)
+    with pytest.raises(gen.GenerationError, match=r"other settings \(seed: 1234 on disk vs 5 now\)"):
+        gen.generate_images(pndm, PROMPTS[:2], tmp_path / "run", seed=5, **FAST)
+    with pytest.raises(gen.GenerationError, match="was generated for prompt"):
+        gen.generate_images(pndm, ["another prompt", PROMPTS[1]], tmp_path / "run", **FAST)
+    more = gen.generate_images(pndm, PROMPTS, tmp_path / "run", **FAST)  # more prompts of the same run: fine
+    assert (more.generated, more.skipped) == (2, 2)
+
+
+def test_teacher_plus_student_unet_source(exported, demo_teacher_dir):
+    pipe, name = gen.load_pipeline(teacher=str(demo_teacher_dir), unet=str(exported), device="cpu")
+    assert f"+ unet {exported}" in name
+    n = sum(p.numel() for p in pipe.unet.parameters())
+    assert n == 1_476_484  # the demo's BK-SDM-Tiny, not the teacher's U-Net
+    assert gen.default_resolution(pipe) == 64
+    with pytest.raises(gen.GenerationError, match="one pipeline source"):
+        gen.load_pipeline(pipeline=str(exported), checkpoint="x.ckpt")
+
+
+def test_read_prompts(demo_data_dir, tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\n\n  second  \n")
+    got = gen.read_prompts(["cli"], txt, demo_data_dir / "metadata.csv")
+    with (demo_data_dir / "metadata.csv").open() as f:
+        captions = [row["text"] for row in csv.DictReader(f)]
+    assert got == ["cli", "first", "second", *captions]
+    assert gen.read_prompts(metadata=demo_data_dir / "metadata.csv", num_prompts=3) == captions[:3]
+    with pytest.raises(gen.GenerationError, match="no 'caption' column"):
+        gen.read_prompts(metadata=demo_data_dir / "metadata.csv", column="caption")
+    with pytest.raises(gen.GenerationError, match="no prompts"):
+        gen.read_prompts()
+
+
+def test_cli_end_to_end(exported, cache_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a blue square\na purple triangle, on white\n")
+    out = tmp_path / "out"
+    cmd = [PYTHON, "-m", "bksdm_lab.generate", "--pipeline", exported, "--prompt", "a red circle"]
+    cmd += ["--prompts-file", prompts_file, "--steps", "2", "--scheduler", "dpm++", "--out", out, "--grid", "2"]
+    proc = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, env=subprocess_env(cache_dir), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 images generated" in proc.stdout and "images/s" in proc.stdout
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(out / "images" / "00000.png").size == (64, 64)  # sample_size 8 x 8
+    assert Image.open(out / "grid.png").size == (128, 64)
+    with (out / "prompts.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["index"], r["file_name"], r["text"]) for r in rows] == [
+        ("0", "00000.png", "a red circle"),
+        ("1", "00001.png", "a blue square"),
+        ("2", "00002.png", "a purple triangle, on white"),
+    ]
+    assert "generate:" in proc.stderr  # the tqdm bar
+
+
+def test_cli_errors_exit_2_without_traceback(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        gen.main(["--pipeline", str(tmp_path / "missing"), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "bksdm_lab.generate: error: cannot load the pipeline" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        gen.main(["--unet", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert "--unet needs --teacher" in capsys.readouterr().err
