@@ -419,6 +419,8 @@ def stats_main(argv: Sequence[str]) -> Path:
 
 def run_main(argv: Sequence[str] | None) -> dict[str, Any]:
     args = parse_run_args(argv)
+    from bksdm_lab.export import ExportError
+
     out_dir = Path(args.out)
     has_source = any(getattr(args, k) for k in ("pipeline", "unet", "checkpoint"))
     try:
@@ -467,7 +469,7 @@ def run_main(argv: Sequence[str] | None) -> dict[str, Any]:
         _fail(f"{err}{hint}")
     except (gen.GenerationError, EvaluationError, MissingEvalDependency, ValueError) as err:
         _fail(str(err))
-    except (gen.ExportError, gen.TeacherLoadError) as err:
+    except (gen.TeacherLoadError, ExportError) as err:
         _fail(str(err))
 
     results = {

@@ -42,7 +42,7 @@ class ExportError(RuntimeError):
 def build_pipeline(teacher: Teacher, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
     """The teacher's VAE, text encoder, tokenizer and scheduler around a (student) U-Net."""
     return StableDiffusionPipeline(
-        vae=teacher.vae,
+        vae=teacher.ensure_vae(device=unet.device),
         text_encoder=teacher.text_encoder,
         tokenizer=teacher.tokenizer,
         unet=unet,

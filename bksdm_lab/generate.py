@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bksdm_lab.export import ExportError, build_pipeline, load_checkpoint_student
 from bksdm_lab.teachers import TeacherLoadError
 
 SCHEDULERS = ("pndm", "dpm++", "euler")
@@ -156,6 +155,11 @@ def load_pipeline(
     dtype = PRECISIONS[precision]
     if sum(x is not None for x in (pipeline, checkpoint, unet)) != 1 or (unet is not None and teacher is None):
         raise GenerationError("give one pipeline source: --pipeline, --teacher with --unet, or --checkpoint")
+    passthrough: tuple[type[Exception], ...] = (GenerationError, TeacherLoadError, FileNotFoundError)
+    if checkpoint is not None:  # training-side imports (omegaconf, yaml) only for checkpoints
+        from bksdm_lab.export import ExportError, build_pipeline, load_checkpoint_student
+
+        passthrough += (ExportError,)
     none = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # "you have disabled the safety checker" is the point here
@@ -174,7 +178,7 @@ def load_pipeline(
                 teach.unet = None  # the teacher's U-Net is not part of the student's pipeline
                 pipe = build_pipeline(teach, student).to(dtype=dtype)
                 name = f"{_source_name(checkpoint)} ({info['weights']} weights, {info['arch_title']})"
-    except (GenerationError, ExportError, TeacherLoadError, FileNotFoundError):
+    except passthrough:
         raise
     except Exception as err:  # hub, file-system and format errors, with the cause named
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -514,11 +518,13 @@ def summary(result: GenerationResult) -> str:
 
 def main(argv: Sequence[str] | None = None) -> GenerationResult:
     args = parse_args(argv)
+    from bksdm_lab.export import ExportError
+
     try:
         prompts = read_prompts(args.prompt, args.prompts_file, args.metadata, args.num_prompts)
         pipe, model = pipeline_from_args(args)
         result = generate_from_args(args, pipe, model, prompts, args.out)
-    except (GenerationError, ExportError, TeacherLoadError, FileNotFoundError) as err:
+    except (GenerationError, TeacherLoadError, ExportError, FileNotFoundError) as err:
         print(f"bksdm_lab.generate: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"bksdm_lab.generate: {summary(result)}")

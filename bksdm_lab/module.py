@@ -53,7 +53,7 @@ class DistillModule(pl.LightningModule):
         self.teacher_unet = teacher.unet
         self.vae = teacher.vae
         self.text_encoder = teacher.text_encoder
-        for name in FROZEN:
+        for name in self.frozen:
             getattr(self, name).requires_grad_(False).eval()
         self.noise_scheduler = teacher.noise_scheduler
         self.teacher = teacher  # tokenizer and inference scheduler, for samples and export
@@ -80,9 +80,14 @@ class DistillModule(pl.LightningModule):
         self.teacher_taps = FeatureTaps(self.teacher_unet, [t for t, _ in pairs]) if pairs else None
         self.strict_loading = False  # checkpoints hold the student only; see on_load_checkpoint
 
+    @property
+    def frozen(self) -> list[str]:
+        """The frozen parts present (no VAE when training from cached latents)."""
+        return [name for name in FROZEN if getattr(self, name, None) is not None]
+
     def train(self, mode: bool = True):
         super().train(mode)
-        for name in FROZEN:
+        for name in self.frozen:
             getattr(self, name).eval()
         if self.ema_student is not None:
             self.ema_student.eval()
@@ -101,15 +106,25 @@ class DistillModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         dtype = FROZEN_DTYPES.get(str(self.trainer.precision))
         if dtype is not None:
-            for name in FROZEN:
+            for name in self.frozen:
                 getattr(self, name).to(dtype)
 
     # ---- the loss -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (sampled from the VAE posterior, scaled) and text conditioning of a batch."""
-        pixels = batch["pixel_values"].to(self.vae.dtype)
-        latents = self.vae.encode(pixels).latent_dist.sample(generator=self.rng) * self.vae.config.scaling_factor
+        """Latents (sampled from the VAE posterior, scaled) and text conditioning of a batch.
+
+        A batch of cached latents (``latent_mean``, ``latent_std``: the VAE posterior, precomputed by
+        ``bksdm_lab.prepare``) is sampled the same way, with no VAE.
+        """
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
+            eps = torch.randn(mean.shape, generator=self.rng, device=mean.device, dtype=mean.dtype)
+            latents = (mean + std * eps) * batch["scaling_factor"][0]
+        else:
+            pixels = batch["pixel_values"].to(self.vae.dtype)
+            posterior = self.vae.encode(pixels).latent_dist
+            latents = posterior.sample(generator=self.rng) * self.vae.config.scaling_factor
         cond = self.text_encoder(batch["input_ids"])[0]
         return latents.float(), cond
 
@@ -170,7 +185,7 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         self._batches_in_epoch += 1  # the data position a checkpoint taken after this step records
         self.count_data(batch)
-        if "pixel_values" not in batch:  # every sample of this batch was unusable
+        if "input_ids" not in batch:  # every sample of this batch was unusable
             return None
         total, parts = self.compute_loss(batch)
         bs = batch["input_ids"].shape[0]

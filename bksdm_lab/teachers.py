@@ -32,15 +32,29 @@ class Teacher:
     name: str
     source: str
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None when training from cached latents: loaded on demand by ensure_vae()
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: Any  # the pipeline's inference scheduler, exported with the student
     noise_scheduler: DDPMScheduler  # the training noise scheduler (same betas and prediction type)
 
+    revision: str | None = None
+    variant: str | None = None
+
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type
+
+    def ensure_vae(self, device=None, dtype=None) -> AutoencoderKL:
+        """The VAE, loaded now if the teacher was loaded without it (cached-latent training)."""
+        if self.vae is None:
+            vae = AutoencoderKL.from_pretrained(
+                self.source, subfolder="vae", revision=self.revision, variant=self.variant
+            )
+            self.vae = vae.requires_grad_(False).eval()
+        if device is not None or dtype is not None:
+            self.vae.to(device=device, dtype=dtype)
+        return self.vae
 
 
 def _looks_local(source: str) -> bool:
@@ -109,14 +123,18 @@ def probe_teacher(cfg) -> None:
         raise _load_error(cfg, source, err) from err
 
 
-def load_teacher(cfg) -> Teacher:
-    """Load every part of the teacher named by a ``conf/teacher/*.yaml`` config."""
+def load_teacher(cfg, load_vae: bool = True) -> Teacher:
+    """Load every part of the teacher named by a ``conf/teacher/*.yaml`` config (the VAE only if asked)."""
     source = _source(cfg)
     kw = {"revision": cfg.get("revision")}
     try:
         sched_config = DDPMScheduler.load_config(source, subfolder="scheduler", **kw)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.get("variant"), **kw)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.get("variant"), **kw)
+        vae = (
+            AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.get("variant"), **kw)
+            if load_vae
+            else None
+        )
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
     except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
@@ -131,6 +149,8 @@ def load_teacher(cfg) -> Teacher:
         tokenizer=tokenizer,
         scheduler=scheduler_cls.from_config(sched_config),
         noise_scheduler=DDPMScheduler.from_config(sched_config),
+        revision=cfg.get("revision"),
+        variant=cfg.get("variant"),
     )
 
 

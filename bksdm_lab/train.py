@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from bksdm_lab import demo
 from bksdm_lab.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data import DataError, check_folder
+from bksdm_lab.data.latents import read_meta
 from bksdm_lab.export import card_info, export_pipeline, push_to_hub
 from bksdm_lab.module import DistillModule, NonFiniteLossError
 from bksdm_lab.secrets import redact, redact_dirname, redact_override, scrub_hydra_dir
@@ -47,16 +48,25 @@ def prepare_inputs(cfg: DictConfig) -> None:
     if cfg.data.get("synthetic"):
         demo.make_synthetic_dataset(cfg.data.root, **cfg.data.synthetic)
     problems = []
-    for check in (
-        lambda: probe_teacher(cfg.teacher),
-        lambda: check_folder(cfg.data.root, cfg.data.caption_column, cfg.data.image_column),
-    ):
+    for check in (lambda: probe_teacher(cfg.teacher), lambda: check_data(cfg.data)):
         try:
             check()
         except (TeacherLoadError, DataError) as err:
             problems.append(str(err))
     if problems:
         raise InputError("\n".join(problems))
+
+
+def uses_cached_latents(data_cfg: DictConfig) -> bool:
+    return str(data_cfg.get("_target_", "")).endswith("LatentDataModule")
+
+
+def check_data(data_cfg: DictConfig) -> None:
+    """Fail fast on a missing data folder or latent cache (streamed formats are checked when read)."""
+    if uses_cached_latents(data_cfg):
+        read_meta(data_cfg.root)
+    elif str(data_cfg.get("_target_", "")).endswith("FolderDataModule"):
+        check_folder(data_cfg.root, data_cfg.caption_column, data_cfg.image_column)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -93,7 +103,7 @@ def train(cfg: DictConfig) -> dict:
     prepare_inputs(cfg)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
 
-    teacher = load_teacher(cfg.teacher)
+    teacher = load_teacher(cfg.teacher, load_vae=not uses_cached_latents(cfg.data))  # cached: no VAE at all
     student = init_student_from_teacher(teacher.unet, cfg.arch)
     loss = instantiate(cfg.loss)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

@@ -208,8 +208,9 @@ class ResumableSampler(Sampler):
     that does not fill a step on every rank is dropped), so each sample is seen at most once per epoch.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, random_flip: bool = True):
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.random_flip = random_flip
         self.epoch, self._skip_epoch, self._skip = 0, -1, 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
@@ -222,7 +223,7 @@ class ResumableSampler(Sampler):
     def _order(self) -> tuple[list[int], list[bool]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)
-        flips = torch.rand(self.num_samples, generator=g) < 0.5
+        flips = (torch.rand(self.num_samples, generator=g) < 0.5) & self.random_flip
         per_rank = self.num_samples // self.world_size
         mine = slice(self.rank, per_rank * self.world_size, self.world_size)
         return order[mine].tolist(), flips[mine].tolist()

@@ -1,0 +1,126 @@
+"""Precomputed VAE latents: shards written by ``python -m bksdm_lab.prepare``, read without a VAE.
+
+A shard ``shard-<k>.pt`` holds, for the good samples of dataset rows ``[k*S, (k+1)*S)``: ``index``,
+``input_ids`` (int32, the caption's token ids), and the VAE posterior of the image and of its mirror
+image, ``mean``/``std`` and ``mean_flip``/``std_flip`` (not scaled). Training samples
+``(mean + std * eps) * scaling_factor`` exactly as the online path samples the VAE posterior, and takes
+the mirrored posterior where the recipe's random flip says so: caching changes neither the noise of the
+latents nor the flip augmentation. ``meta.json`` describes the set and marks it complete.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bksdm_lab.data import DataError, ResumableSampler
+
+META = "meta.json"
+
+
+def read_meta(root: str | Path) -> dict:
+    root = Path(root).expanduser()
+    path = root / META
+    if not path.is_file():
+        raise DataError(
+            f"data.root={str(root)!r} has no {META}: not a latent cache. Write one with "
+            f"`python -m bksdm_lab.prepare data=<your data> teacher=<teacher> out={root}`"
+        )
+    meta = json.loads(path.read_text())
+    if not meta.get("complete"):
+        raise DataError(
+            f"the latent cache {root} is incomplete ({meta.get('done', 0)} of {meta.get('num_rows')} "
+            f"rows): rerun `python -m bksdm_lab.prepare` with out={root} to finish it (it resumes)"
+        )
+    return meta
+
+
+class LatentShards(Dataset):
+    """Every cached sample, addressed by position; shards are memory-mapped, so a sample reads only its rows."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.meta = read_meta(self.root)
+        self.scaling_factor = float(self.meta["scaling_factor"])
+        self._where: list[tuple[int, int]] = []
+        for k, shard in enumerate(self.meta["shards"]):
+            self._where += [(k, row) for row in range(shard["count"])]
+        self._open: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _shard(self, k: int) -> dict:
+        if k not in self._open:
+            path = self.root / self.meta["shards"][k]["file"]
+            self._open[k] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return self._open[k]
+
+    def __getitem__(self, item: int | tuple[int, bool]) -> dict:
+        position, flip = item if isinstance(item, tuple) else (item, False)
+        k, row = self._where[position]
+        shard = self._shard(k)
+        suffix = "_flip" if flip else ""
+        return {
+            "latent_mean": shard["mean" + suffix][row].float(),
+            "latent_std": shard["std" + suffix][row].float(),
+            "input_ids": shard["input_ids"][row].long(),
+            "index": int(shard["index"][row]),
+        }
+
+
+def collate_latents(samples: list[dict], scaling_factor: float) -> dict:
+    batch = {key: torch.stack([s[key] for s in samples]) for key in ("latent_mean", "latent_std", "input_ids")}
+    batch["index"] = torch.tensor([s["index"] for s in samples])
+    batch["scaling_factor"] = torch.full((len(samples),), scaling_factor)
+    return batch
+
+
+class LatentDataModule(pl.LightningDataModule):
+    """Cached latents with the same exactly-once, resumable sampler as the image folder."""
+
+    def __init__(
+        self,
+        root,
+        batch_size: int,
+        num_workers: int = 0,
+        random_flip: bool = True,
+        seed: int = 0,
+        tokenizer=None,
+        resolution: int | None = None,
+    ):
+        super().__init__()
+        self.dataset = LatentShards(root)
+        if resolution is not None and int(self.dataset.meta["resolution"]) != int(resolution):
+            raise DataError(
+                f"the latent cache {root} was made at {self.dataset.meta['resolution']} px, the teacher trains at "
+                f"{resolution} px: prepare it again for this teacher"
+            )
+        self.batch_size, self.num_workers, self.random_flip, self.seed = batch_size, num_workers, random_flip, seed
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableSampler(
+            len(self.dataset), seed=self.seed, rank=rank, world_size=world, random_flip=self.random_flip
+        )
+        position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
+        if position:
+            sampler.resume(position["epoch"], position["batches"] * self.batch_size)
+        scaling = self.dataset.scaling_factor
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=partial(collate_latents, scaling_factor=scaling),
+            generator=torch.Generator().manual_seed(self.seed),
+        )

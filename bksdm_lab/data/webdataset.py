@@ -1,0 +1,465 @@
+"""WebDataset tar shards as img2dataset writes them, streamed: for sets too large to list.
+
+A shard is a tar file whose members are grouped by key, one sample per key, in order::
+
+    00000000.jpg  00000000.txt  00000000.json  00000001.jpg  00000001.txt  00000001.json ...
+
+The image is the first of ``image_extensions`` present (``jpg``, ``png``, ``webp``, ...); the caption is the
+``.txt`` member if there is one, else the ``caption_field`` of the ``.json`` member. Shards are given as a
+brace pattern (``/data/{00000..00099}.tar``, expanded here), a glob of local files, or a list of either;
+local paths, ``file://`` or ``http(s)://`` URLs (streamed with urllib, never written to disk). Members are
+read sequentially with the standard library's ``tarfile`` in stream mode: the ``webdataset`` package is not
+needed.
+
+Each epoch the shard list is shuffled with ``(seed, epoch)``; rank ``r`` of ``world`` takes every
+``world``-th shard (with several ranks the tail that does not give every rank the same number of shards is
+dropped, a different one each epoch), and DataLoader worker ``w`` of ``W`` every ``W``-th shard of its
+rank. So every sample is read exactly once per epoch when there are at least ranks x workers shards (a
+worker without a shard sits idle: warned). Samples are shuffled in a buffer of ``shuffle_buffer`` raw
+samples per worker (decoding happens after the buffer, so it holds compressed bytes).
+
+Bad samples are yielded as ``{"skipped": reason}`` like the folder set (counted by ``collate``): corrupt,
+truncated or bomb images, a missing image member (``missing``), an empty, missing or non-text caption
+(``caption``); a shard that cannot be opened or is cut short is logged and counted as one ``missing`` /
+``corrupt`` sample. Batches are not padded: each worker's last batch of an epoch may be short, so that no
+sample is dropped.
+
+Resume. The order (shards, shuffle buffer, flips) is a function of ``(seed, epoch, rank, worker)`` and of
+the data only, so a resumed run replays the epoch it stopped in without decoding or training on what it
+already consumed: each worker re-reads (I/O only, no image decoding) and discards the samples it had
+yielded, computed from the checkpoint's ``{"epoch", "batches"}``, and goes on with the next one. The cost is
+reading the consumed part of the epoch's shards again (for URL shards: downloading it again). It is exact
+while all of the rank's workers still produce batches; near the end of an epoch, once a worker has run out
+of shards, a few samples of the other workers may be seen twice.
+
+With several ranks (DDP), ranks must run the same number of batches per epoch or the collective ops hang at
+the end of the epoch; shards rarely hold exactly the same number of samples, so set ``samples_per_epoch``
+(e.g. a little under img2dataset's total ``successes``): every rank then stops after
+``samples_per_epoch // (world x batch_size)`` batches.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+import random
+import re
+import tarfile
+import time
+import urllib.request
+import warnings
+from collections.abc import Iterable, Iterator
+from glob import glob
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bksdm_lab.data import BadSample, DataError, collate, image_to_tensor, load_image, to_rgb
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+INDEX_STRIDE = 1 << 32  # a sample's index is shard * INDEX_STRIDE + its ordinal in the shard
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{00..02}b{x,y}`` -> ``a00bx a00by a01bx ...``: numeric ranges keep their zero padding; nesting works."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth = 0
+    for end in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+        if depth == 0:
+            break
+    else:
+        raise DataError(f"data.shards: unbalanced braces in {pattern!r}")
+    body, head, tail = pattern[start + 1 : end], pattern[:start], pattern[end + 1 :]
+    match = _RANGE.match(body)
+    if match:
+        lo, hi = int(match[1]), int(match[2])
+        width = len(match[1]) if match[1].lstrip("-").startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:  # a comma list, splitting at top-level commas only
+        options, depth, last = [], 0, 0
+        for i, char in enumerate(body):
+            depth += {"{": 1, "}": -1}.get(char, 0)
+            if char == "," and depth == 0:
+                options.append(body[last:i])
+                last = i + 1
+        options.append(body[last:])
+        options = [o for option in options for o in expand_braces(option)]
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+def is_url(shard: str) -> bool:
+    return shard.startswith(("http://", "https://", "file://"))
+
+
+def expand_shards(shards: str | Iterable[str]) -> list[str]:
+    """A brace pattern, a glob of local files, or a list of either -> the shard list, in order."""
+    patterns = [shards] if isinstance(shards, str | Path) else list(shards)
+    out = []
+    for pattern in patterns:
+        for shard in expand_braces(str(pattern)):
+            if not is_url(shard) and any(c in shard for c in "*?["):
+                out += sorted(glob(str(Path(shard).expanduser())))
+            else:
+                out.append(shard if is_url(shard) else str(Path(shard).expanduser()))
+    return out
+
+
+def open_shard(shard: str, timeout: float = 60.0):
+    """A binary stream of the shard: a local file, or a ``file://`` / ``http(s)://`` URL read as it arrives."""
+    if is_url(shard):
+        request = urllib.request.Request(shard, headers={"User-Agent": "bksdm_lab"})
+        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (http, https or file only)
+    return open(shard, "rb")
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``dir/000001.jpg`` -> (``dir/000001``, ``jpg``); the extension starts at the basename's first dot."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def iter_shard(stream, shard_index: int) -> Iterator[dict]:
+    """Group the members of a tar stream by key: ``{"__key__", "index", <ext>: bytes, ...}``, in order."""
+    sample, ordinal = None, 0
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            tar.members = []  # stream mode keeps every TarInfo otherwise
+            if not member.isfile():
+                continue
+            key, ext = split_key(member.name)
+            if not ext or Path(key).name.startswith("."):  # no extension, or ._ / .DS_Store litter
+                continue
+            data = tar.extractfile(member).read()
+            if sample is not None and sample["__key__"] != key:
+                yield sample
+                sample, ordinal = None, ordinal + 1
+            if sample is None:
+                sample = {"__key__": key, "index": shard_index * INDEX_STRIDE + ordinal}
+            sample[ext] = data
+    if sample is not None:
+        yield sample
+
+
+# TODO(lead): generalise bksdm_lab.data.load_image to take bytes or a PIL image as well as a path, then delete
+# this copy (it mirrors load_image exactly, with an in-memory file instead of a path).
+def load_image_source(
+    source, name: str, resolution: int, flip: bool, small: str, max_pixels: int
+) -> tuple[torch.Tensor, list[str]]:
+    """:func:`bksdm_lab.data.load_image` for a path, encoded bytes or an already decoded PIL image."""
+    if isinstance(source, str | Path):
+        return load_image(Path(source), resolution, flip, small, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(source))
+            with image:
+                if image.width * image.height > max_pixels:
+                    raise BadSample("bomb", f"{name}: {image.width}x{image.height} pixels > data.max_pixels")
+                image.load()  # decode now: truncated files fail here
+                rgb, converted = to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("bomb", f"{name}: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise BadSample("corrupt", f"{name}: {err}") from None
+    if min(rgb.size) < resolution:
+        if small == "skip":
+            raise BadSample("small", f"{name}: {rgb.size[0]}x{rgb.size[1]} < {resolution}")
+        converted.append("small")  # upscaled by the resize below
+    return image_to_tensor(rgb, resolution, flip), converted
+
+
+def worker_batches(batches: int, worker: int, workers: int) -> int:
+    """How many of a rank's first ``batches`` batches worker ``worker`` made (the DataLoader takes turns)."""
+    return max(0, math.ceil((batches - worker) / workers))
+
+
+class WebDatasetShards(IterableDataset):
+    """Streams img2dataset shards; yields the sample dicts of :class:`bksdm_lab.data.ImageCaptionFolder`."""
+
+    def __init__(
+        self,
+        shards: str | Iterable[str],
+        tokenizer,
+        resolution: int,
+        random_flip: bool = True,
+        caption_field: str = "caption",
+        image_extensions: Iterable[str] = IMAGE_EXTENSIONS,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        small_images: str = "upscale",
+        max_pixels: int = 16384 * 16384,
+        retries: int = 3,
+        timeout: float = 60.0,
+    ):
+        if small_images not in ("upscale", "skip"):
+            raise DataError(f"data.small_images={small_images!r} is not one of: upscale, skip")
+        self.shards = expand_shards(shards)
+        if not self.shards:
+            raise DataError(f"data.shards={shards!r} matches no shard")
+        missing = [s for s in self.shards if not is_url(s) and not Path(s).is_file()]
+        if missing:
+            raise DataError(
+                f"data.shards: {len(missing)} of the {len(self.shards)} shards do not exist, e.g. {missing[:3]}"
+            )
+        self.tokenizer, self.resolution, self.random_flip = tokenizer, resolution, random_flip
+        self.caption_field = caption_field
+        self.image_extensions = tuple(e.lower().lstrip(".") for e in image_extensions)
+        self.shuffle_shards, self.shuffle_buffer, self.seed = shuffle_shards, max(1, int(shuffle_buffer)), seed
+        self.small_images, self.max_pixels, self.retries, self.timeout = small_images, max_pixels, retries, timeout
+        self.rank, self.world_size, self.batch_size = 0, 1, 1
+        self.resume_epoch, self.resume_batches = -1, 0
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # persistent workers see set_epoch
+
+    # ---- which shards, in which order ---------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def shards_of(self, epoch: int, rank: int, world: int, worker: int = 0, workers: int = 1) -> list[int]:
+        """Indices into ``self.shards`` read by one worker of one rank in ``epoch``."""
+        order = list(range(len(self.shards)))
+        if self.shuffle_shards:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(len(order), generator=g).tolist()
+        per_rank = len(order) // world
+        return order[rank : per_rank * world : world][worker::workers]
+
+    # ---- reading ------------------------------------------------------------------------------
+    def _raw(self, shard_index: int) -> Iterator[dict]:
+        """One shard's raw samples; retries opening, and turns a broken shard into one counted bad sample."""
+        shard, stream = self.shards[shard_index], None
+        for attempt in range(self.retries + 1):
+            try:
+                stream = open_shard(shard, self.timeout)
+                break
+            except OSError as err:
+                if attempt == self.retries:
+                    log.error("shard %s cannot be opened (%s): skipped", shard, err)
+                    yield {"__key__": shard, "index": shard_index * INDEX_STRIDE, "__bad__": ("missing", str(err))}
+                    return
+                time.sleep(min(2**attempt, 30))
+        count = 0
+        try:
+            with stream:
+                for sample in iter_shard(stream, shard_index):
+                    count += 1
+                    yield sample
+        except (tarfile.TarError, OSError, EOFError) as err:  # truncated / corrupt tar, connection dropped
+            log.error("shard %s is broken after %d samples (%s): the rest of it is skipped", shard, count, err)
+            bad = {"__key__": shard, "index": shard_index * INDEX_STRIDE + count, "__bad__": ("corrupt", str(err))}
+            yield bad
+
+    def _shuffled(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for sample in raw:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        mine = self.shards_of(epoch, self.rank, self.world_size, worker, workers)
+        rng = random.Random(f"bksdm-wds-{self.seed}-{epoch}-{self.rank}-{worker}")
+        raw = itertools.chain.from_iterable(self._raw(s) for s in mine)
+        samples = ((s, rng.random() < 0.5) for s in self._shuffled(raw, rng))  # the flip is drawn when skipping
+        if epoch == self.resume_epoch:  # a resumed run: drop what this worker had yielded before the checkpoint
+            done = worker_batches(self.resume_batches, worker, workers) * self.batch_size
+            samples = itertools.islice(samples, done, None)
+        for sample, flip in samples:
+            yield self.decode(sample, flip)
+
+    def decode(self, sample: dict, flip: bool) -> dict:
+        index, key = sample["index"], sample["__key__"]
+        try:
+            if "__bad__" in sample:
+                raise BadSample(*sample["__bad__"])
+            caption = self._caption(sample)
+            ext = next((e for e in self.image_extensions if e in sample), None)
+            if ext is None:
+                found = sorted(k for k in sample if not k.startswith("__") and k != "index")
+                raise BadSample("missing", f"{key}: no image member ({', '.join(self.image_extensions)}); found {found}")
+            pixels, converted = load_image_source(
+                sample[ext],
+                f"{key}.{ext}",
+                self.resolution,
+                self.random_flip and flip,
+                self.small_images,
+                self.max_pixels,
+            )
+        except BadSample as bad:
+            log.warning("skipping sample %s (%s): %s", key, bad.reason, bad)
+            return {"skipped": bad.reason, "index": index}
+        ids = self.tokenizer(
+            caption,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+        return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
+
+    def _caption(self, sample: dict) -> str:
+        key = sample["__key__"]
+        if "txt" in sample:
+            raw, where = sample["txt"], f"{key}.txt"
+            try:
+                caption = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BadSample("caption", f"{where}: not UTF-8 ({err})") from None
+        elif "json" in sample:
+            where = f"{key}.json[{self.caption_field!r}]"
+            try:
+                caption = json.loads(sample["json"]).get(self.caption_field)
+            except (ValueError, AttributeError) as err:
+                raise BadSample("caption", f"{key}.json: not a JSON object ({err})") from None
+        else:
+            raise BadSample("caption", f"{key}: no .txt or .json caption member")
+        if not isinstance(caption, str) or not caption.strip():
+            raise BadSample("caption", f"{where}: caption {caption!r} is empty or not text")
+        return caption
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader that tells its stream the epoch when iterated (Lightning's ``set_epoch`` reaches samplers
+    only, and an IterableDataset has none) and, with ``num_batches``, stops every epoch after that many."""
+
+    def __init__(self, dataset: WebDatasetShards, *, epoch_fn=None, num_batches: int | None = None, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn, self.num_batches, self.skip_epoch, self.skip_batches = epoch_fn, num_batches, -1, 0
+
+    def __iter__(self):
+        if self.epoch_fn is not None:
+            self.dataset.set_epoch(self.epoch_fn())
+        iterator = super().__iter__()
+        if self.num_batches is None:
+            return iterator
+        done = self.skip_batches if self.dataset.epoch == self.skip_epoch else 0
+        return itertools.islice(iterator, max(0, self.num_batches - done))
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("a streamed WebDataset has no length (set data.samples_per_epoch)")
+        return self.num_batches
+
+
+class WebDatasetDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        shards,
+        tokenizer,
+        resolution: int,
+        batch_size: int,
+        num_workers: int = 0,
+        random_flip: bool = True,
+        caption_field: str = "caption",
+        image_extensions: Iterable[str] = IMAGE_EXTENSIONS,
+        shuffle_shards: bool = True,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        small_images: str = "upscale",
+        max_pixels: int = 16384 * 16384,
+        retries: int = 3,
+        timeout: float = 60.0,
+    ):
+        super().__init__()
+        self.dataset = WebDatasetShards(
+            shards,
+            tokenizer,
+            resolution,
+            random_flip=random_flip,
+            caption_field=caption_field,
+            image_extensions=image_extensions,
+            shuffle_shards=shuffle_shards,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            small_images=small_images,
+            max_pixels=max_pixels,
+            retries=retries,
+            timeout=timeout,
+        )
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.samples_per_epoch = samples_per_epoch
+
+    def train_dataloader(self) -> StreamLoader:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        shards, workers = len(self.dataset.shards), max(1, self.num_workers)
+        if shards < world:
+            raise DataError(f"data.shards: {shards} shard(s) for {world} ranks: every rank needs at least one shard")
+        if shards < world * workers:
+            log.warning(
+                "data.shards: %d shard(s) for %d rank(s) x %d worker(s): some workers get no shard and sit idle; "
+                "use at least %d shards (many more balance better), or fewer data.num_workers",
+                shards,
+                world,
+                workers,
+                world * workers,
+            )
+        if shards % world:
+            log.warning(
+                "data.shards: %d shards do not split evenly over %d ranks: %d shard(s) are left out each epoch "
+                "(a different one each epoch)",
+                shards,
+                world,
+                shards % world,
+            )
+        num_batches = None
+        if self.samples_per_epoch:
+            num_batches = self.samples_per_epoch // (world * self.batch_size)
+            if num_batches < 1:
+                raise DataError(
+                    f"data.samples_per_epoch={self.samples_per_epoch} is less than one batch on each of {world} ranks"
+                )
+        elif world > 1:
+            log.warning(
+                "data=webdataset on %d ranks without data.samples_per_epoch: if the ranks' shards hold different "
+                "numbers of samples, the ranks run different numbers of batches and DDP hangs at the end of the "
+                "epoch; set data.samples_per_epoch a little under the set's size",
+                world,
+            )
+        ds = self.dataset
+        ds.rank, ds.world_size, ds.batch_size = rank, world, self.batch_size
+        loader = StreamLoader(
+            ds,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+            num_batches=num_batches,
+            batch_size=self.batch_size,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds do not consume the global RNG
+        )
+        position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
+        if position:  # a resumed run: each worker replays its stream without decoding up to where it stopped
+            ds.resume_epoch, ds.resume_batches = position["epoch"], position["batches"]
+            loader.skip_epoch, loader.skip_batches = position["epoch"], position["batches"]
+        return loader
