@@ -85,9 +85,18 @@ def bench_training(teacher: Teacher, arch: dict, args, device: torch.device, res
     }
     autocast = torch.autocast(device.type, dtype=half) if half is not None else nullcontext()
 
+    latent = resolution // 8
+    cached = {  # what data=latents yields: the posterior, not the pixels (the VAE is never run)
+        "latent_mean": torch.randn(args.batch, 4, latent, latent, device=device),
+        "latent_std": torch.rand(args.batch, 4, latent, latent, device=device) * 0.1,
+        "input_ids": batch["input_ids"],
+        "scaling_factor": torch.full((args.batch,), 0.18215, device=device),
+    }
+    current = batch
+
     def step():
         with autocast:
-            total, _ = module.compute_loss(batch)
+            total, _ = module.compute_loss(current)
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -104,6 +113,10 @@ def bench_training(teacher: Teacher, arch: dict, args, device: torch.device, res
         "images_per_s": args.batch / seconds,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
+    if args.cached:
+        current = cached
+        out["step_s_cached_latents"] = timed(step, args.steps, args.warmup, device)
+        out["images_per_s_cached_latents"] = args.batch / out["step_s_cached_latents"]
     return out
 
 
@@ -153,6 +166,41 @@ def bench_generation(teacher: Teacher, unet, args, device: torch.device, resolut
     return {"batch": batch, "s_per_batch": seconds, "images_per_s": batch / seconds}
 
 
+def bench_dataloader(workers: int, tokenizer, num_images: int = 96, batch: int = 8) -> dict:
+    """Images/s through the training data path (decode, resize, crop, flip, tokenise) for 512 px JPEGs."""
+    import csv
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+    from torch.utils.data import DataLoader
+
+    from bksdm_lab.data import ImageCaptionFolder, ResumableSampler, collate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        rows = []
+        for i in range(num_images):  # photo-like: smooth gradients plus noise, 640 x 512 as LAION images often are
+            y, x = np.mgrid[0:512, 0:640]
+            base = np.stack([(x * (i + 1)) % 256, (y * 2) % 256, (x + y) % 256], axis=-1).astype(np.float32)
+            pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(f"{tmp}/{i:04d}.jpg", quality=90)
+            rows.append({"file_name": f"{i:04d}.jpg", "text": f"a photo number {i}"})
+        with open(f"{tmp}/metadata.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
+            writer.writeheader()
+            writer.writerows(rows)
+        dataset = ImageCaptionFolder(tmp, tokenizer, resolution=512)
+        loader = DataLoader(
+            dataset, batch_size=batch, sampler=ResumableSampler(len(dataset)), num_workers=workers, collate_fn=collate
+        )
+        next(iter(loader))  # start the workers before timing
+        start = time.perf_counter()
+        count = sum(len(b["index"]) for b in loader)
+        seconds = time.perf_counter() - start
+    return {"images_per_s": count / seconds, "images_per_s_per_worker": count / seconds / max(1, workers)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="sd14", help="conf/teacher option (shipped configs)")
@@ -164,6 +212,13 @@ def main(argv=None) -> dict:
     p.add_argument("--gen-batch", default="1,8", help="comma-separated generation batch sizes ('' = skip)")
     p.add_argument("--gen-steps", type=int, default=25)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--cached",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the step on cached latents (data=latents: no VAE encode)",
+    )
+    p.add_argument("--dataloader", default="", help="comma-separated worker counts: time loading 512 px JPEGs")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
     diffusers_logging.set_verbosity_error()
@@ -185,6 +240,9 @@ def main(argv=None) -> dict:
         "train": {},
         "generate": {},
     }
+    for workers in [int(w) for w in args.dataloader.split(",") if w]:
+        result.setdefault("dataloader", {})[workers] = bench_dataloader(workers, teacher.tokenizer)
+        print("dataloader", workers, json.dumps(result["dataloader"][workers]), flush=True)
     result["frozen_parts"] = bench_frozen_parts(teacher, args, device, resolution)
     for name, arch in archs.items():
         result["train"][name] = bench_training(teacher, arch, args, device, resolution)
@@ -207,10 +265,20 @@ def main(argv=None) -> dict:
         f"frozen parts per micro-batch: VAE encode {fp['vae_encode_s']:.3f} s, text encode "
         f"{fp['text_encode_s']:.3f} s, teacher U-Net forward {fp['teacher_unet_forward_s']:.3f} s"
     )
-    print(f"{'variant':<8}{'U-Net params':>15}{'step s':>9}{'img/s':>8}{'peak GB':>9}")
+    for workers, r in result.get("dataloader", {}).items():
+        print(
+            f"dataloader, {workers} workers: {r['images_per_s']:.1f} img/s of 512 px JPEGs "
+            f"({r['images_per_s_per_worker']:.1f} per worker)"
+        )
+    print(f"{'variant':<8}{'U-Net params':>15}{'step s':>9}{'img/s':>8}{'peak GB':>9}{'cached step s':>15}{'img/s':>8}")
     for name, r in result["train"].items():
         mem = f"{r['peak_mem_gb']:.1f}" if r["peak_mem_gb"] is not None else "-"
-        print(f"{name:<8}{r['student_params']:>15,}{r['step_s']:>9.3f}{r['images_per_s']:>8.1f}{mem:>9}")
+        cached = (
+            f"{r['step_s_cached_latents']:>15.3f}{r['images_per_s_cached_latents']:>8.1f}"
+            if "step_s_cached_latents" in r
+            else ""
+        )
+        print(f"{name:<8}{r['student_params']:>15,}{r['step_s']:>9.3f}{r['images_per_s']:>8.1f}{mem:>9}{cached}")
     for name, runs in result["generate"].items():
         text = ", ".join(f"batch {r['batch']}: {r['images_per_s']:.2f} img/s" for r in runs)
         print(f"generate {name:<8} ({args.gen_steps} PNDM steps, guidance 7.5): {text}")
