@@ -270,20 +270,26 @@ class FolderDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableSampler(len(self.dataset), seed=self.seed, rank=rank, world_size=world)
-        position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
-        if position:  # a resumed run: skip what the checkpointed run already trained on in this epoch
-            sampler.resume(position["epoch"], position["batches"] * self.batch_size)
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=torch.Generator().manual_seed(self.seed),  # worker seeds do not consume the global RNG
-        )
+        return resumable_loader(self, self.dataset, collate)
+
+
+def resumable_loader(datamodule: pl.LightningDataModule, dataset: Dataset, collate_fn, random_flip: bool = True):
+    """A DataLoader over a map-style dataset with :class:`ResumableSampler`: sharded by the trainer's rank, and
+    started where a resumed checkpoint stopped (``lightning_module.resume_position``)."""
+    trainer = datamodule.trainer
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    sampler = ResumableSampler(len(dataset), seed=datamodule.seed, rank=rank, world_size=world, random_flip=random_flip)
+    position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
+    if position:  # a resumed run: skip what the checkpointed run already trained on in this epoch
+        sampler.resume(position["epoch"], position["batches"] * datamodule.batch_size)
+    return DataLoader(
+        dataset,
+        batch_size=datamodule.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_fn,
+        num_workers=datamodule.num_workers,
+        persistent_workers=datamodule.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(datamodule.seed),  # worker seeds do not consume the global RNG
+    )

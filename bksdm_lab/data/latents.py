@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bksdm_lab.data import DataError, ResumableSampler
+from bksdm_lab.data import DataError, resumable_loader
 
 META = "meta.json"
 
@@ -104,23 +104,5 @@ class LatentDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.random_flip, self.seed = batch_size, num_workers, random_flip, seed
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableSampler(
-            len(self.dataset), seed=self.seed, rank=rank, world_size=world, random_flip=self.random_flip
-        )
-        position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
-        if position:
-            sampler.resume(position["epoch"], position["batches"] * self.batch_size)
-        scaling = self.dataset.scaling_factor
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=partial(collate_latents, scaling_factor=scaling),
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        collate_fn = partial(collate_latents, scaling_factor=self.dataset.scaling_factor)
+        return resumable_loader(self, self.dataset, collate_fn, random_flip=self.random_flip)
