@@ -16,6 +16,9 @@ Generation is resumable (see :mod:`bksdm_lab.generate`): run the same command ag
 missing images are generated. ``results.json`` holds the numbers and settings; the console shows them beside the
 paper's for the same model (``--paper-model``, or recognised from the model name); ``--wandb`` logs them.
 
+During training, :class:`EvalCallback` runs a small version of this (a few hundred prompts, FID and CLIP score)
+every N steps and logs it.
+
 The default models need the ``eval`` extra (``pip install -e ".[eval]"``). ``--feature-extractor demo --clip demo``
 use tiny random models built from config so the command runs offline end to end: smoke tests only, their
 numbers mean nothing.
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pytorch_lightning import Callback
 
 from bksdm_lab import generate as gen
 from bksdm_lab.metrics import (
@@ -325,6 +329,129 @@ def log_wandb(results: dict[str, Any], out_dir: Path, project: str, name: str | 
         run.finish()
 
 
+# ---- during training ---------------------------------------------------------------------------------
+class EvalCallback(Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of training): generate images for the first
+    ``num_prompts`` prompts with the student (its EMA if the run keeps one), then FID against ``ref_stats`` (if
+    given), IS and CLIP score, logged as ``eval/fid``, ``eval/is``, ``eval/clip_score`` to every logger.
+
+    Prompt ``i`` is seeded ``seed + i`` (per-prompt mode), so steps compare with each other. A few hundred images
+    give a biased but trend-faithful FID (use the same N throughout a run). The metric models and the prompts are
+    checked when training starts, not at the first evaluation. Add it from the command line, e.g.::
+
+        python -m bksdm_lab.train experiment=paper +callbacks.eval._target_=bksdm_lab.evaluate.EvalCallback \\
+            +callbacks.eval.metadata=coco/metadata.csv +callbacks.eval.ref_stats=val2014_256.npz
+    """
+
+    def __init__(
+        self,
+        metadata: str | None = None,
+        prompts: Sequence[str] | None = None,
+        num_prompts: int = 200,
+        ref_stats: str | None = None,
+        every_n_steps: int = 5000,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+        batch_size: int = 8,
+        seed: int = 1234,
+        feature_extractor: str = "inception",
+        clip: str = DEFAULT_CLIP,
+        eval_resolution: int | None = 256,
+        out_dir: str | None = None,
+        use_ema: bool = True,
+    ):
+        self.metadata, self.prompt_list, self.num_prompts = metadata, list(prompts or []), num_prompts
+        self.ref_stats, self.every_n_steps = ref_stats, every_n_steps
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.resolution, self.batch_size, self.seed = resolution, batch_size, seed
+        self.feature_extractor, self.clip, self.eval_resolution = feature_extractor, clip, eval_resolution
+        self.out_dir, self.use_ema = Path(out_dir) if out_dir else None, use_ema
+        self.prompts: list[str] = []
+        self._models: tuple | None = None
+        self._last_step = -1
+        self.history: list[dict[str, Any]] = []
+
+    def setup(self, trainer, pl_module, stage: str | None = None) -> None:
+        check_available(self.feature_extractor, self.clip)
+        self.prompts = gen.read_prompts(self.prompt_list, None, self.metadata, self.num_prompts)
+        if self.ref_stats and not Path(self.ref_stats).is_file():
+            raise FileNotFoundError(f"EvalCallback: ref_stats {self.ref_stats!r} does not exist")
+
+    def _metric_models(self, device: torch.device):
+        if self._models is None:
+            extractor = extractor_from_spec(self.feature_extractor).to(device)
+            clip = None if self.clip == "none" else clip_from_spec(self.clip).to(device)
+            self._models = (extractor, clip)
+        return self._models
+
+    @torch.no_grad()
+    def evaluate_now(self, trainer, module) -> dict[str, Any]:
+        import tempfile
+
+        from bksdm_lab.export import build_pipeline
+
+        step = trainer.global_step
+        ema = getattr(module, "ema_student", None)
+        unet = ema if (self.use_ema and ema is not None) else module.student
+        pipe = build_pipeline(module.teacher, unet)
+        pipe.set_progress_bar_config(disable=True)
+        was_training = unet.training
+        unet.eval()
+        tmp = None
+        if self.out_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="bksdm_eval_")
+        folder = (self.out_dir or Path(tmp.name)) / f"step{step:06d}"
+        try:
+            with torch.autocast(module.device.type, enabled=module.device.type == "cuda"):
+                result = gen.generate_images(
+                    pipe,
+                    self.prompts,
+                    folder,
+                    steps=self.num_inference_steps,
+                    guidance=self.guidance_scale,
+                    resolution=self.resolution,
+                    batch_size=self.batch_size,
+                    seed=self.seed,
+                    seed_mode="per-prompt",
+                    grid=0,
+                    progress=False,
+                )
+            extractor, clip = self._metric_models(module.device)
+            results = evaluate(
+                folder,
+                self.prompts,
+                feature_extractor=extractor,
+                clip_model=clip,
+                ref_stats=self.ref_stats,
+                resize=self.eval_resolution,
+            )
+        finally:
+            unet.train(was_training)
+            if tmp is not None:
+                tmp.cleanup()
+        metrics = {f"eval/{k}": results[k] for k in ("fid", "is", "clip_score") if results.get(k) is not None}
+        if result.images_per_s:
+            metrics["eval/images_per_s"] = result.images_per_s
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        self.history.append({"step": step, **metrics})
+        return metrics
+
+    def _maybe(self, trainer, module) -> None:
+        if trainer.is_global_zero and trainer.global_step != self._last_step and self.prompts:
+            self._last_step = trainer.global_step
+            self.evaluate_now(trainer, module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._maybe(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._maybe(trainer, pl_module)
+
+
 # ---- CLI ---------------------------------------------------------------------------------------------
 def _add_model_args(parser: argparse.ArgumentParser, clip: bool = True) -> None:
     group = parser.add_argument_group("metric models")
@@ -439,6 +566,7 @@ def run_main(argv: Sequence[str] | None) -> dict[str, Any]:
                 "generated": result.generated,
                 "skipped": result.skipped,
                 "seconds": result.seconds,
+                "wall_seconds": result.wall_seconds,
                 "images_per_s": result.images_per_s,
             }
             del pipe

@@ -12,8 +12,13 @@ import bksdm_lab  # noqa: F401  (registers the resolvers conf/train.yaml uses)
 GROUPS = ["arch", "teacher", "data", "loss", "optimizer", "trainer", "logger", "callbacks", "paths", "experiment"]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
-# Only the generic folder option leaves a value to fill in (data.root=???).
-EXPECTED_MISSING = {("data", "folder"): ["data.root"]}
+# Only the generic data options leave a value to fill in: where the data is.
+EXPECTED_MISSING = {
+    ("data", "folder"): ["data.root"],
+    ("data", "latents"): ["data.root"],
+    ("data", "webdataset"): ["data.shards"],
+    ("data", "hf"): ["data.path"],
+}
 
 
 @pytest.fixture()
