@@ -5,8 +5,9 @@
     python -m bksdm_lab.evaluate --out eval/tiny --ref-stats val2014_256.npz       # score images already there
     python -m bksdm_lab.evaluate stats --images coco/val2014 --out val2014_256.npz  # real-image statistics
 
-Defaults are the paper's protocol (shared/REFERENCE.md section 5): the captions of ``--metadata
-coco/metadata.csv`` (all 30,000, or ``--num-prompts N``), PNDM 25 steps, guidance 7.5, 512 px, ONE generator
+Defaults are the paper's protocol (BK-SDM, arXiv 2305.15798, MS-COCO 30K): the captions of ``--metadata
+data/mscoco_val2014_30k/metadata.csv`` (``python -m bksdm_lab.data.download coco30k``; all 30,000, or
+``--num-prompts N``), PNDM 25 steps, guidance 7.5, 512 px, ONE generator
 seeded 1234 consumed in prompt order (``--seed-mode paper``), batch 1, fp16 on CUDA; images squashed to 256 x 256
 (PIL bicubic); FID against ``--ref-stats`` (pytorch-fid ``.npz`` with ``mu``/``sigma``, e.g. the 40,504 val2014
 images at 256 px made by the ``stats`` sub-command), Inception Score (torch-fidelity's way: 10 splits), CLIP score
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -57,7 +59,7 @@ from bksdm_lab.metrics import (
 )
 
 PAPER_IMAGES = 30_000
-# shared/REFERENCE.md section 5: MS-COCO 30K, 256 px, (FID, IS, CLIP score)
+# BK-SDM paper (arXiv 2305.15798), MS-COCO 30K, 256 px: (FID, IS, CLIP score)
 PAPER_RESULTS: dict[str, tuple[float, float, float]] = {
     "SD-v1.4": (13.05, 36.76, 0.2958),
     "BK-SDM-Base": (15.76, 33.79, 0.2878),
@@ -339,8 +341,7 @@ class EvalCallback(Callback):
     give a biased but trend-faithful FID (use the same N throughout a run). The metric models and the prompts are
     checked when training starts, not at the first evaluation. Add it from the command line, e.g.::
 
-        python -m bksdm_lab.train experiment=paper +callbacks.eval._target_=bksdm_lab.evaluate.EvalCallback \\
-            +callbacks.eval.metadata=coco/metadata.csv +callbacks.eval.ref_stats=val2014_256.npz
+        python -m bksdm_lab.train experiment=paper callbacks=with_eval callbacks.eval.ref_stats=val2014_256.npz
     """
 
     def __init__(
@@ -478,7 +479,8 @@ def parse_run_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(resumable). `python -m bksdm_lab.evaluate stats --help`: real-image FID statistics.",
     )
     gen.add_pipeline_args(parser)
-    gen.add_prompt_args(parser, metadata_default="coco/metadata.csv")
+    data_dir = os.environ.get("BKSDM_DATA_DIR", "data")  # where `python -m bksdm_lab.data.download coco30k` puts it
+    gen.add_prompt_args(parser, metadata_default=f"{data_dir}/mscoco_val2014_30k/metadata.csv")
     gen.add_sampling_args(parser)
     parser.add_argument("--out", required=True, help="folder for images/, grid.png, prompts.csv, results.json")
     group = parser.add_argument_group("metrics")

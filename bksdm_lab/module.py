@@ -264,6 +264,8 @@ class DistillModule(pl.LightningModule):
         if meta.get("rng") is not None:
             self._rng, self._pending_rng_state = None, meta["rng"]
         self.resume_position = meta.get("data_position")
+        # Lightning does not call on_train_epoch_start when it restarts mid-epoch: count on from the checkpoint
+        self._batches_in_epoch = (self.resume_position or {}).get("batches", 0)
         self.data_counts = dict(meta.get("data_counts") or {"seen": 0})
         expected = {f"student.{k}" for k in self.student.state_dict()}
         if self.ema_student is not None and meta.get("ema"):

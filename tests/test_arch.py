@@ -8,7 +8,7 @@ from conftest import PYTHON, REPO, subprocess_env
 
 from bksdm_lab.arch import describe, format_table, load_config
 
-# (U-Net params, whole params, MACs the paper's way in G, MACs with attention in G): REFERENCE section 1
+# (U-Net params, whole params, MACs the paper's way in G, MACs with attention in G), from the BK-SDM paper / diffusers configs
 V1 = {
     "teacher": (859_520_964, 1_032_071_623, 338.7, 401.6),
     "base": (579_384_964, 751_935_623, 223.8, 261.5),

@@ -121,7 +121,7 @@ def open_shard(shard: str, timeout: float = 60.0):
     """A binary stream of the shard: a local file, or a ``file://`` / ``http(s)://`` URL read as it arrives."""
     if is_url(shard):
         request = urllib.request.Request(shard, headers={"User-Agent": "bksdm_lab"})
-        return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (http, https or file only)
+        return urllib.request.urlopen(request, timeout=timeout)
     return open(shard, "rb")
 
 
@@ -285,11 +285,14 @@ class WebDatasetShards(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch
+        resumed = epoch == self.resume_epoch
+        if resumed:  # the DataLoader starts with worker 0, the interrupted run's next batch was worker B % W's
+            worker = (worker + self.resume_batches) % workers
         mine = self.shards_of(epoch, self.rank, self.world_size, worker, workers)
         rng = random.Random(f"bksdm-wds-{self.seed}-{epoch}-{self.rank}-{worker}")
         raw = itertools.chain.from_iterable(self._raw(s) for s in mine)
         samples = ((s, rng.random() < 0.5) for s in self._shuffled(raw, rng))  # the flip is drawn when skipping
-        if epoch == self.resume_epoch:  # a resumed run: drop what this worker had yielded before the checkpoint
+        if resumed:  # drop, undecoded, what this worker had yielded before the checkpoint
             done = worker_batches(self.resume_batches, worker, workers) * self.batch_size
             samples = itertools.islice(samples, done, None)
         for sample, flip in samples:
@@ -304,7 +307,9 @@ class WebDatasetShards(IterableDataset):
             ext = next((e for e in self.image_extensions if e in sample), None)
             if ext is None:
                 found = sorted(k for k in sample if not k.startswith("__") and k != "index")
-                raise BadSample("missing", f"{key}: no image member ({', '.join(self.image_extensions)}); found {found}")
+                raise BadSample(
+                    "missing", f"{key}: no image member ({', '.join(self.image_extensions)}); found {found}"
+                )
             pixels, converted = load_image_source(
                 sample[ext],
                 f"{key}.{ext}",

@@ -1,0 +1,176 @@
+"""A Hugging Face ``datasets`` dataset of images and captions, by hub name or local path.
+
+``data.path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with
+``load_from_disk``), or anything ``load_dataset`` takes: a hub name (``lambdalabs/naruto-blip-captions``), a
+local folder of parquet / imagefolder files, ... with ``data.name`` (the config) and ``data.split``. The
+image column may hold ``datasets.Image`` values (decoded here, not by ``datasets``, so that corrupt files and
+decompression bombs are counted instead of raised), encoded bytes, or file paths; the caption column text.
+
+The set is map-style, so it reuses :class:`bksdm_lab.data.ResumableSampler` through
+:func:`bksdm_lab.data.resumable_loader`, like the folder set: each sample exactly once per epoch over
+ranks x workers, and a resumed run continues where it stopped. Samples are the same dicts as the folder
+set's (``pixel_values``, ``input_ids``, ``index``, ``converted`` or ``skipped``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import Dataset
+
+from bksdm_lab.data import BadSample, DataError, collate, resumable_loader
+from bksdm_lab.data.webdataset import load_image_source
+
+log = logging.getLogger(__name__)
+
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+def load_hf_dataset(path: str, name: str | None = None, split: str = "train", **kwargs):
+    """``load_from_disk`` for a saved dataset folder, else ``load_dataset(path, name, split=split)``."""
+    try:
+        import datasets
+    except ImportError as err:  # pragma: no cover - a default dependency
+        raise DataError("data=hf needs the `datasets` package: pip install datasets") from err
+    local = Path(str(path)).expanduser()
+    try:
+        if local.is_dir() and any((local / m).is_file() for m in SAVED_MARKERS):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"data.path={path!r} has no split {split!r} (data.split); splits: {list(ds)}")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(str(path), name, split=split, **kwargs)
+    except DataError:
+        raise
+    except (FileNotFoundError, ValueError, OSError) as err:  # missing path / hub name (offline), bad split, ...
+        raise DataError(f"data=hf cannot load data.path={path!r} (name={name!r}, split={split!r}): {err}") from None
+
+
+class HFImageCaption(Dataset):
+    """A ``datasets.Dataset``'s image and caption columns as training samples (like ImageCaptionFolder)."""
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer,
+        resolution: int,
+        name: str | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str = "text",
+        random_flip: bool = True,
+        max_samples: int | None = None,
+        small_images: str = "upscale",
+        max_pixels: int = 16384 * 16384,
+    ):
+        import datasets
+
+        if small_images not in ("upscale", "skip"):
+            raise DataError(f"data.small_images={small_images!r} is not one of: upscale, skip")
+        ds = load_hf_dataset(path, name, split)
+        columns = list(ds.column_names)
+        for column, key in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
+            if column not in columns:
+                raise DataError(f"data.path={path!r} has no {column!r} column ({key}); columns found: {columns}")
+        ds = ds.select_columns([image_column, caption_column])
+        if isinstance(ds.features[image_column], datasets.Image) and ds.features[image_column].decode:
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))  # {"bytes", "path"}: we decode
+        if max_samples is not None:
+            ds = ds.select(range(min(max_samples, len(ds))))
+        if len(ds) == 0:
+            raise DataError(f"data.path={path!r} split {split!r} has no samples")
+        self.data, self.path = ds, str(path)
+        self.image_column, self.caption_column = image_column, caption_column
+        self.tokenizer, self.resolution, self.random_flip = tokenizer, resolution, random_flip
+        self.small_images, self.max_pixels = small_images, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _image_source(self, value, index: int):
+        """What load_image_source takes: bytes, a path or a PIL image, from any form the column holds."""
+        if isinstance(value, dict):
+            if value.get("bytes"):
+                return value["bytes"]
+            if value.get("path"):
+                return Path(value["path"])
+            raise BadSample("missing", f"row {index}: image {value!r} has neither bytes nor a path")
+        if value is None:
+            raise BadSample("missing", f"row {index}: no image")
+        if isinstance(value, str):
+            return Path(value)
+        return value  # bytes or a PIL image
+
+    def __getitem__(self, item: int | tuple[int, bool]) -> dict:
+        """``item`` is an index, or ``(index, flip)`` from :class:`ResumableSampler` (flip decided there)."""
+        index, flip = item if isinstance(item, tuple) else (item, random.random() < 0.5)
+        row = self.data[index]
+        caption = row[self.caption_column]
+        try:
+            if not isinstance(caption, str) or not caption.strip():
+                raise BadSample("caption", f"row {index}: caption {caption!r} is empty or not text")
+            pixels, converted = load_image_source(
+                self._image_source(row[self.image_column], index),
+                f"{self.path}[{index}]",
+                self.resolution,
+                self.random_flip and flip,
+                self.small_images,
+                self.max_pixels,
+            )
+        except BadSample as bad:
+            log.warning("skipping sample %d (%s): %s", index, bad.reason, bad)
+            return {"skipped": bad.reason, "index": index}
+        ids = self.tokenizer(
+            caption,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+        return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
+
+
+class HFDataModule(pl.LightningDataModule):
+    """The folder set's sharded, resumable ``train_dataloader`` over an :class:`HFImageCaption` set."""
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer,
+        resolution: int,
+        batch_size: int,
+        num_workers: int = 0,
+        name: str | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str = "text",
+        random_flip: bool = True,
+        max_samples: int | None = None,
+        seed: int = 0,
+        small_images: str = "upscale",
+        max_pixels: int = 16384 * 16384,
+    ):
+        super().__init__()
+        self.seed, self.random_flip = seed, random_flip
+        self.dataset = HFImageCaption(
+            path,
+            tokenizer,
+            resolution,
+            name=name,
+            split=split,
+            image_column=image_column,
+            caption_column=caption_column,
+            random_flip=random_flip,
+            max_samples=max_samples,
+            small_images=small_images,
+            max_pixels=max_pixels,
+        )
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def train_dataloader(self):
+        return resumable_loader(self, self.dataset, collate, random_flip=self.random_flip)
