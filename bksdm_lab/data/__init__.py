@@ -8,6 +8,7 @@ normalised to [-1, 1]; captions are tokenised to the tokenizer's length (77 for 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -103,27 +104,55 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def load_image(path: Path, resolution: int, flip: bool, small: str, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
-    """Open, verify and transform one image; raises BadSample(reason) for what cannot be used."""
-    if not path.is_file():
-        raise BadSample("missing", f"{path} does not exist")
+def load_image(
+    source: str | Path | bytes | Image.Image, resolution: int, flip: bool, small: str, max_pixels: int, name: str = ""
+) -> tuple[torch.Tensor, list[str]]:
+    """Open, verify and transform one image (a path, encoded bytes or a PIL image); raises BadSample(reason)
+    for what cannot be used, and returns the tensor and what was converted."""
+    name = name or str(source if isinstance(source, str | Path) else "<image>")
+    if isinstance(source, str | Path) and not Path(source).is_file():
+        raise BadSample("missing", f"{source} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            if isinstance(source, Image.Image):
+                image = source
+            else:
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            with image:
                 if image.width * image.height > max_pixels:
-                    raise BadSample("bomb", f"{path}: {image.width}x{image.height} pixels > data.max_pixels")
+                    raise BadSample("bomb", f"{name}: {image.width}x{image.height} pixels > data.max_pixels")
                 image.load()  # decode now: truncated files fail here
                 rgb, converted = to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadSample("bomb", f"{path}: {err}") from None
+        raise BadSample("bomb", f"{name}: {err}") from None
     except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise BadSample("corrupt", f"{path}: {err}") from None
+        raise BadSample("corrupt", f"{name}: {err}") from None
     if min(rgb.size) < resolution:
         if small == "skip":
-            raise BadSample("small", f"{path}: {rgb.size[0]}x{rgb.size[1]} < {resolution}")
+            raise BadSample("small", f"{name}: {rgb.size[0]}x{rgb.size[1]} < {resolution}")
         converted.append("small")  # upscaled by the resize below
     return image_to_tensor(rgb, resolution, flip), converted
+
+
+def check_caption(caption, name: str) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSample("caption", f"{name}: caption {caption!r} is empty or not text")
+    return caption
+
+
+def finish_sample(index: int, tokenizer, read) -> dict:
+    """The sample dict every format yields: ``read() -> (caption, pixels, converted)`` is run, a BadSample it
+    raises becomes ``{"skipped": reason, "index"}`` (counted by :func:`collate`), and the caption is tokenised."""
+    try:
+        caption, pixels, converted = read()
+    except BadSample as bad:
+        log.warning("skipping sample %s (%s): %s", index, bad.reason, bad)
+        return {"skipped": bad.reason, "index": index}
+    ids = tokenizer(
+        caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids[0]
+    return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
 
 
 class ImageCaptionFolder(Dataset):
@@ -163,9 +192,9 @@ class ImageCaptionFolder(Dataset):
         """``item`` is an index, or ``(index, flip)`` from :class:`ResumableSampler` (flip decided there)."""
         index, flip = item if isinstance(item, tuple) else (item, random.random() < 0.5)
         file_name, caption = self.samples[index]
-        try:
-            if not isinstance(caption, str) or not caption.strip():
-                raise BadSample("caption", f"{file_name}: caption {caption!r} is empty or not text")
+
+        def read():
+            check_caption(caption, str(file_name))
             pixels, converted = load_image(
                 self.root / str(file_name),
                 self.resolution,
@@ -173,17 +202,9 @@ class ImageCaptionFolder(Dataset):
                 self.small_images,
                 self.max_pixels,
             )
-        except BadSample as bad:
-            log.warning("skipping sample %d (%s): %s", index, bad.reason, bad)
-            return {"skipped": bad.reason, "index": index}
-        ids = self.tokenizer(
-            caption,
-            max_length=self.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
+            return caption, pixels, converted
+
+        return finish_sample(index, self.tokenizer, read)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import Dataset
 
-from bksdm_lab.data import BadSample, DataError, collate, resumable_loader
-from bksdm_lab.data.webdataset import load_image_source
+from bksdm_lab.data import BadSample, DataError, check_caption, collate, finish_sample, load_image, resumable_loader
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ class HFImageCaption(Dataset):
         return len(self.data)
 
     def _image_source(self, value, index: int):
-        """What load_image_source takes: bytes, a path or a PIL image, from any form the column holds."""
+        """What load_image takes: bytes, a path or a PIL image, from any form the column holds."""
         if isinstance(value, dict):
             if value.get("bytes"):
                 return value["bytes"]
@@ -110,29 +109,20 @@ class HFImageCaption(Dataset):
         """``item`` is an index, or ``(index, flip)`` from :class:`ResumableSampler` (flip decided there)."""
         index, flip = item if isinstance(item, tuple) else (item, random.random() < 0.5)
         row = self.data[index]
-        caption = row[self.caption_column]
-        try:
-            if not isinstance(caption, str) or not caption.strip():
-                raise BadSample("caption", f"row {index}: caption {caption!r} is empty or not text")
-            pixels, converted = load_image_source(
+
+        def read():
+            caption = check_caption(row[self.caption_column], f"row {index}")
+            pixels, converted = load_image(
                 self._image_source(row[self.image_column], index),
-                f"{self.path}[{index}]",
                 self.resolution,
                 self.random_flip and flip,
                 self.small_images,
                 self.max_pixels,
+                name=f"{self.path}[{index}]",
             )
-        except BadSample as bad:
-            log.warning("skipping sample %d (%s): %s", index, bad.reason, bad)
-            return {"skipped": bad.reason, "index": index}
-        ids = self.tokenizer(
-            caption,
-            max_length=self.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
+            return caption, pixels, converted
+
+        return finish_sample(index, self.tokenizer, read)
 
 
 class HFDataModule(pl.LightningDataModule):

@@ -40,7 +40,6 @@ the end of the epoch; shards rarely hold exactly the same number of samples, so 
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -50,17 +49,15 @@ import re
 import tarfile
 import time
 import urllib.request
-import warnings
 from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bksdm_lab.data import BadSample, DataError, collate, image_to_tensor, load_image, to_rgb
+from bksdm_lab.data import BadSample, DataError, check_caption, collate, finish_sample, load_image
 
 log = logging.getLogger(__name__)
 
@@ -158,32 +155,6 @@ def iter_shard(stream, shard_index: int) -> Iterator[dict]:
 
 # TODO(lead): generalise bksdm_lab.data.load_image to take bytes or a PIL image as well as a path, then delete
 # this copy (it mirrors load_image exactly, with an in-memory file instead of a path).
-def load_image_source(
-    source, name: str, resolution: int, flip: bool, small: str, max_pixels: int
-) -> tuple[torch.Tensor, list[str]]:
-    """:func:`bksdm_lab.data.load_image` for a path, encoded bytes or an already decoded PIL image."""
-    if isinstance(source, str | Path):
-        return load_image(Path(source), resolution, flip, small, max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(source))
-            with image:
-                if image.width * image.height > max_pixels:
-                    raise BadSample("bomb", f"{name}: {image.width}x{image.height} pixels > data.max_pixels")
-                image.load()  # decode now: truncated files fail here
-                rgb, converted = to_rgb(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadSample("bomb", f"{name}: {err}") from None
-    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise BadSample("corrupt", f"{name}: {err}") from None
-    if min(rgb.size) < resolution:
-        if small == "skip":
-            raise BadSample("small", f"{name}: {rgb.size[0]}x{rgb.size[1]} < {resolution}")
-        converted.append("small")  # upscaled by the resize below
-    return image_to_tensor(rgb, resolution, flip), converted
-
-
 def worker_batches(batches: int, worker: int, workers: int) -> int:
     """How many of a rank's first ``batches`` batches worker ``worker`` made (the DataLoader takes turns)."""
     return max(0, math.ceil((batches - worker) / workers))
@@ -299,8 +270,9 @@ class WebDatasetShards(IterableDataset):
             yield self.decode(sample, flip)
 
     def decode(self, sample: dict, flip: bool) -> dict:
-        index, key = sample["index"], sample["__key__"]
-        try:
+        key = sample["__key__"]
+
+        def read():
             if "__bad__" in sample:
                 raise BadSample(*sample["__bad__"])
             caption = self._caption(sample)
@@ -310,25 +282,17 @@ class WebDatasetShards(IterableDataset):
                 raise BadSample(
                     "missing", f"{key}: no image member ({', '.join(self.image_extensions)}); found {found}"
                 )
-            pixels, converted = load_image_source(
+            pixels, converted = load_image(
                 sample[ext],
-                f"{key}.{ext}",
                 self.resolution,
                 self.random_flip and flip,
                 self.small_images,
                 self.max_pixels,
+                name=f"{key}.{ext}",
             )
-        except BadSample as bad:
-            log.warning("skipping sample %s (%s): %s", key, bad.reason, bad)
-            return {"skipped": bad.reason, "index": index}
-        ids = self.tokenizer(
-            caption,
-            max_length=self.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
+            return caption, pixels, converted
+
+        return finish_sample(sample["index"], self.tokenizer, read)
 
     def _caption(self, sample: dict) -> str:
         key = sample["__key__"]
@@ -346,9 +310,7 @@ class WebDatasetShards(IterableDataset):
                 raise BadSample("caption", f"{key}.json: not a JSON object ({err})") from None
         else:
             raise BadSample("caption", f"{key}: no .txt or .json caption member")
-        if not isinstance(caption, str) or not caption.strip():
-            raise BadSample("caption", f"{where}: caption {caption!r} is empty or not text")
-        return caption
+        return check_caption(caption, where)
 
 
 class StreamLoader(DataLoader):
