@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -24,10 +23,10 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from bksdm_lab import CONF_DIR
 from bksdm_lab.teachers import shipped_configs
 from bksdm_lab.unets import build_student, count_params, removed_blocks, removed_by_stage
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _COUNTED = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 

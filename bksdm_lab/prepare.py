@@ -16,7 +16,6 @@ first missing shard. Unusable images are skipped and counted in ``meta.json``, l
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import hydra
@@ -25,19 +24,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from bksdm_lab import demo
+from bksdm_lab import CONF_DIR, demo
+from bksdm_lab.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data import SKIP_REASONS, DataError, ImageCaptionFolder, collate
 from bksdm_lab.data.latents import META
 from bksdm_lab.teachers import TeacherLoadError, load_teacher
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -118,7 +111,7 @@ def prepare(cfg: DictConfig) -> Path:
         )
         shard, skipped = encode_shard(vae, loader, device, DTYPES[cfg.dtype])
         name = f"shard-{k:05d}.pt"
-        _save_atomic(shard, out / name)
+        AtomicCheckpointIO().save_checkpoint(shard, out / name)  # never a half-written shard
         meta["shards"].append({"file": name, "rows": [row_range.start, row_range.stop], "count": len(shard["index"])})
         meta["shards"].sort(key=lambda s: s["file"])
         meta["skipped"] = {r: meta["skipped"].get(r, 0) + n for r, n in skipped.items()}
@@ -137,7 +130,7 @@ def prepare(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)

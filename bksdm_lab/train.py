@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bksdm_lab import demo
+from bksdm_lab import CONF_DIR, demo
 from bksdm_lab.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data import DataError, check_folder
 from bksdm_lab.data.latents import read_meta
@@ -34,7 +34,6 @@ from bksdm_lab.teachers import TeacherLoadError, load_teacher, probe_teacher
 from bksdm_lab.unets import WeightMapError, count_params, init_student_from_teacher, removed_blocks
 
 log = logging.getLogger("bksdm_lab")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 class InputError(RuntimeError):
@@ -209,7 +208,7 @@ class SweepFailures(Callback):
             raise SystemExit(1)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     torch.set_float32_matmul_precision("high")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
