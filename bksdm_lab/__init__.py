@@ -4,7 +4,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from bksdm_lab.secrets import redact_dirname
+from bksdm_lab.common.secrets import redact_dirname
 
 # The Hydra configs of the clone this package is installed from (editable install).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

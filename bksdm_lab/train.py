@@ -23,15 +23,17 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bksdm_lab import CONF_DIR, demo
-from bksdm_lab.checkpoint import AtomicCheckpointIO
-from bksdm_lab.data import DataError, check_folder
+from bksdm_lab import CONF_DIR
+from bksdm_lab.common.checkpoint import AtomicCheckpointIO
+from bksdm_lab.common.secrets import redact, redact_dirname, redact_override, scrub_hydra_dir
+from bksdm_lab.data.common import DataError
+from bksdm_lab.data.folder import check_folder
 from bksdm_lab.data.latents import read_meta
-from bksdm_lab.export import card_info, export_pipeline, push_to_hub
-from bksdm_lab.module import DistillModule, NonFiniteLossError
-from bksdm_lab.secrets import redact, redact_dirname, redact_override, scrub_hydra_dir
-from bksdm_lab.teachers import TeacherLoadError, load_teacher, probe_teacher
-from bksdm_lab.unets import WeightMapError, count_params, init_student_from_teacher, removed_blocks
+from bksdm_lab.distill.module import DistillModule, NonFiniteLossError
+from bksdm_lab.models.export import card_info, export_pipeline, push_to_hub
+from bksdm_lab.models.students import WeightMapError, count_params, init_student_from_teacher, removed_blocks
+from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
+from bksdm_lab.tools import demo
 
 log = logging.getLogger("bksdm_lab")
 

@@ -28,14 +28,14 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_teacher_dir(cache_dir) -> Path:
-    from bksdm_lab.demo import build_demo_teacher
+    from bksdm_lab.tools.demo import build_demo_teacher
 
     return build_demo_teacher(cache_dir / "demo" / "teacher")
 
 
 @pytest.fixture(scope="session")
 def demo_data_dir(cache_dir) -> Path:
-    from bksdm_lab.demo import make_synthetic_dataset
+    from bksdm_lab.tools.demo import make_synthetic_dataset
 
     return make_synthetic_dataset(cache_dir / "demo" / "data", num_images=32, size=80)
 
@@ -43,7 +43,7 @@ def demo_data_dir(cache_dir) -> Path:
 @pytest.fixture()
 def teacher(demo_teacher_dir):
     """A freshly loaded tiny teacher (fp32, CPU), through the same from_pretrained path as real ones."""
-    from bksdm_lab.teachers import load_teacher
+    from bksdm_lab.models.teachers import load_teacher
 
     cfg = OmegaConf.create({"name": "demo", "pretrained": str(demo_teacher_dir), "revision": None, "variant": None})
     return load_teacher(cfg)

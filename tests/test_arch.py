@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from conftest import PYTHON, REPO, subprocess_env
 
-from bksdm_lab.arch import describe, format_table, load_config
+from bksdm_lab.models.report import describe, format_table, load_config
 
 # (U-Net params, whole params, MACs the paper's way in G, MACs with attention in G), from the BK-SDM paper / diffusers configs
 V1 = {

@@ -2,7 +2,7 @@
 
 import json
 
-from bksdm_lab.bench import main
+from bksdm_lab.tools.bench import main
 
 
 def test_bench_smoke(tmp_path):

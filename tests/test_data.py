@@ -11,8 +11,9 @@ import torch
 from conftest import PYTHON, subprocess_env
 from PIL import Image
 
-from bksdm_lab.data import DataError, FolderDataModule, ImageCaptionFolder, ResumableSampler, collate, read_metadata
-from bksdm_lab.demo import byte_level_tokenizer
+from bksdm_lab.data.common import DataError, ResumableSampler, collate
+from bksdm_lab.data.folder import FolderDataModule, ImageCaptionFolder, read_metadata
+from bksdm_lab.tools.demo import byte_level_tokenizer
 
 GOOD = 36
 

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bksdm_lab.data import ImageCaptionFolder
 from bksdm_lab.data import download as dl
-from bksdm_lab.demo import byte_level_tokenizer
+from bksdm_lab.data.folder import ImageCaptionFolder
+from bksdm_lab.tools.demo import byte_level_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "preprocessed_11k"

@@ -12,8 +12,8 @@ from conftest import PYTHON, subprocess_env
 from PIL import Image
 from test_generate import export_demo_student
 
-from bksdm_lab import evaluate as ev
-from bksdm_lab import metrics
+from bksdm_lab.evaluation import evaluate as ev
+from bksdm_lab.evaluation import metrics
 
 TINY = ["--feature-extractor", "demo", "--clip", "demo"]
 
@@ -179,7 +179,7 @@ def test_eval_callback_logs_fid_and_clip_score(exported, demo_teacher_dir, demo_
     from diffusers import UNet2DConditionModel
     from omegaconf import OmegaConf
 
-    from bksdm_lab.teachers import load_teacher
+    from bksdm_lab.models.teachers import load_teacher
 
     teacher = load_teacher(OmegaConf.create({"name": "demo", "pretrained": str(demo_teacher_dir)}))
     student = UNet2DConditionModel.from_pretrained(exported, subfolder="unet").train()

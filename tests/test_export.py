@@ -9,7 +9,7 @@ import yaml
 from conftest import PYTHON, subprocess_env
 from safetensors.torch import load_file
 
-from bksdm_lab import export
+from bksdm_lab.models import export
 
 UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
 

@@ -16,9 +16,9 @@ import torch
 from conftest import PYTHON, subprocess_env
 from PIL import Image
 
-from bksdm_lab.data import DataError
+from bksdm_lab.data.common import DataError
 from bksdm_lab.data.webdataset import INDEX_STRIDE, WebDatasetDataModule, expand_braces, expand_shards
-from bksdm_lab.demo import byte_level_tokenizer
+from bksdm_lab.tools.demo import byte_level_tokenizer
 
 SHARDS, PER_SHARD = 4, 6  # 24 samples: one corrupt image, one empty caption
 TOTAL, GOOD = SHARDS * PER_SHARD, SHARDS * PER_SHARD - 2

@@ -10,7 +10,7 @@ import pytest
 from conftest import PYTHON, arch_cfg, subprocess_env
 from PIL import Image
 
-from bksdm_lab import generate as gen
+from bksdm_lab.evaluation import sampling as gen
 
 PROMPTS = ["a red circle on a blue background", "a green square", "a yellow triangle on black", "a white circle"]
 FAST = {"steps": 2, "resolution": 64, "progress": False}
@@ -23,10 +23,10 @@ def export_demo_student(cache_dir: Path) -> Path:
         return out
     from omegaconf import OmegaConf
 
-    from bksdm_lab.demo import build_demo_teacher
-    from bksdm_lab.export import export_pipeline
-    from bksdm_lab.teachers import load_teacher
-    from bksdm_lab.unets import init_student_from_teacher
+    from bksdm_lab.models.export import export_pipeline
+    from bksdm_lab.models.students import init_student_from_teacher
+    from bksdm_lab.models.teachers import load_teacher
+    from bksdm_lab.tools.demo import build_demo_teacher
 
     teacher_dir = build_demo_teacher(cache_dir / "demo" / "teacher")
     teacher = load_teacher(OmegaConf.create({"name": "demo", "pretrained": str(teacher_dir)}))

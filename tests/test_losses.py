@@ -7,10 +7,10 @@ from conftest import CONF, arch_cfg
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from bksdm_lab.features import FeatureTaps
-from bksdm_lab.losses import FeatureKD, KDInputs, KDLoss, OutputKD, TaskLoss
-from bksdm_lab.module import DistillModule
-from bksdm_lab.unets import init_student_from_teacher
+from bksdm_lab.distill.losses import FeatureKD, KDInputs, KDLoss, OutputKD, TaskLoss
+from bksdm_lab.distill.module import DistillModule
+from bksdm_lab.models.students import init_student_from_teacher
+from bksdm_lab.models.taps import FeatureTaps
 
 TINY_PAIRS = [
     ("down_blocks.0", "down_blocks.0"),

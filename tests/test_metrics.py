@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bksdm_lab import metrics
+from bksdm_lab.evaluation import metrics
 
 
 def reference_frechet(mu1, sigma1, mu2, sigma2) -> float:

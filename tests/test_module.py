@@ -9,10 +9,10 @@ from conftest import arch_cfg
 from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader
 
-from bksdm_lab.data import ImageCaptionFolder
-from bksdm_lab.losses import FeatureKD, KDLoss, OutputKD, TaskLoss
-from bksdm_lab.module import FROZEN, DistillModule
-from bksdm_lab.unets import init_student_from_teacher
+from bksdm_lab.data.folder import ImageCaptionFolder
+from bksdm_lab.distill.losses import FeatureKD, KDLoss, OutputKD, TaskLoss
+from bksdm_lab.distill.module import FROZEN, DistillModule
+from bksdm_lab.models.students import init_student_from_teacher
 
 OPTIMIZER = functools.partial(torch.optim.AdamW, lr=1e-4)
 

@@ -9,12 +9,13 @@ import torch
 from conftest import PYTHON, arch_cfg, subprocess_env
 from omegaconf import OmegaConf
 
-from bksdm_lab.data import ImageCaptionFolder, collate
+from bksdm_lab.data.common import collate
+from bksdm_lab.data.folder import ImageCaptionFolder
 from bksdm_lab.data.latents import LatentDataModule, LatentShards
-from bksdm_lab.losses import KDLoss, OutputKD, TaskLoss
-from bksdm_lab.module import DistillModule
-from bksdm_lab.teachers import load_teacher
-from bksdm_lab.unets import init_student_from_teacher
+from bksdm_lab.distill.losses import KDLoss, OutputKD, TaskLoss
+from bksdm_lab.distill.module import DistillModule
+from bksdm_lab.models.students import init_student_from_teacher
+from bksdm_lab.models.teachers import load_teacher
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import wandb_offline
 from conftest import PYTHON, arch_cfg, subprocess_env
 from test_module import make_batch
 
-from bksdm_lab.checkpoint import AtomicCheckpointIO
-from bksdm_lab.losses import KDLoss, LossTerm, OutputKD
-from bksdm_lab.module import DistillModule, NonFiniteLossError
-from bksdm_lab.unets import init_student_from_teacher
+from bksdm_lab.common.checkpoint import AtomicCheckpointIO
+from bksdm_lab.distill.losses import KDLoss, LossTerm, OutputKD
+from bksdm_lab.distill.module import DistillModule, NonFiniteLossError
+from bksdm_lab.models.students import init_student_from_teacher
 
 RESUME_ARGS = [
     "experiment=demo",

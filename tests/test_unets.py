@@ -9,8 +9,7 @@ import torch
 from conftest import arch_cfg
 from diffusers import UNet2DConditionModel
 
-from bksdm_lab.teachers import shipped_configs
-from bksdm_lab.unets import (
+from bksdm_lab.models.students import (
     WeightMapError,
     build_student,
     count_params,
@@ -20,6 +19,7 @@ from bksdm_lab.unets import (
     removed_blocks,
     student_config,
 )
+from bksdm_lab.models.teachers import shipped_configs
 
 # Exact U-Net parameter counts (diffusers UNet2DConditionModel built from config).
 TEACHER_PARAMS = {"sd14": 859_520_964, "sd15": 859_520_964, "sd21base": 865_910_724, "sd21": 865_910_724}

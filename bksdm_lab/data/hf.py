@@ -6,8 +6,8 @@ local folder of parquet / imagefolder files, ... with ``data.name`` (the config)
 image column may hold ``datasets.Image`` values (decoded here, not by ``datasets``, so that corrupt files and
 decompression bombs are counted instead of raised), encoded bytes, or file paths; the caption column text.
 
-The set is map-style, so it reuses :class:`bksdm_lab.data.ResumableSampler` through
-:func:`bksdm_lab.data.resumable_loader`, like the folder set: each sample exactly once per epoch over
+The set is map-style, so it reuses :class:`bksdm_lab.data.common.ResumableSampler` through
+:func:`bksdm_lab.data.common.resumable_loader`, like the folder set: each sample exactly once per epoch over
 ranks x workers, and a resumed run continues where it stopped. Samples are the same dicts as the folder
 set's (``pixel_values``, ``input_ids``, ``index``, ``converted`` or ``skipped``).
 """
@@ -21,7 +21,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import Dataset
 
-from bksdm_lab.data import BadSample, DataError, check_caption, collate, finish_sample, load_image, resumable_loader
+from bksdm_lab.data.common import (
+    BadSample,
+    DataError,
+    check_caption,
+    collate,
+    finish_sample,
+    load_image,
+    resumable_loader,
+)
 
 log = logging.getLogger(__name__)
 

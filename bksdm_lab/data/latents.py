@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bksdm_lab.data import DataError, resumable_loader
+from bksdm_lab.data.common import DataError, resumable_loader
 
 META = "meta.json"
 

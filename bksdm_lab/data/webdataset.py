@@ -57,7 +57,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bksdm_lab.data import BadSample, DataError, check_caption, collate, finish_sample, load_image
+from bksdm_lab.data.common import BadSample, DataError, check_caption, collate, finish_sample, load_image
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def iter_shard(stream, shard_index: int) -> Iterator[dict]:
         yield sample
 
 
-# TODO(lead): generalise bksdm_lab.data.load_image to take bytes or a PIL image as well as a path, then delete
+# TODO(lead): generalise bksdm_lab.data.common.load_image to take bytes or a PIL image as well as a path, then delete
 # this copy (it mirrors load_image exactly, with an in-memory file instead of a path).
 def worker_batches(batches: int, worker: int, workers: int) -> int:
     """How many of a rank's first ``batches`` batches worker ``worker`` made (the DataLoader takes turns)."""
@@ -161,7 +161,7 @@ def worker_batches(batches: int, worker: int, workers: int) -> int:
 
 
 class WebDatasetShards(IterableDataset):
-    """Streams img2dataset shards; yields the sample dicts of :class:`bksdm_lab.data.ImageCaptionFolder`."""
+    """Streams img2dataset shards; yields the sample dicts of :class:`bksdm_lab.data.folder.ImageCaptionFolder`."""
 
     def __init__(
         self,

@@ -20,7 +20,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from transformers import CLIPTextModel, CLIPTokenizer
 
-MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+MODEL_CONFIGS = Path(__file__).parent / "configs"
 
 
 class TeacherLoadError(RuntimeError):

@@ -426,7 +426,7 @@ def demo_clip(config: dict | None = None, seed: int = 0) -> TransformersClip:
     """A tiny random ``transformers.CLIPModel`` with the demo's byte-level tokenizer. Smoke tests only."""
     from transformers import CLIPConfig, CLIPModel
 
-    from bksdm_lab.demo import byte_level_tokenizer
+    from bksdm_lab.tools.demo import byte_level_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

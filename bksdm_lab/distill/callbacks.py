@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from bksdm_lab.export import build_pipeline
+from bksdm_lab.models.export import build_pipeline
 
 
 class SampleImages(pl.Callback):

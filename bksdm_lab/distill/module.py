@@ -9,10 +9,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from bksdm_lab.data import DataError
-from bksdm_lab.features import FeatureTaps
-from bksdm_lab.losses import KDInputs, KDLoss
-from bksdm_lab.teachers import Teacher
+from bksdm_lab.data.common import DataError
+from bksdm_lab.distill.losses import KDInputs, KDLoss
+from bksdm_lab.models.taps import FeatureTaps
+from bksdm_lab.models.teachers import Teacher
 
 FROZEN = ("teacher_unet", "vae", "text_encoder")
 FROZEN_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}

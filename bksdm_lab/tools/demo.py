@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from bksdm_lab.teachers import shipped_configs
+from bksdm_lab.models.teachers import shipped_configs
 
 
 def _byte_chars() -> list[str]:

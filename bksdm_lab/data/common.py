@@ -1,0 +1,192 @@
+"""Building blocks shared by every data format: image loading and conversion, bad-sample handling,
+collation and the resumable, rank-sharded sampler and loader.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data folder or its metadata is not usable; the message says what was found."""
+
+
+SKIP_REASONS = ("missing", "corrupt", "bomb", "caption", "small")
+CONVERT_REASONS = ("mode", "16bit", "alpha", "small")
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """8-bit RGB from any PIL mode; returns the image and what was converted (``alpha``, ``16bit``, ``mode``)."""
+    converted = []
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit / 32-bit grayscale: scale, don't clip
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        converted.append("16bit")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white, not black
+        image = Image.alpha_composite(background, rgba)
+        converted.append("alpha")
+    if image.mode != "RGB":
+        if image.mode not in ("RGBA",) and "16bit" not in converted:
+            converted.append("mode")  # CMYK, grayscale, palette, YCbCr, ...
+        image = image.convert("RGB")
+    return image, converted
+
+
+def image_to_tensor(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, center-crop, optionally flip, scale to [-1, 1], CHW."""
+    image, _ = to_rgb(image)
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    image = image.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def load_image(
+    source: str | Path | bytes | Image.Image, resolution: int, flip: bool, small: str, max_pixels: int, name: str = ""
+) -> tuple[torch.Tensor, list[str]]:
+    """Open, verify and transform one image (a path, encoded bytes or a PIL image); raises BadSample(reason)
+    for what cannot be used, and returns the tensor and what was converted."""
+    name = name or str(source if isinstance(source, str | Path) else "<image>")
+    if isinstance(source, str | Path) and not Path(source).is_file():
+        raise BadSample("missing", f"{source} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                image = source
+            else:
+                image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            with image:
+                if image.width * image.height > max_pixels:
+                    raise BadSample("bomb", f"{name}: {image.width}x{image.height} pixels > data.max_pixels")
+                image.load()  # decode now: truncated files fail here
+                rgb, converted = to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadSample("bomb", f"{name}: {err}") from None
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise BadSample("corrupt", f"{name}: {err}") from None
+    if min(rgb.size) < resolution:
+        if small == "skip":
+            raise BadSample("small", f"{name}: {rgb.size[0]}x{rgb.size[1]} < {resolution}")
+        converted.append("small")  # upscaled by the resize below
+    return image_to_tensor(rgb, resolution, flip), converted
+
+
+def check_caption(caption, name: str) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise BadSample("caption", f"{name}: caption {caption!r} is empty or not text")
+    return caption
+
+
+def finish_sample(index: int, tokenizer, read) -> dict:
+    """The sample dict every format yields: ``read() -> (caption, pixels, converted)`` is run, a BadSample it
+    raises becomes ``{"skipped": reason, "index"}`` (counted by :func:`collate`), and the caption is tokenised."""
+    try:
+        caption, pixels, converted = read()
+    except BadSample as bad:
+        log.warning("skipping sample %s (%s): %s", index, bad.reason, bad)
+        return {"skipped": bad.reason, "index": index}
+    ids = tokenizer(
+        caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids[0]
+    return {"pixel_values": pixels, "input_ids": ids, "index": index, "converted": converted}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack the good samples; count the skipped (``skipped``) and converted (``converted``) ones by reason."""
+    good = [s for s in samples if "skipped" not in s]
+    skipped = {r: sum(s.get("skipped") == r for s in samples) for r in SKIP_REASONS}
+    converted = {r: sum(r in s.get("converted", ()) for s in good) for r in CONVERT_REASONS}
+    batch = {"skipped": skipped, "converted": converted, "num_samples": len(samples)}
+    if good:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in good])
+        batch["input_ids"] = torch.stack([s["input_ids"] for s in good])
+        batch["index"] = torch.tensor([s["index"] for s in good])
+    return batch
+
+
+class ResumableSampler(Sampler):
+    """Shuffles each epoch with a generator seeded by ``(seed, epoch)`` and yields ``(index, flip)``.
+
+    The order and the flips are a function of the seed and the epoch only, so a resumed run can skip
+    exactly the batches it already trained on (``resume``) and then see what an uninterrupted run sees.
+    Each of ``world_size`` ranks takes every ``world_size``-th sample of the shuffled order (the tail
+    that does not fill a step on every rank is dropped), so each sample is seen at most once per epoch.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, random_flip: bool = True):
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.random_flip = random_flip
+        self.epoch, self._skip_epoch, self._skip = 0, -1, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        """In epoch ``epoch``, skip the first ``samples_done`` samples of this rank."""
+        self._skip_epoch, self._skip = epoch, samples_done
+
+    def _order(self) -> tuple[list[int], list[bool]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)
+        flips = (torch.rand(self.num_samples, generator=g) < 0.5) & self.random_flip
+        per_rank = self.num_samples // self.world_size
+        mine = slice(self.rank, per_rank * self.world_size, self.world_size)
+        return order[mine].tolist(), flips[mine].tolist()
+
+    def __iter__(self):
+        order, flips = self._order()
+        skip = self._skip if self.epoch == self._skip_epoch else 0
+        self._skip_epoch, self._skip = -1, 0
+        return iter(list(zip(order, flips))[skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size
+
+
+def resumable_loader(datamodule: pl.LightningDataModule, dataset: Dataset, collate_fn, random_flip: bool = True):
+    """A DataLoader over a map-style dataset with :class:`ResumableSampler`: sharded by the trainer's rank, and
+    started where a resumed checkpoint stopped (``lightning_module.resume_position``)."""
+    trainer = datamodule.trainer
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    sampler = ResumableSampler(len(dataset), seed=datamodule.seed, rank=rank, world_size=world, random_flip=random_flip)
+    position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
+    if position:  # a resumed run: skip what the checkpointed run already trained on in this epoch
+        sampler.resume(position["epoch"], position["batches"] * datamodule.batch_size)
+    return DataLoader(
+        dataset,
+        batch_size=datamodule.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_fn,
+        num_workers=datamodule.num_workers,
+        persistent_workers=datamodule.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(datamodule.seed),  # worker seeds do not consume the global RNG
+    )

@@ -1,0 +1,429 @@
+"""Export a student as a plain diffusers ``StableDiffusionPipeline`` folder, with a model card; push it to the Hub.
+
+    python -m bksdm_lab.export outputs/<run>/checkpoints/last.ckpt                  # EMA weights, if the run had EMA
+    python -m bksdm_lab.export CKPT --weights student --out DIR                      # the raw student weights
+    python -m bksdm_lab.export CKPT --teacher /path/to/sd14                          # the teacher from another place
+    python -m bksdm_lab.export CKPT --push-to-hub me/bk-sdm-tiny [--public]          # token: --token or $HF_TOKEN
+
+A checkpoint holds only the student (see ``DistillModule.on_save_checkpoint``) and the run's config; the
+teacher's VAE, text encoder, tokenizer and scheduler are loaded again from the teacher the config names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from huggingface_hub import HfApi
+from omegaconf import OmegaConf
+
+from bksdm_lab.models.students import build_student, count_params, removed_blocks, removed_by_stage
+from bksdm_lab.models.teachers import Teacher, TeacherLoadError, load_teacher
+
+WEIGHTS = ("ema", "student")
+PAPER = "https://arxiv.org/abs/2305.15798"
+LICENSE_URL = "https://huggingface.co/spaces/CompVis/stable-diffusion-license"
+CARD_TAGS = ["stable-diffusion", "text-to-image", "bk-sdm", "knowledge-distillation"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ExportError(RuntimeError):
+    """The checkpoint cannot be exported as asked; the message says why."""
+
+
+def build_pipeline(teacher: Teacher, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+    """The teacher's VAE, text encoder, tokenizer and scheduler around a (student) U-Net."""
+    return StableDiffusionPipeline(
+        vae=teacher.ensure_vae(device=unet.device),
+        text_encoder=teacher.text_encoder,
+        tokenizer=teacher.tokenizer,
+        unet=unet,
+        scheduler=teacher.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def export_pipeline(
+    teacher: Teacher, unet: UNet2DConditionModel, out_dir: str | Path, *, card: Mapping[str, Any] | None = None
+) -> Path:
+    """Save the pipeline in fp32 with safetensors; ``StableDiffusionPipeline.from_pretrained`` loads it.
+
+    With ``card`` (the ``info`` of :func:`load_checkpoint_student`) a model card ``README.md`` is written too.
+    """
+    out_dir = Path(out_dir)
+    pipe = build_pipeline(teacher, unet)
+    dtypes = {name: getattr(pipe, name).dtype for name in ("vae", "text_encoder", "unet")}
+    for name, dtype in dtypes.items():
+        if dtype != torch.float32:
+            getattr(pipe, name).to(torch.float32)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for name, dtype in dtypes.items():  # leave the caller's modules as they were
+        if dtype != torch.float32:
+            getattr(pipe, name).to(dtype)
+    if card is not None:
+        write_model_card(out_dir, card)
+    return out_dir
+
+
+# ---- checkpoint -> student -------------------------------------------------------------------------
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """The checkpoint dict of a bksdm_lab training run; ExportError / FileNotFoundError otherwise."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoints: configs, RNG state
+    except Exception as err:
+        raise ExportError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    meta = ckpt.get("bksdm") if isinstance(ckpt, dict) else None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ExportError(
+            f"{path} is not a bksdm_lab training checkpoint (no 'bksdm' entry with the run's config); "
+            "export a checkpoint written by `python -m bksdm_lab.train`"
+        )
+    missing = [key for key in ("teacher", "arch") if not isinstance(config.get(key), dict)]
+    if missing:
+        raise ExportError(f"{path}: the run config stored in the checkpoint lacks {', '.join(missing)}")
+    return ckpt
+
+
+def _choose_weights(ckpt: dict, weights: str | None, path: str | Path) -> str:
+    has_ema = bool(ckpt["bksdm"].get("ema")) and any(k.startswith("ema_student.") for k in ckpt["state_dict"])
+    if weights is None:
+        return "ema" if has_ema else "student"
+    if weights not in WEIGHTS:
+        raise ExportError(f"weights={weights!r} is not one of {WEIGHTS}")
+    if weights == "ema" and not has_ema:
+        raise ExportError(
+            f"{path} has no EMA weights (the run had ema.enabled=false); export the raw student with --weights student"
+        )
+    return weights
+
+
+def _is_hub_id(source: Any) -> bool:
+    return isinstance(source, str) and bool(_HUB_ID.match(source)) and not Path(source).expanduser().exists()
+
+
+def card_info(
+    cfg: Mapping[str, Any],
+    teacher: Teacher,
+    unet: UNet2DConditionModel,
+    global_step: int,
+    weights: str,
+    trained_source: str | None = None,
+    checkpoint: str | None = None,
+) -> dict[str, Any]:
+    """What the model card says about a student of run config ``cfg`` (the resolved train config)."""
+    arch = cfg["arch"]
+    teacher_cfg = cfg["teacher"]
+    trained_source = trained_source or teacher_cfg.get("pretrained")
+    expected = unet.state_dict()
+    teacher_keys = list(teacher.unet.state_dict())
+    removed = removed_blocks(list(expected), teacher_keys, arch.get("weight_map") or {})
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    ema_cfg = cfg.get("ema") or {}
+    base_model = next((s for s in (teacher.source, trained_source) if _is_hub_id(s)), None)
+    info = {
+        "arch_name": arch.get("name"),
+        "arch_title": arch.get("title") or arch.get("name"),
+        "teacher_name": teacher.name,
+        "teacher_title": teacher_cfg.get("title") or teacher.name,
+        "teacher_source": teacher.source,
+        "teacher_trained_source": trained_source,
+        "base_model": base_model,
+        "resolution": teacher_cfg.get("resolution") or data.get("resolution"),
+        "params_student": count_params(unet),
+        "params_teacher": count_params(teacher.unet),
+        "removed_blocks": removed,
+        "removed_by_stage": removed_by_stage(removed, teacher_keys),
+        "data_root": data.get("root"),
+        "global_step": int(global_step),
+        "batch_size": data.get("batch_size"),
+        "accumulate_grad_batches": trainer.get("accumulate_grad_batches") or 1,
+        "devices": trainer.get("devices") if isinstance(trainer.get("devices"), int) else None,
+        "num_nodes": trainer.get("num_nodes") if isinstance(trainer.get("num_nodes"), int) else None,
+        "precision": trainer.get("precision"),
+        "lr": (cfg.get("optimizer") or {}).get("lr"),
+        "kd_weights": dict((cfg.get("loss") or {}).get("weights") or {}),
+        "weights": weights,
+        "ema": weights == "ema",
+        "ema_decay": ema_cfg.get("decay"),
+        "seed": cfg.get("seed"),
+        "experiment_name": cfg.get("experiment_name"),
+        "checkpoint": checkpoint,
+    }
+    return info
+
+
+def load_checkpoint_student(
+    ckpt_path: str | Path, weights: str | None = None, teacher_pretrained: str | None = None
+) -> tuple[Teacher, UNet2DConditionModel, dict[str, Any]]:
+    """Rebuild the teacher and the student of a training checkpoint and load the student's weights strictly.
+
+    ``weights``: "ema" (the default when the run kept an EMA) or "student" (the raw weights).
+    ``teacher_pretrained``: load the teacher from this hub id / folder instead of the one in the run config.
+    Returns ``(teacher, unet, info)``; ``info`` describes the model for :func:`write_model_card`.
+    """
+    ckpt = read_checkpoint(ckpt_path)
+    cfg, state = ckpt["bksdm"]["config"], ckpt["state_dict"]
+    weights = _choose_weights(ckpt, weights, ckpt_path)
+
+    teacher_cfg = dict(cfg["teacher"])
+    trained_source = teacher_cfg.get("pretrained")
+    if teacher_pretrained is not None:
+        teacher_cfg["pretrained"] = str(teacher_pretrained)
+    teacher = load_teacher(OmegaConf.create(teacher_cfg))
+
+    arch = cfg["arch"]
+    try:
+        unet = build_student(teacher.unet.config, arch)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ExportError(
+            f"cannot build the {arch.get('name')!r} student from teacher {teacher.source!r}: {err}"
+        ) from err
+    prefix = "ema_student." if weights == "ema" else "student."
+    student_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    expected = unet.state_dict()
+    missing, unexpected = sorted(set(expected) - set(student_state)), sorted(set(student_state) - set(expected))
+    mismatched = [k for k in expected if k in student_state and student_state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        raise ExportError(
+            f"the {prefix}* tensors of {ckpt_path} do not fit a {arch.get('name')!r} student of teacher "
+            f"{teacher.source!r}: {len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} of another "
+            f"shape (e.g. {(missing + unexpected + mismatched)[:3]}); is --teacher the model the run distilled from?"
+        )
+    unet.load_state_dict(student_state, strict=True)
+    unet.eval()
+
+    info = card_info(cfg, teacher, unet, int(ckpt.get("global_step", 0)), weights, trained_source, str(ckpt_path))
+    return teacher, unet, info
+
+
+# ---- model card ------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "?" if value is None else str(value)
+
+
+def _global_batch(info: Mapping[str, Any]) -> str:
+    bs, acc = info.get("batch_size"), int(info.get("accumulate_grad_batches") or 1)
+    if not isinstance(bs, int):
+        return f"{_fmt(bs)} per device x {acc} accumulation"
+    factors = [f"{bs} per device", f"{acc} accumulation"]
+    total = bs * acc
+    for key, label in (("devices", "devices"), ("num_nodes", "nodes")):
+        n = info.get(key)
+        if isinstance(n, int) and n > 1:
+            factors.append(f"{n} {label}")
+            total *= n
+    return f"{' x '.join(factors)} = {total}"
+
+
+def model_card(info: Mapping[str, Any]) -> str:
+    """The text of a Hugging Face model card (YAML front matter + markdown) for an exported student."""
+    front: dict[str, Any] = {
+        "license": "creativeml-openrail-m",
+        "library_name": "diffusers",
+        "tags": list(CARD_TAGS),
+        "pipeline_tag": "text-to-image",
+    }
+    if info.get("base_model"):
+        front["base_model"] = info["base_model"]
+    arch, teacher = (
+        info.get("arch_title") or info.get("arch_name"),
+        info.get("teacher_title") or info.get("teacher_name"),
+    )
+    student_p, teacher_p = info.get("params_student"), info.get("params_teacher")
+    share = f" ({100 * student_p / teacher_p:.1f}% of the teacher's)" if student_p and teacher_p else ""
+    weights = (
+        f"the exponential moving average of the student (decay {_fmt(info.get('ema_decay'))})"
+        if info.get("ema")
+        else "the raw student weights (no EMA)"
+    )
+    source = info.get("teacher_source")
+    trained = info.get("teacher_trained_source")
+    teacher_line = f"{teacher} (`{trained or source}`)"
+    if trained and source and trained != source:
+        teacher_line += f"; VAE, text encoder, tokenizer and scheduler exported from `{source}`"
+    kd = ", ".join(f"{k} {_fmt(v)}" for k, v in (info.get("kd_weights") or {}).items()) or "?"
+    repo = info.get("repo_id") or "path/to/this/folder"
+    res = info.get("resolution")
+    size = f", height={res}, width={res}" if isinstance(res, int) else ""
+
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
+    lines += [
+        f"# {arch} distilled from {teacher}",
+        "",
+        f"A block-removed Stable Diffusion U-Net trained by knowledge distillation: **BK-SDM** "
+        f"([Kim et al., *BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion*, arXiv 2305.15798]({PAPER})). "
+        f"The student is **{arch}**: the teacher's U-Net with residual/attention blocks removed, initialised from the "
+        f"teacher's remaining weights and trained to match the teacher's outputs and features. The VAE, text encoder, "
+        f"tokenizer and scheduler are the teacher's, unchanged. The folder loads in plain diffusers.",
+        "",
+        f"- U-Net parameters: **{_fmt(student_p)}** (student) vs {_fmt(teacher_p)} (teacher){share}",
+        f"- Removed from the teacher's U-Net ({len(info.get('removed_blocks') or [])} blocks):",
+    ]
+    stages = info.get("removed_by_stage") or []
+    for stage in stages:
+        what = (
+            ("removed" if stage["stage"] == "mid_block" else "the whole stage")
+            if stage["whole"]
+            else ", ".join(f"`{b}`" for b in stage["removed"])
+        )
+        lines.append(f"  - `{stage['stage']}`: {what}")
+    if not stages:
+        lines.append("  - nothing")
+    if info.get("teacher_name") == "demo":
+        lines += [
+            "",
+            "> This is the offline demo: the teacher is a tiny, randomly initialised model with the SD-v1 block "
+            "topology, trained on synthetic shapes. Its images are not meaningful.",
+        ]
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- Teacher: {teacher_line}",
+        f"- Data: `{_fmt(info.get('data_root'))}`",
+        f"- Steps: {_fmt(info.get('global_step'))} optimizer steps",
+        f"- Batch: {_global_batch(info)}",
+        f"- Learning rate: {_fmt(info.get('lr'))}",
+        f"- Loss weights: {kd} (task = denoising target, out_kd = teacher output, feat_kd = teacher features)",
+        f"- Weights exported: {weights}",
+        f"- Precision: {_fmt(info.get('precision'))}; seed: {_fmt(info.get('seed'))}",
+        "",
+        "Trained with `bksdm_lab` (Hydra + PyTorch Lightning).",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")',
+        f'image = pipe("a golden retriever floating in the ocean", num_inference_steps=25{size}).images[0]',
+        'image.save("sample.png")',
+        "```",
+        "",
+        "No safety checker is included (`safety_checker=None`); add one if your use needs it.",
+        "",
+        "## License",
+        "",
+        f"These weights derive from Stable Diffusion ({teacher}) and are released under the **CreativeML OpenRAIL-M** "
+        f"license, like the model they were distilled from. Read it: {LICENSE_URL}",
+        "",
+        "1. You can't use the model to deliberately produce nor share illegal or harmful outputs or content.",
+        "2. The authors claim no rights on the outputs you generate; you are free to use them and are accountable for "
+        "their use, which must not go against the provisions set in the license.",
+        "3. You may redistribute the weights and use the model commercially and/or as a service. If you do, you must "
+        "include the same use restrictions as the ones in the license and share a copy of the CreativeML OpenRAIL-M "
+        "with all your users.",
+        "",
+        "You are responsible for how you use the model and what you generate with it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(out_dir: str | Path, info: Mapping[str, Any]) -> Path:
+    """Write ``<out_dir>/README.md``, a Hugging Face model card for the exported student."""
+    path = Path(out_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(model_card(info), encoding="utf-8")
+    return path
+
+
+# ---- the Hub ---------------------------------------------------------------------------------------
+def push_to_hub(
+    folder: str | Path, repo_id: str, token: str | None = None, private: bool = True, commit_message: str | None = None
+) -> str:
+    """Create the model repo (if needed) and upload ``folder``; returns the commit URL (or the repo URL)."""
+    api = HfApi(token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        commit_message=commit_message or f"Upload BK-SDM student from {Path(folder).name}",
+    )
+    return str(getattr(commit, "commit_url", None) or getattr(commit, "repo_url", None) or repo_url or commit)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------
+def default_out_dir(ckpt_path: str | Path, weights: str, global_step: int) -> Path:
+    """``<run dir>/export-<weights>-step<NNNNNN>``; the run dir is the checkpoint folder's parent."""
+    return Path(ckpt_path).resolve().parent.parent / f"export-{weights}-step{global_step:06d}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bksdm_lab.export",
+        description="Export a bksdm_lab training checkpoint as a diffusers StableDiffusionPipeline folder with a "
+        "model card, and optionally push it to the Hugging Face Hub.",
+    )
+    parser.add_argument(
+        "ckpt", help="a checkpoint of `python -m bksdm_lab.train` (e.g. <run dir>/checkpoints/last.ckpt)"
+    )
+    parser.add_argument("--out", help="output folder (default: <run dir>/export-<weights>-step<NNNNNN>)")
+    parser.add_argument(
+        "--weights", choices=WEIGHTS, help="EMA or raw student weights (default: ema if the run kept one)"
+    )
+    parser.add_argument(
+        "--teacher", metavar="PATH_OR_ID", help="load the teacher from here instead of the run config's"
+    )
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hugging Face model repo")
+    parser.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
+    parser.add_argument("--token", default=os.environ.get("HF_TOKEN"), help="Hub token (default: $HF_TOKEN)")
+    return parser.parse_args(argv)
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "<redacted>") if token else text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        teacher, unet, info = load_checkpoint_student(args.ckpt, weights=args.weights, teacher_pretrained=args.teacher)
+    except (ExportError, TeacherLoadError, FileNotFoundError) as err:
+        hint = " (For the export: --teacher PATH_OR_ID loads the teacher from elsewhere.)"
+        print(f"bksdm_lab.export: error: {err}{hint if isinstance(err, TeacherLoadError) else ''}", file=sys.stderr)
+        raise SystemExit(2) from None
+    out_dir = Path(args.out) if args.out else default_out_dir(args.ckpt, info["weights"], info["global_step"])
+    if args.push_to_hub:
+        info["repo_id"] = args.push_to_hub
+    export_pipeline(teacher, unet, out_dir, card=info)
+    print(
+        f"bksdm_lab.export: wrote {out_dir} ({info['arch_title']}, {info['weights']} weights, "
+        f"step {info['global_step']}, {info['params_student']:,} U-Net parameters)"
+    )
+    if args.push_to_hub:
+        message = (
+            f"{info['arch_title']} from {info['teacher_title']}: {info['weights']} weights, step {info['global_step']}"
+        )
+        try:
+            url = push_to_hub(
+                out_dir, args.push_to_hub, token=args.token, private=not args.public, commit_message=message
+            )
+        except Exception as err:  # network, auth, permissions: a message, never the token
+            reason = _scrub(f"{type(err).__name__}: {err}", args.token)
+            print(
+                f"bksdm_lab.export: error: push to {args.push_to_hub} failed ({reason}); the export is in {out_dir}",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+        print(f"bksdm_lab.export: pushed to {args.push_to_hub} ({'public' if args.public else 'private'}): {url}")
