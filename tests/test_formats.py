@@ -87,6 +87,13 @@ def test_brace_patterns_and_shard_lists(shard_dir):
     assert expand_braces("http://h/{0..1}.tar") == ["http://h/0.tar", "http://h/1.tar"]
     with pytest.raises(DataError, match="unbalanced"):
         expand_braces("a{0..1")
+    # braceexpand's (bash's) rules beyond the old hand-written expander: zero padding across widths, steps, escapes,
+    # and a brace with neither a comma nor a range stays literal (the old expander dropped the braces of "{x}")
+    assert expand_braces("{08..10}.tar") == ["08.tar", "09.tar", "10.tar"]
+    assert expand_braces("{0..6..3}") == ["0", "3", "6"]
+    assert expand_braces("{2..0}") == ["2", "1", "0"]
+    assert expand_braces(r"a\{b,c\}{1,2}") == ["a{b,c}1", "a{b,c}2"]
+    assert expand_braces("a{x}b") == ["a{x}b"]
     tars = [str(shard_dir / f"{s:05d}.tar") for s in range(SHARDS)]
     assert expand_shards(pattern(shard_dir)) == tars
     assert expand_shards([tars[0], f"{shard_dir}/0000{{1..3}}.tar"]) == tars

@@ -1,5 +1,7 @@
 """Fetch and unpack the published BK-SDM data: ``python -m bksdm_lab.data.download NAME``.
 
+Own downloader, not pooch: pooch 1.9 does not resume a partial download (a broken 18 GB fetch restarts at 0).
+
     python -m bksdm_lab.data.download 212k [--root DIR] [--url URL] [--no-extract] [--force] [--sha256 HEX]
 
 Names (see ``SOURCES``): ``11k``, ``212k``, ``2256k``, the LAION-Aesthetics V2 subsets prepared by the BK-SDM

@@ -1,12 +1,14 @@
 """WebDataset tar shards as img2dataset writes them, streamed: for sets too large to list.
 
+Not webdataset 1.0.2: it shards by worker before shuffling, can't skip undecoded samples, hides tar-header cuts.
+
 A shard is a tar file whose members are grouped by key, one sample per key, in order::
 
     00000000.jpg  00000000.txt  00000000.json  00000001.jpg  00000001.txt  00000001.json ...
 
 The image is the first of ``image_extensions`` present (``jpg``, ``png``, ``webp``, ...); the caption is the
 ``.txt`` member if there is one, else the ``caption_field`` of the ``.json`` member. Shards are given as a
-brace pattern (``/data/{00000..00099}.tar``, expanded here), a glob of local files, or a list of either;
+brace pattern (``/data/{00000..00099}.tar``, expanded by braceexpand), a glob of local files, or a list of either;
 local paths, ``file://`` or ``http(s)://`` URLs (streamed with urllib, never written to disk). Members are
 read sequentially with the standard library's ``tarfile`` in stream mode: the ``webdataset`` package is not
 needed.
@@ -45,7 +47,6 @@ import json
 import logging
 import math
 import random
-import re
 import tarfile
 import time
 import urllib.request
@@ -55,6 +56,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from braceexpand import UnbalancedBracesError, braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bksdm_lab.data.common import BadSample, DataError, check_caption, collate, finish_sample, load_image
@@ -63,38 +65,15 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_STRIDE = 1 << 32  # a sample's index is shard * INDEX_STRIDE + its ordinal in the shard
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a{00..02}b{x,y}`` -> ``a00bx a00by a01bx ...``: numeric ranges keep their zero padding; nesting works."""
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    depth = 0
-    for end in range(start, len(pattern)):
-        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
-        if depth == 0:
-            break
-    else:
-        raise DataError(f"data.shards: unbalanced braces in {pattern!r}")
-    body, head, tail = pattern[start + 1 : end], pattern[:start], pattern[end + 1 :]
-    match = _RANGE.match(body)
-    if match:
-        lo, hi = int(match[1]), int(match[2])
-        width = len(match[1]) if match[1].lstrip("-").startswith("0") else 0
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    else:  # a comma list, splitting at top-level commas only
-        options, depth, last = [], 0, 0
-        for i, char in enumerate(body):
-            depth += {"{": 1, "}": -1}.get(char, 0)
-            if char == "," and depth == 0:
-                options.append(body[last:i])
-                last = i + 1
-        options.append(body[last:])
-        options = [o for option in options for o in expand_braces(option)]
-    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+    """``a{00..02}b{x,y}`` -> ``a00bx a00by a01bx ...`` with :mod:`braceexpand` (bash's rules: numeric ranges keep
+    their zero padding, ``{1..9..2}`` steps, nesting, ``\\{``/``\\}`` escapes; a brace without a comma or range stays)."""
+    try:
+        return list(braceexpand(pattern))
+    except UnbalancedBracesError as err:
+        raise DataError(f"data.shards: unbalanced braces in {pattern!r}") from err
 
 
 def is_url(shard: str) -> bool:
