@@ -157,7 +157,10 @@ def workspace_sections(feature_layers: Sequence[str] = ()) -> list[Section]:
         ),
         Section(
             "Eval (in training)",
-            tuple(line(f"eval/{m}", EVAL_TITLES[m]) for m in EVAL_METRICS),
+            (
+                *(line(f"eval/{m}", EVAL_TITLES[m]) for m in EVAL_METRICS),
+                line("eval/images_per_s", "eval generation images/s"),
+            ),
             note="only runs with callbacks=with_eval (eval/fid needs callbacks.eval.ref_stats)",
         ),
     ]
@@ -183,7 +186,8 @@ def _panel(panel: Panel):
     if panel.kind == "media":
         return wr.MediaBrowser(title=panel.title, media_keys=list(panel.keys), gallery_axis="step")
     if panel.kind == "table":
-        return wr.WeavePanelSummaryTable(table_name=panel.keys[0], layout=wr.Layout(w=24, h=12))
+        # default layout: wandb-workspaces 0.4.13 does not read a summary-table panel's layout back on load
+        return wr.WeavePanelSummaryTable(table_name=panel.keys[0])
     raise ValueError(f"unknown panel kind {panel.kind!r}")
 
 
@@ -251,8 +255,7 @@ def build_report(group: str, entity: str, project: str, resolve_runset: bool = T
             wr.MarkdownBlock(text=paper_table_markdown()),
             wr.H2(text="This group"),
             wr.PanelGrid(runsets=[runset], panels=panels),
-        ],
-        width="fluid",
+        ],  # width: the default; wandb-workspaces 0.4.13 does not read a report's width back on load
     )
 
 
