@@ -132,16 +132,15 @@ def logged(cache_dir, tmp_path_factory) -> dict[str, list]:
         "trainer.max_steps=4",
         "trainer.log_every_n_steps=1",
         "logger=wandb",
-        "export_pipeline=false",
+        "~callbacks.export",  # no exported pipeline (not needed here)
         "callbacks=with_eval",
         "callbacks.checkpoint.every_n_train_steps=100",
         "callbacks.samples.every_n_steps=2",
-        "callbacks.samples.num_inference_steps=2",
+        "sampling.steps=2",  # samples and eval
         f"callbacks.eval.metadata={data / 'metadata.csv'}",
         "callbacks.eval.num_prompts=2",
         f"callbacks.eval.ref_stats={ref}",
         "callbacks.eval.every_n_steps=2",
-        "callbacks.eval.num_inference_steps=2",
         "callbacks.eval.batch_size=2",
         "callbacks.eval.feature_extractor=demo",
         "callbacks.eval.clip=demo",

@@ -6,13 +6,12 @@ truth; the tests check every key against a real offline run). :func:`build_works
 turn them into ``wandb_workspaces`` objects, :func:`dry_run_spec` serialises both offline, and :func:`save`
 uploads them (that needs a logged-in W&B).
 
-Where the keys come from:
+Where the keys come from (the tests check each against a real offline run, see tests/test_dashboard.py):
 
 - ``train/loss``, ``train/loss_<term>``, ``train/feat_kd/<student layer>``, ``train/lr``, ``train/grad_norm``:
-  ``bksdm_lab.distill.module.DistillModule`` (one ``train/feat_kd/<layer>`` per ``arch.feature_pairs`` student
-  module);
+  ``bksdm_lab.distill.module`` (one ``train/feat_kd/<layer>`` per ``arch.feature_pairs`` student module);
 - ``perf/*`` and ``samples/*``: ``bksdm_lab.distill.callbacks`` (``Throughput``, ``SampleImages``);
-- ``data/skipped_<reason>`` / ``data/converted_<reason>``: ``DistillModule.count_data``, one key per reason of
+- ``data/skipped_<reason>`` / ``data/converted_<reason>``: the data-quality counting, one key per reason of
   ``bksdm_lab.data.common.SKIP_REASONS`` / ``CONVERT_REASONS`` (the collate function reports every reason, so
   each key is logged from the first batch, 0 until a bad sample turns up);
 - ``eval/*``: ``EvalCallback`` (only in runs with ``callbacks=with_eval``).
