@@ -1,6 +1,174 @@
-"""python -m bksdm_lab.evaluate: Evaluate a model with the paper's protocol (FID, IS, CLIP score)."""
+"""python -m bksdm_lab.evaluate: the paper's evaluation (FID, IS, CLIP score) of a model, as a Hydra app.
 
-from bksdm_lab.evaluation.evaluate import main
+    python -m bksdm_lab.evaluate pipeline=nota-ai/bk-sdm-tiny ref_stats=val2014_256.npz out=eval/tiny
+    python -m bksdm_lab.evaluate pipeline=EXPORT_DIR num_prompts=1000 ref_stats=val2014_256.npz
+    python -m bksdm_lab.evaluate out=eval/tiny ref_stats=val2014_256.npz            # score images already there
+    python -m bksdm_lab.evaluate -m pipeline=EXPORT_DIR sampling.guidance=5,7.5,9   # one job (folder) per value
+    python -m bksdm_lab.evaluate stats images=coco/val2014 out=val2014_256.npz     # real-image statistics
+
+Config: conf/evaluate.yaml (+ the ``sampling``, ``teacher`` and ``paths`` groups) and, for ``stats``,
+conf/evaluate_stats.yaml; ``--help`` lists them. Generation is resumable (rerun with the same ``out=``);
+``results.json`` holds the numbers and the settings, the console shows them beside the paper's for the same
+model (``paper_model=``, or recognised from the model name), ``wandb=true`` logs them. The logic is
+:mod:`bksdm_lab.evaluation.evaluate` and :mod:`bksdm_lab.evaluation.sampling`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from bksdm_lab import CONF_DIR
+from bksdm_lab.evaluation import sampling as gen
+from bksdm_lab.evaluation.app import guarded, run_dir
+from bksdm_lab.evaluation.evaluate import EvaluationError, comparability_notes, compute_stats, evaluate, format_table
+from bksdm_lab.evaluation.metrics import (
+    MissingEvalDependency,
+    check_available,
+    clip_from_spec,
+    extractor_from_spec,
+    save_stats,
+)
+from bksdm_lab.evaluation.paper import PAPER_IMAGES, PAPER_RESULTS, paper_model
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name) if name else gen.default_device()
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """Generate (if a model is given) into the run folder, score, report; returns the ``results.json`` record."""
+    out_dir = run_dir(cfg)
+    has_source = any(cfg.get(k) for k in ("pipeline", "unet", "checkpoint"))
+    try:
+        if cfg.ref_stats and not Path(cfg.ref_stats).is_file():
+            raise FileNotFoundError(f"ref_stats={cfg.ref_stats!r} does not exist")
+        check_available(cfg.feature_extractor, cfg.clip)
+        prompts = gen.prompts_from_config(cfg)
+        generation: dict[str, Any] = {}
+        model = None
+        if has_source:
+            pipe, model = gen.pipeline_from_config(cfg)
+            result = gen.generate_from_config(cfg, pipe, model, prompts, out_dir)
+            print(f"bksdm_lab.evaluate: {gen.summary(result)}", flush=True)
+            generation = gen.result_record(result)
+            del pipe
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        else:
+            manifest = out_dir / gen.MANIFEST
+            if manifest.is_file():
+                generation = json.loads(manifest.read_text()).get("settings", {})
+                model = generation.get("model")
+        device = _device(cfg.device)
+        extractor = extractor_from_spec(cfg.feature_extractor).to(device)
+        clip = None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
+        results = evaluate(
+            out_dir,
+            prompts,
+            feature_extractor=extractor,
+            clip_model=clip,
+            ref_stats=cfg.ref_stats,
+            resize=cfg.eval_resolution or None,
+            batch_size=cfg.eval_batch_size,
+            is_splits=cfg.is_splits,
+            progress=cfg.progress,
+            stats_out=out_dir / "generated_stats.npz",
+        )
+    except FileNotFoundError as err:
+        hint = "" if has_source else " (no pipeline given: only images already in out= are scored)"
+        raise FileNotFoundError(f"{err}{hint}") from None
+
+    results = {
+        "model": model,
+        "paper_model": cfg.paper_model or paper_model(model),
+        **results,
+        "ref_stats": str(cfg.ref_stats) if cfg.ref_stats else None,
+        "feature_extractor": getattr(extractor, "name", cfg.feature_extractor),
+        "clip_model": getattr(clip, "name", None) if clip is not None else None,
+        "eval_resolution": cfg.eval_resolution,
+        "metadata": cfg.metadata,
+        "generation": generation,
+    }
+    if results["paper_model"] and results["paper_model"] not in PAPER_RESULTS:
+        print(f"bksdm_lab.evaluate: unknown paper_model {results['paper_model']!r}; known: {', '.join(PAPER_RESULTS)}")
+        results["paper_model"] = None
+    if results["paper_model"]:
+        fid, is_, clip_score = PAPER_RESULTS[results["paper_model"]]
+        results["paper"] = {"fid": fid, "is": is_, "clip_score": clip_score, "num_images": PAPER_IMAGES}
+    results["notes"] = comparability_notes(results, cfg.feature_extractor, cfg.clip, generation)
+    results["comparable_to_paper"] = not results["notes"]
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_table(results))
+    print(f"bksdm_lab.evaluate: wrote {out_dir / 'results.json'}")
+    if cfg.wandb:
+        from bksdm_lab.evaluation.wandb_log import log_results
+
+        wandb_dir = log_results(results, out_dir, cfg.wandb_project, cfg.wandb_name or out_dir.name)
+        print(f"bksdm_lab.evaluate: logged to W&B ({wandb_dir})")
+    return results
+
+
+def run_stats(cfg: DictConfig) -> Path:
+    """``evaluate stats``: the FID statistics of a folder of real images, saved to ``out``."""
+    check_available(cfg.feature_extractor)
+    extractor = extractor_from_spec(cfg.feature_extractor).to(_device(cfg.device))
+    stats = compute_stats(
+        cfg.images,
+        extractor,
+        resize=cfg.resize or None,
+        batch_size=cfg.batch_size,
+        num_images=cfg.num_images,
+        progress=cfg.progress,
+    )
+    if stats.n < 2:
+        raise EvaluationError(f"statistics need at least 2 images, found {stats.n}")
+    out = save_stats(cfg.out, stats.mu, stats.sigma)
+    print(
+        f"bksdm_lab.evaluate: wrote {out} ({stats.n:,} images, {stats.mu.shape[0]}-d features, "
+        f"feature extractor {cfg.feature_extractor})"
+    )
+    return out
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    from bksdm_lab.models.export import ExportError
+
+    return (
+        gen.GenerationError,
+        gen.TeacherLoadError,
+        ExportError,
+        EvaluationError,
+        MissingEvalDependency,
+        FileNotFoundError,
+        ValueError,
+    )
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+def evaluate_app(cfg: DictConfig) -> dict[str, Any] | None:
+    return guarded("evaluate", run_evaluation, cfg, errors())
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate_stats")
+def stats_app(cfg: DictConfig) -> Path | None:
+    return guarded("evaluate", run_stats, cfg, errors())
+
+
+def main() -> None:
+    """``python -m bksdm_lab.evaluate [stats] [key=value ...]``: the first word picks the config."""
+    if sys.argv[1:2] == ["stats"]:
+        del sys.argv[1]
+        stats_app()
+    else:
+        evaluate_app()
+
 
 if __name__ == "__main__":
     main()

@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import PYTHON, subprocess_env
+from omegaconf import OmegaConf
 from PIL import Image
-from test_generate import export_demo_student
+from test_generate import compose, export_demo_student
 
+from bksdm_lab import evaluate as app
 from bksdm_lab.evaluation import evaluate as ev
 from bksdm_lab.evaluation import metrics
+from bksdm_lab.evaluation.callback import EvalCallback
+from bksdm_lab.evaluation.paper import paper_model
 
-TINY = ["--feature-extractor", "demo", "--clip", "demo"]
+TINY = ["feature_extractor=demo", "clip=demo"]
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +45,14 @@ def run_cli(args, cache_dir, cwd):
 def ref_stats(demo_data_dir, cache_dir, tmp_path_factory) -> Path:
     """`evaluate stats` on the demo's 32 synthetic images, squashed to 256 px."""
     out = tmp_path_factory.mktemp("stats") / "demo_256.npz"
-    proc = run_cli(["stats", "--images", demo_data_dir, "--out", out, *TINY[:2]], cache_dir, out.parent)
+    proc = run_cli(["stats", f"images={demo_data_dir}", f"out={out}", TINY[0]], cache_dir, out.parent)
     assert f"wrote {out} (32 images, 32-d features" in proc.stdout
     return out
 
 
 def eval_args(exported, demo_data_dir, ref_stats, out) -> list[str]:
-    args = ["--pipeline", exported, "--metadata", demo_data_dir / "metadata.csv", "--num-prompts", 4]
-    args += ["--steps", 2, "--resolution", 64, "--ref-stats", ref_stats, "--out", out, *TINY]
-    return [str(a) for a in args]
+    args = [f"pipeline={exported}", f"metadata={demo_data_dir / 'metadata.csv'}", "num_prompts=4"]
+    return args + ["sampling.steps=2", "sampling.resolution=64", f"ref_stats={ref_stats}", f"out={out}", *TINY]
 
 
 def test_stats_npz(ref_stats, demo_data_dir):
@@ -65,7 +68,7 @@ def test_stats_npz(ref_stats, demo_data_dir):
 def test_evaluate_cli_end_to_end_then_resume(exported, demo_data_dir, ref_stats, cache_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     args = eval_args(exported, demo_data_dir, ref_stats, out)
-    proc = run_cli([*args, "--wandb"], cache_dir, tmp_path)
+    proc = run_cli([*args, "wandb=true"], cache_dir, tmp_path)
     assert "4 images generated" in proc.stdout
     assert "meaningless" in proc.stdout  # the demo models are called what they are
 
@@ -82,10 +85,12 @@ def test_evaluate_cli_end_to_end_then_resume(exported, demo_data_dir, ref_stats,
     assert (out / "grid.png").is_file() and (out / "generated_stats.npz").is_file()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
+    saved = OmegaConf.load(out / ".hydra" / "config.yaml")  # the run folder keeps its resolved config
+    assert saved.sampling.steps == 2 and saved.num_prompts == 4 and saved.feature_extractor == "demo"
 
     # the same command again: nothing is generated, the numbers are the same
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
-    again = ev.main(args + ["--no-progress"])
+    again = app.run_evaluation(compose("evaluate", args + ["progress=false"]))
     printed = capsys.readouterr().out
     assert "0 images generated" in printed and "4 already on disk" in printed
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
@@ -93,7 +98,7 @@ def test_evaluate_cli_end_to_end_then_resume(exported, demo_data_dir, ref_stats,
         assert again[key] == pytest.approx(results[key], rel=1e-9)
 
     # no pipeline: score what is on disk
-    scored = ev.main([a for a in args if a not in ("--pipeline", str(exported))] + ["--no-progress"])
+    scored = app.run_evaluation(compose("evaluate", [a for a in args if not a.startswith("pipeline=")]))
     assert scored["fid"] == pytest.approx(results["fid"], rel=1e-9)
 
 
@@ -127,13 +132,13 @@ def test_evaluate_function_equals_the_metrics_by_hand(demo_data_dir):
 
 
 def test_paper_models_and_table():
-    assert ev.paper_model("nota-ai/bk-sdm-tiny") == "BK-SDM-Tiny"
-    assert ev.paper_model("/models/bk-sdm-small-2m") == "BK-SDM-Small-2M"
-    assert ev.paper_model("nota-ai/bk-sdm-v2-base") == "BK-SDM-v2-Base"
-    assert ev.paper_model("CompVis/stable-diffusion-v1-4") == "SD-v1.4"
-    assert ev.paper_model("stabilityai/stable-diffusion-2-1-base") == "SD-v2.1-base"
-    assert ev.paper_model("CompVis/stable-diffusion-v1-4 + unet /x/bk-sdm-base") == "BK-SDM-Base"
-    assert ev.paper_model("/tmp/export-ema-step000004") is None
+    assert paper_model("nota-ai/bk-sdm-tiny") == "BK-SDM-Tiny"
+    assert paper_model("/models/bk-sdm-small-2m") == "BK-SDM-Small-2M"
+    assert paper_model("nota-ai/bk-sdm-v2-base") == "BK-SDM-v2-Base"
+    assert paper_model("CompVis/stable-diffusion-v1-4") == "SD-v1.4"
+    assert paper_model("stabilityai/stable-diffusion-2-1-base") == "SD-v2.1-base"
+    assert paper_model("CompVis/stable-diffusion-v1-4 + unet /x/bk-sdm-base") == "BK-SDM-Base"
+    assert paper_model("/tmp/export-ema-step000004") is None
     table = ev.format_table(
         {"paper_model": "BK-SDM-Tiny", "fid": 17.3, "is": 30.0, "clip_score": 0.26, "num_images": 4}
     )
@@ -142,8 +147,10 @@ def test_paper_models_and_table():
 
 def test_missing_images_without_a_pipeline(demo_data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        ev.main(
-            ["--metadata", str(demo_data_dir / "metadata.csv"), "--num-prompts", "2", "--out", str(tmp_path), *TINY]
+        app.evaluate_app(
+            compose(
+                "evaluate", [f"metadata={demo_data_dir / 'metadata.csv'}", "num_prompts=2", f"out={tmp_path}", *TINY]
+            )
         )
     assert exc.value.code == 2
     err = capsys.readouterr().err
@@ -158,10 +165,10 @@ def test_default_models_fail_before_generating(exported, demo_data_dir, tmp_path
     except ImportError:
         pass
     with pytest.raises(SystemExit) as exc:
-        ev.main(["--pipeline", str(exported), "--prompt", "x", "--out", str(tmp_path / "out")])
+        app.evaluate_app(compose("evaluate", [f"pipeline={exported}", "prompt=x", f"out={tmp_path / 'out'}"]))
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert 'pip install -e ".[eval]"' in err and "--feature-extractor demo" in err
+    assert 'pip install -e ".[eval]"' in err and "demo" in err
     assert not (tmp_path / "out" / "images").exists()  # failed before any generation
 
 
@@ -186,12 +193,12 @@ def test_eval_callback_logs_fid_and_clip_score(exported, demo_teacher_dir, demo_
     module = SimpleNamespace(teacher=teacher, student=student, ema_student=None, device=torch.device("cpu"))
     logger = FakeLogger()
     trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[logger])
-    callback = ev.EvalCallback(
+    callback = EvalCallback(
         metadata=str(demo_data_dir / "metadata.csv"),
         num_prompts=3,
         ref_stats=str(ref_stats),
         every_n_steps=2,
-        num_inference_steps=2,
+        sampling={"steps": 2},
         batch_size=2,
         feature_extractor="demo",
         clip="demo",
@@ -211,6 +218,75 @@ def test_eval_callback_logs_fid_and_clip_score(exported, demo_teacher_dir, demo_
     # the same student, the same per-prompt seeds: the same numbers at both steps
     assert logger.logged[0][1]["eval/fid"] == pytest.approx(logger.logged[1][1]["eval/fid"], rel=1e-6)
 
-    bad = ev.EvalCallback(prompts=["x"], feature_extractor="resnet")
+    settings = json.loads((tmp_path / "step000002" / "generation.json").read_text())["settings"]
+    assert settings["steps"] == 2 and settings["guidance"] == 7.5 and settings["seed_mode"] == "per-prompt"
+
+    bad = EvalCallback(prompts=["x"], feature_extractor="resnet")
     with pytest.raises(ValueError, match="unknown feature extractor"):
         bad.setup(trainer, module, "fit")
+
+
+def test_guidance_sweep_writes_one_folder_per_value(exported, demo_data_dir, ref_stats, cache_dir, tmp_path):
+    """`-m sampling.guidance=5,7.5`: two jobs, each with its own folder, results.json and .hydra/ record."""
+    sweep = tmp_path / "sweep"
+    args = eval_args(exported, demo_data_dir, ref_stats, sweep)
+    args = [a for a in args if not a.startswith("num_prompts=")] + ["num_prompts=2", "grid=0", "progress=false"]
+    run_cli(["-m", *args, "sampling.guidance=5,7.5"], cache_dir, tmp_path)
+    results = sorted(sweep.glob("*/results.json"))
+    names = [p.parent.name for p in results]  # <job>_<overrides> (paths left out)
+    assert len(names) == 2 and names[0].startswith("0_") and names[1].startswith("1_"), names
+    assert "sampling.guidance=5," in names[0] and "sampling.guidance=7.5," in names[1], names
+    guidance = []
+    for path in results:
+        record = json.loads(path.read_text())
+        assert record["num_images"] == 2 and np.isfinite(record["fid"])
+        saved = OmegaConf.load(path.parent / ".hydra" / "config.yaml")
+        assert saved.sampling.guidance == record["generation"]["guidance"]
+        assert (path.parent / ".hydra" / "overrides.yaml").is_file()
+        guidance.append(record["generation"]["guidance"])
+    assert guidance == [5.0, 7.5]
+
+
+def test_train_config_gives_the_eval_callback_its_sampling(demo_data_dir):
+    """callbacks=with_eval takes scheduler, steps, guidance, seed from the run's `sampling` group."""
+    from hydra.utils import instantiate
+
+    cfg = compose(
+        "train",
+        ["experiment=demo", "callbacks=with_eval", "sampling.steps=3", "sampling.guidance=2.0", *TINY_EVAL],
+    )
+    callback = instantiate(cfg.callbacks.eval)
+    assert isinstance(callback, EvalCallback)
+    assert callback.sampling["steps"] == 3 and callback.sampling["guidance"] == 2.0
+    assert callback.sampling["scheduler"] == "pndm" and callback.sampling["seed"] == 1234
+
+
+TINY_EVAL = ["callbacks.eval.feature_extractor=demo", "callbacks.eval.clip=demo", "callbacks.eval.out_dir=null"]
+
+
+def test_train_config_gives_the_sample_callback_its_sampling(teacher, monkeypatch):
+    """callbacks.samples takes scheduler, steps, guidance, seed from the run's `sampling` group, and uses them."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+    from hydra.utils import instantiate
+
+    from bksdm_lab.distill.callbacks import SampleImages
+
+    cfg = compose("train", ["sampling=fast", "sampling.steps=3", "callbacks.samples.out_dir=null"])
+    callback = instantiate(cfg.callbacks.samples)
+    assert isinstance(callback, SampleImages)
+    assert (callback.sampling["scheduler"], callback.sampling["steps"]) == ("dpm++", 3)
+    cfg = compose("train", ["sampling.steps=3", "sampling.guidance=4.0", "callbacks.samples.out_dir=null"])
+    callback = instantiate(cfg.callbacks.samples)
+    calls = []
+
+    def fake_call(pipe, prompt, **kwargs):
+        calls.append({"scheduler": type(pipe.scheduler).__name__, **kwargs})
+        return SimpleNamespace(images=["image"])
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", fake_call)
+    module = SimpleNamespace(teacher=teacher, device=torch.device("cpu"))
+    assert callback.generate(module, teacher.unet) == ["image"] * len(callback.prompts)
+    assert {c["num_inference_steps"] for c in calls} == {3} and {c["guidance_scale"] for c in calls} == {4.0}
+    assert {c["scheduler"] for c in calls} == {"PNDMScheduler"} and callback.seed == 1234

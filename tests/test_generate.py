@@ -1,6 +1,7 @@
 """`bksdm_lab.generate`: repeatable, resumable (the paper's one-generator seeding included), and the real command."""
 
 import csv
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import PYTHON, arch_cfg, subprocess_env
+from omegaconf import OmegaConf
 from PIL import Image
 
 from bksdm_lab.evaluation import sampling as gen
@@ -217,14 +219,58 @@ def test_read_prompts(demo_data_dir, tmp_path):
         gen.read_prompts()
 
 
+def compose(command: str, overrides: list[str]):
+    """conf/<command>.yaml composed as the command line would (for the in-process tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from bksdm_lab import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=command, overrides=overrides)
+
+
+def test_app_in_process(exported, tmp_path):
+    """The Hydra app's function on a composed config: the sampling group's values reach the pipeline."""
+    from bksdm_lab import generate as app
+
+    out = tmp_path / "run"
+    cfg = compose(
+        "generate",
+        [f"pipeline={exported}", "prompt=[a red circle,a blue square]", f"out={out}", "sampling=fast"]
+        + ["sampling.steps=2", "sampling.batch_size=2", "grid=0", "progress=false"],
+    )
+    record = app.generate(cfg)
+    settings = record["generation"]
+    assert settings["scheduler"] == "DPMSolverMultistepScheduler" and settings["steps"] == 2
+    assert settings["seed_mode"] == "per-prompt" and settings["generated"] == 2
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(record))
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_paper_sampling_is_the_default_everywhere():
+    """conf/sampling/paper.yaml is the one source of the paper's settings: commands and function defaults."""
+    import inspect
+
+    from bksdm_lab.evaluation.paper import PAPER_SAMPLING, PAPER_SETTINGS
+
+    cfg = compose("generate", [])
+    assert OmegaConf.to_container(cfg.sampling) == PAPER_SAMPLING
+    assert (PAPER_SAMPLING["scheduler"], PAPER_SAMPLING["steps"], PAPER_SAMPLING["guidance"]) == ("pndm", 25, 7.5)
+    assert (PAPER_SAMPLING["seed"], PAPER_SAMPLING["seed_mode"], PAPER_SETTINGS["resolution"]) == (1234, "paper", 512)
+    defaults = inspect.signature(gen.generate_images).parameters
+    for key in gen.SAMPLING_KEYS:
+        assert defaults[key].default == PAPER_SAMPLING[key], key
+
+
 def test_cli_end_to_end(exported, cache_dir, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a blue square\na purple triangle, on white\n")
     out = tmp_path / "out"
-    cmd = [PYTHON, "-m", "bksdm_lab.generate", "--pipeline", exported, "--prompt", "a red circle"]
-    cmd += ["--prompts-file", prompts_file, "--steps", "2", "--scheduler", "dpm++", "--out", out, "--grid", "2"]
+    cmd = [PYTHON, "-m", "bksdm_lab.generate", f"pipeline={exported}", "prompt=a red circle"]
+    cmd += [f"prompts_file={prompts_file}", "sampling.steps=2", "sampling.scheduler=dpm++", f"out={out}", "grid=2"]
     proc = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, env=subprocess_env(cache_dir), timeout=300
+        [str(c) for c in cmd], capture_output=True, text=True, env=subprocess_env(cache_dir), timeout=300, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 images generated" in proc.stdout and "images/s" in proc.stdout
@@ -239,14 +285,21 @@ def test_cli_end_to_end(exported, cache_dir, tmp_path):
         ("2", "00002.png", "a purple triangle, on white"),
     ]
     assert "generate:" in proc.stderr  # the tqdm bar
+    # the run folder holds the resolved config and the results
+    saved = OmegaConf.load(out / ".hydra" / "config.yaml")
+    assert saved.sampling.steps == 2 and saved.sampling.scheduler == "dpm++"
+    assert json.loads((out / "results.json").read_text())["generation"]["generated"] == 3
 
 
 def test_cli_errors_exit_2_without_traceback(capsys, tmp_path):
+    from bksdm_lab import generate as app
+
+    cfg = compose("generate", [f"pipeline={tmp_path / 'missing'}", "prompt=x", f"out={tmp_path / 'o'}"])
     with pytest.raises(SystemExit) as exc:
-        gen.main(["--pipeline", str(tmp_path / "missing"), "--prompt", "x", "--out", str(tmp_path / "o")])
+        app.main(cfg)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "bksdm_lab.generate: error: cannot load the pipeline" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
-        gen.main(["--unet", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "o")])
-    assert "--unet needs --teacher" in capsys.readouterr().err
+        app.main(compose("generate", [f"unet={tmp_path}", "prompt=x", f"out={tmp_path / 'o'}"]))
+    assert "unet= needs teacher=" in capsys.readouterr().err

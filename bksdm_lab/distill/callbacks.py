@@ -18,30 +18,41 @@ class SampleImages(pl.Callback):
     """The teacher's images once at the start; the student's and the EMA student's every ``every_n_steps``
     optimizer steps and at the end.
 
-    Prompt ``i`` always uses a generator seeded ``seed + i``, so images are comparable across steps and
-    runs. PNGs go to ``out_dir/<model>_step<step>/<i>.png``; W&B gets one image panel per model and a
-    table ``samples/table`` (step, prompt, seed, teacher, student, ema) with the models side by side.
+    Sampling (scheduler, steps, guidance, resolution, seed) comes from ``sampling``, the run's ``sampling``
+    config group (``conf/sampling/paper.yaml`` by default); ``seed``, ``num_inference_steps`` and
+    ``guidance_scale``, when given, override it for the sample images only. Prompt ``i`` always uses a CPU
+    generator seeded ``seed + i``, so images are comparable across steps and runs. PNGs go to
+    ``out_dir/<model>_step<step>/<i>.png``; W&B gets one image panel per model and a table ``samples/table``
+    (step, prompt, seed, teacher, student, ema) with the models side by side.
     """
 
     def __init__(
         self,
         prompts: list[str],
-        seed: int = 1234,
+        sampling=None,
         every_n_steps: int = 1000,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
         out_dir: str | None = None,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
     ):
-        self.prompts, self.seed, self.every_n_steps = list(prompts), seed, every_n_steps
-        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        from bksdm_lab.evaluation.sampling import sampling_dict
+
+        self.sampling = sampling_dict(sampling)
+        overrides = {"seed": seed, "steps": num_inference_steps, "guidance": guidance_scale}
+        self.sampling.update({k: v for k, v in overrides.items() if v is not None})
+        self.prompts, self.seed, self.every_n_steps = list(prompts), int(self.sampling["seed"]), every_n_steps
         self.out_dir = Path(out_dir) if out_dir else None
         self._last_step = -1
         self._teacher_images: list[Image.Image] = []
 
     @torch.no_grad()
     def generate(self, module, unet) -> list[Image.Image]:
-        pipe = build_pipeline(module.teacher, unet)
+        from bksdm_lab.evaluation.sampling import set_scheduler
+
+        pipe = set_scheduler(build_pipeline(module.teacher, unet), self.sampling["scheduler"])
         pipe.set_progress_bar_config(disable=True)
+        size = self.sampling.get("resolution")
         was_training = unet.training
         unet.eval()
         images = []
@@ -50,8 +61,10 @@ class SampleImages(pl.Callback):
             with torch.autocast(module.device.type, enabled=module.device.type == "cuda"):
                 out = pipe(
                     prompt,
-                    num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale,
+                    num_inference_steps=self.sampling["steps"],
+                    guidance_scale=self.sampling["guidance"],
+                    height=size,
+                    width=size,
                     generator=generator,
                     output_type="pil",
                 )

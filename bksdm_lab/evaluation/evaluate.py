@@ -1,36 +1,20 @@
-"""The paper's evaluation: generate from MS-COCO captions, then FID, Inception Score and CLIP score.
+"""The paper's evaluation: FID, Inception Score and CLIP score of generated images, and the report beside the
+paper's numbers. The command is :mod:`bksdm_lab.evaluate` (conf/evaluate.yaml); during training,
+:class:`bksdm_lab.evaluation.callback.EvalCallback`; W&B logging, :mod:`bksdm_lab.evaluation.wandb_log`.
 
-    python -m bksdm_lab.evaluate --pipeline nota-ai/bk-sdm-tiny --ref-stats val2014_256.npz --out eval/tiny
-    python -m bksdm_lab.evaluate --pipeline EXPORT_DIR --num-prompts 1000 --ref-stats val2014_256.npz --out eval/q
-    python -m bksdm_lab.evaluate --out eval/tiny --ref-stats val2014_256.npz       # score images already there
-    python -m bksdm_lab.evaluate stats --images coco/val2014 --out val2014_256.npz  # real-image statistics
+The paper's protocol (BK-SDM, arXiv 2305.15798, MS-COCO 30K): the 30,000 val2014 captions, sampling as in
+``conf/sampling/paper.yaml``, images squashed to 256 x 256 (PIL bicubic); FID against real-image statistics
+(pytorch-fid ``.npz`` with ``mu``/``sigma``, e.g. the 40,504 val2014 images at 256 px, see
+:func:`compute_stats`), Inception Score (torch-fidelity's way: 10 splits), CLIP score (mean cosine similarity,
+open_clip ViT-g-14 laion2b_s34b_b88k, no x100) on the 256 px images.
 
-Defaults are the paper's protocol (BK-SDM, arXiv 2305.15798, MS-COCO 30K): the captions of ``--metadata
-data/mscoco_val2014_30k/metadata.csv`` (``python -m bksdm_lab.data.download coco30k``; all 30,000, or
-``--num-prompts N``), PNDM 25 steps, guidance 7.5, 512 px, ONE generator
-seeded 1234 consumed in prompt order (``--seed-mode paper``), batch 1, fp16 on CUDA; images squashed to 256 x 256
-(PIL bicubic); FID against ``--ref-stats`` (pytorch-fid ``.npz`` with ``mu``/``sigma``, e.g. the 40,504 val2014
-images at 256 px made by the ``stats`` sub-command), Inception Score (torch-fidelity's way: 10 splits), CLIP score
-(mean cosine similarity, open_clip ViT-g-14 laion2b_s34b_b88k, no x100) on the 256 px images.
-
-Generation is resumable (see :mod:`bksdm_lab.generate`): run the same command again after a crash and only the
-missing images are generated. ``results.json`` holds the numbers and settings; the console shows them beside the
-paper's for the same model (``--paper-model``, or recognised from the model name); ``--wandb`` logs them.
-
-During training, :class:`EvalCallback` runs a small version of this (a few hundred prompts, FID and CLIP score)
-every N steps and logs it.
-
-The default models need the ``eval`` extra (``pip install -e ".[eval]"``). ``--feature-extractor demo --clip demo``
+The default models need the ``eval`` extra (``pip install -e ".[eval]"``). ``feature_extractor=demo clip=demo``
 use tiny random models built from config so the command runs offline end to end: smoke tests only, their
 numbers mean nothing.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,17 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_lightning import Callback
 
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.metrics import (
     FeatureStats,
-    MissingEvalDependency,
-    check_available,
-    clip_from_spec,
     cosine_similarities,
     extract_features,
-    extractor_from_spec,
     frechet_distance,
     inception_score,
     load_stats,
@@ -56,7 +35,7 @@ from bksdm_lab.evaluation.metrics import (
     save_stats,
     to_uint8_batch,
 )
-from bksdm_lab.evaluation.paper import PAPER_IMAGES, PAPER_RESULTS, PAPER_SETTINGS, paper_model
+from bksdm_lab.evaluation.paper import PAPER_IMAGES, PAPER_RESULTS, PAPER_SETTINGS
 
 DEFAULT_CLIP = "open_clip:ViT-g-14:laion2b_s34b_b88k"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -192,7 +171,7 @@ def evaluate(
         if np.shape(mu_ref) != stats.mu.shape:
             raise EvaluationError(
                 f"the reference statistics have {np.shape(mu_ref)[0]}-d features but the feature extractor gives "
-                f"{stats.mu.shape[0]}-d ones: compute them with the same --feature-extractor"
+                f"{stats.mu.shape[0]}-d ones: compute them with the same feature_extractor="
             )
         results["fid"] = frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
     if scores["logits"] is not None:
@@ -256,342 +235,17 @@ def format_table(results: dict[str, Any]) -> str:
 def comparability_notes(results: dict[str, Any], extractor: str, clip: str, settings: dict | None) -> list[str]:
     notes = []
     if extractor == "demo" or clip == "demo":
-        notes.append("tiny random demo models (--feature-extractor/--clip demo): the numbers are meaningless")
+        notes.append("tiny random demo models (feature_extractor/clip=demo): the numbers are meaningless")
     if results.get("num_images") != PAPER_IMAGES:
         notes.append(f"{results.get('num_images'):,} images; the paper uses {PAPER_IMAGES:,} (FID is biased by N)")
     if extractor != "inception" or clip != DEFAULT_CLIP:
         if extractor != "demo" and clip != "demo":
             notes.append("not the paper's feature extractor / CLIP model")
     if settings:
-        diff = [f"{k}={settings.get(k)!r}" for k, v in PAPER_SETTINGS.items() if settings.get(k) != v]
+        expected = {**PAPER_SETTINGS, "scheduler": gen.SCHEDULERS[PAPER_SETTINGS["scheduler"]]}
+        diff = [f"{k}={settings.get(k)!r}" for k, v in expected.items() if settings.get(k) != v]
         if diff:
             notes.append(f"sampling differs from the paper's: {', '.join(diff)}")
     if results.get("fid") is None:
-        notes.append("no FID: give --ref-stats (see `python -m bksdm_lab.evaluate stats`)")
+        notes.append("no FID: give ref_stats= (see `python -m bksdm_lab.evaluate stats`)")
     return notes
-
-
-def log_wandb(results: dict[str, Any], out_dir: Path, project: str, name: str | None) -> str:
-    import wandb
-
-    run = wandb.init(
-        project=project, name=name, job_type="eval", dir=str(out_dir), config=results, reinit="finish_previous"
-    )
-    try:
-        metrics = {f"eval/{k}": results[k] for k in ("fid", "is", "is_std", "clip_score") if results.get(k) is not None}
-        grid = out_dir / "grid.png"
-        if grid.is_file():
-            metrics["eval/grid"] = wandb.Image(str(grid))
-        run.log(metrics)
-        run.summary.update({k: v for k, v in metrics.items() if k != "eval/grid"})
-        return run.dir
-    finally:
-        run.finish()
-
-
-# ---- during training ---------------------------------------------------------------------------------
-class EvalCallback(Callback):
-    """Every ``every_n_steps`` optimizer steps (and at the end of training): generate images for the first
-    ``num_prompts`` prompts with the student (its EMA if the run keeps one), then FID against ``ref_stats`` (if
-    given), IS and CLIP score, logged as ``eval/fid``, ``eval/is``, ``eval/clip_score`` to every logger.
-
-    Prompt ``i`` is seeded ``seed + i`` (per-prompt mode), so steps compare with each other. A few hundred images
-    give a biased but trend-faithful FID (use the same N throughout a run). The metric models and the prompts are
-    checked when training starts, not at the first evaluation. Add it from the command line, e.g.::
-
-        python -m bksdm_lab.train experiment=paper callbacks=with_eval callbacks.eval.ref_stats=val2014_256.npz
-    """
-
-    def __init__(
-        self,
-        metadata: str | None = None,
-        prompts: Sequence[str] | None = None,
-        num_prompts: int = 200,
-        ref_stats: str | None = None,
-        every_n_steps: int = 5000,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        resolution: int | None = None,
-        batch_size: int = 8,
-        seed: int = 1234,
-        feature_extractor: str = "inception",
-        clip: str = DEFAULT_CLIP,
-        eval_resolution: int | None = 256,
-        out_dir: str | None = None,
-        use_ema: bool = True,
-    ):
-        self.metadata, self.prompt_list, self.num_prompts = metadata, list(prompts or []), num_prompts
-        self.ref_stats, self.every_n_steps = ref_stats, every_n_steps
-        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
-        self.resolution, self.batch_size, self.seed = resolution, batch_size, seed
-        self.feature_extractor, self.clip, self.eval_resolution = feature_extractor, clip, eval_resolution
-        self.out_dir, self.use_ema = Path(out_dir) if out_dir else None, use_ema
-        self.prompts: list[str] = []
-        self._models: tuple | None = None
-        self._last_step = -1
-        self.history: list[dict[str, Any]] = []
-
-    def setup(self, trainer, pl_module, stage: str | None = None) -> None:
-        check_available(self.feature_extractor, self.clip)
-        self.prompts = gen.read_prompts(self.prompt_list, None, self.metadata, self.num_prompts)
-        if self.ref_stats and not Path(self.ref_stats).is_file():
-            raise FileNotFoundError(f"EvalCallback: ref_stats {self.ref_stats!r} does not exist")
-
-    def _metric_models(self, device: torch.device):
-        if self._models is None:
-            extractor = extractor_from_spec(self.feature_extractor).to(device)
-            clip = None if self.clip == "none" else clip_from_spec(self.clip).to(device)
-            self._models = (extractor, clip)
-        return self._models
-
-    @torch.no_grad()
-    def evaluate_now(self, trainer, module) -> dict[str, Any]:
-        import tempfile
-
-        from bksdm_lab.models.export import build_pipeline
-
-        step = trainer.global_step
-        ema = getattr(module, "ema_student", None)
-        unet = ema if (self.use_ema and ema is not None) else module.student
-        pipe = build_pipeline(module.teacher, unet)
-        pipe.set_progress_bar_config(disable=True)
-        was_training = unet.training
-        unet.eval()
-        tmp = None
-        if self.out_dir is None:
-            tmp = tempfile.TemporaryDirectory(prefix="bksdm_eval_")
-        folder = (self.out_dir or Path(tmp.name)) / f"step{step:06d}"
-        try:
-            with torch.autocast(module.device.type, enabled=module.device.type == "cuda"):
-                result = gen.generate_images(
-                    pipe,
-                    self.prompts,
-                    folder,
-                    steps=self.num_inference_steps,
-                    guidance=self.guidance_scale,
-                    resolution=self.resolution,
-                    batch_size=self.batch_size,
-                    seed=self.seed,
-                    seed_mode="per-prompt",
-                    grid=0,
-                    progress=False,
-                )
-            extractor, clip = self._metric_models(module.device)
-            results = evaluate(
-                folder,
-                self.prompts,
-                feature_extractor=extractor,
-                clip_model=clip,
-                ref_stats=self.ref_stats,
-                resize=self.eval_resolution,
-            )
-        finally:
-            unet.train(was_training)
-            if tmp is not None:
-                tmp.cleanup()
-        metrics = {f"eval/{k}": results[k] for k in ("fid", "is", "clip_score") if results.get(k) is not None}
-        if result.images_per_s:
-            metrics["eval/images_per_s"] = result.images_per_s
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        self.history.append({"step": step, **metrics})
-        return metrics
-
-    def _maybe(self, trainer, module) -> None:
-        if trainer.is_global_zero and trainer.global_step != self._last_step and self.prompts:
-            self._last_step = trainer.global_step
-            self.evaluate_now(trainer, module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
-            self._maybe(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._maybe(trainer, pl_module)
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------
-def _add_model_args(parser: argparse.ArgumentParser, clip: bool = True) -> None:
-    group = parser.add_argument_group("metric models")
-    group.add_argument(
-        "--feature-extractor",
-        default="inception",
-        help="inception (torch-fidelity InceptionV3, the paper's; needs the eval extra) or demo (a tiny random conv "
-        "net: meaningless numbers, smoke tests only). Default: inception",
-    )
-    if clip:
-        group.add_argument(
-            "--clip",
-            default=DEFAULT_CLIP,
-            help="open_clip:NAME:PRETRAINED, transformers:MODEL_ID_OR_DIR, demo (tiny random CLIP) or none. "
-            f"Default: {DEFAULT_CLIP}",
-        )
-    group.add_argument("--eval-batch-size", type=int, default=50, help="images per feature-extractor batch (50)")
-
-
-def parse_run_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bksdm_lab.evaluate",
-        description="Generate images for MS-COCO captions and compute FID, IS and CLIP score with the paper's protocol "
-        "(resumable). `python -m bksdm_lab.evaluate stats --help`: real-image FID statistics.",
-    )
-    gen.add_pipeline_args(parser)
-    data_dir = os.environ.get("BKSDM_DATA_DIR", "data")  # where `python -m bksdm_lab.data.download coco30k` puts it
-    gen.add_prompt_args(parser, metadata_default=f"{data_dir}/mscoco_val2014_30k/metadata.csv")
-    gen.add_sampling_args(parser)
-    parser.add_argument("--out", required=True, help="folder for images/, grid.png, prompts.csv, results.json")
-    group = parser.add_argument_group("metrics")
-    group.add_argument("--ref-stats", metavar="NPZ", help="real-image statistics (mu, sigma) for FID")
-    group.add_argument("--eval-resolution", type=int, default=256, help="squash images to this size first (256)")
-    group.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (10)")
-    _add_model_args(parser)
-    group = parser.add_argument_group("reporting")
-    group.add_argument("--paper-model", help=f"compare with the paper's numbers of: {', '.join(PAPER_RESULTS)}")
-    group.add_argument("--wandb", action="store_true", help="log to W&B (WANDB_MODE=offline works)")
-    group.add_argument("--wandb-project", default="bksdm_lab")
-    group.add_argument("--wandb-name", help="W&B run name (default: the output folder's name)")
-    return parser.parse_args(argv)
-
-
-def parse_stats_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bksdm_lab.evaluate stats",
-        description="FID statistics (mu, sigma; the pytorch-fid .npz layout) of a folder of real images, e.g. the "
-        "40,504 MS-COCO val2014 images squashed to 256 px.",
-    )
-    parser.add_argument("--images", required=True, help="image folder (searched recursively)")
-    parser.add_argument("--out", required=True, help="the .npz to write")
-    parser.add_argument("--resize", type=int, default=256, help="squash to this size first, PIL bicubic; 0: keep")
-    parser.add_argument("--num-images", type=int, help="only the first N images (sorted by path)")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
-    parser.add_argument("--no-progress", action="store_true")
-    _add_model_args(parser, clip=False)
-    return parser.parse_args(argv)
-
-
-def _fail(message: str) -> None:
-    print(f"bksdm_lab.evaluate: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _device(arg: str | None) -> torch.device:
-    return torch.device(arg) if arg else gen.default_device()
-
-
-def stats_main(argv: Sequence[str]) -> Path:
-    args = parse_stats_args(argv)
-    try:
-        check_available(args.feature_extractor)
-        extractor = extractor_from_spec(args.feature_extractor).to(_device(args.device))
-        stats = compute_stats(
-            args.images,
-            extractor,
-            resize=args.resize or None,
-            batch_size=args.eval_batch_size,
-            num_images=args.num_images,
-            progress=not args.no_progress,
-        )
-        if stats.n < 2:
-            raise EvaluationError(f"statistics need at least 2 images, found {stats.n}")
-        out = save_stats(args.out, stats.mu, stats.sigma)
-    except (EvaluationError, MissingEvalDependency, FileNotFoundError, ValueError) as err:
-        _fail(str(err))
-    print(
-        f"bksdm_lab.evaluate: wrote {out} ({stats.n:,} images, {stats.mu.shape[0]}-d features, "
-        f"feature extractor {args.feature_extractor})"
-    )
-    return out
-
-
-def run_main(argv: Sequence[str] | None) -> dict[str, Any]:
-    args = parse_run_args(argv)
-    from bksdm_lab.models.export import ExportError
-
-    out_dir = Path(args.out)
-    has_source = any(getattr(args, k) for k in ("pipeline", "unet", "checkpoint"))
-    try:
-        if args.ref_stats and not Path(args.ref_stats).is_file():
-            raise FileNotFoundError(f"--ref-stats {args.ref_stats!r} does not exist")
-        check_available(args.feature_extractor, args.clip)
-        prompts = gen.read_prompts(args.prompt, args.prompts_file, args.metadata, args.num_prompts)
-        generation: dict[str, Any] = {}
-        model = None
-        if has_source:
-            pipe, model = gen.pipeline_from_args(args)
-            result = gen.generate_from_args(args, pipe, model, prompts, out_dir)
-            print(f"bksdm_lab.evaluate: {gen.summary(result)}", flush=True)
-            generation = {
-                **result.settings,
-                "generated": result.generated,
-                "skipped": result.skipped,
-                "seconds": result.seconds,
-                "wall_seconds": result.wall_seconds,
-                "images_per_s": result.images_per_s,
-            }
-            del pipe
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        else:
-            manifest = out_dir / gen.MANIFEST
-            if manifest.is_file():
-                generation = json.loads(manifest.read_text()).get("settings", {})
-                model = generation.get("model")
-        device = _device(args.device)
-        extractor = extractor_from_spec(args.feature_extractor).to(device)
-        clip = None if args.clip == "none" else clip_from_spec(args.clip).to(device)
-        results = evaluate(
-            out_dir,
-            prompts,
-            feature_extractor=extractor,
-            clip_model=clip,
-            ref_stats=args.ref_stats,
-            resize=args.eval_resolution or None,
-            batch_size=args.eval_batch_size,
-            is_splits=args.is_splits,
-            progress=not args.no_progress,
-            stats_out=out_dir / "generated_stats.npz",
-        )
-    except FileNotFoundError as err:
-        hint = "" if has_source else " (no pipeline given: only images already in --out are scored)"
-        _fail(f"{err}{hint}")
-    except (gen.GenerationError, EvaluationError, MissingEvalDependency, ValueError) as err:
-        _fail(str(err))
-    except (gen.TeacherLoadError, ExportError) as err:
-        _fail(str(err))
-
-    results = {
-        "model": model,
-        "paper_model": args.paper_model or paper_model(model),
-        **results,
-        "ref_stats": str(args.ref_stats) if args.ref_stats else None,
-        "feature_extractor": getattr(extractor, "name", args.feature_extractor),
-        "clip_model": getattr(clip, "name", None) if clip is not None else None,
-        "eval_resolution": args.eval_resolution,
-        "metadata": args.metadata,
-        "generation": generation,
-    }
-    if results["paper_model"] and results["paper_model"] not in PAPER_RESULTS:
-        print(
-            f"bksdm_lab.evaluate: unknown --paper-model {results['paper_model']!r}; known: {', '.join(PAPER_RESULTS)}"
-        )
-        results["paper_model"] = None
-    if results["paper_model"]:
-        fid, is_, clip_score = PAPER_RESULTS[results["paper_model"]]
-        results["paper"] = {"fid": fid, "is": is_, "clip_score": clip_score, "num_images": PAPER_IMAGES}
-    results["notes"] = comparability_notes(results, args.feature_extractor, args.clip, generation)
-    results["comparable_to_paper"] = not results["notes"]
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(format_table(results))
-    print(f"bksdm_lab.evaluate: wrote {out_dir / 'results.json'}")
-    if args.wandb:
-        wandb_dir = log_wandb(results, out_dir, args.wandb_project, args.wandb_name or out_dir.name)
-        print(f"bksdm_lab.evaluate: logged to W&B ({wandb_dir})")
-    return results
-
-
-def main(argv: Sequence[str] | None = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["stats"]:
-        return stats_main(argv[1:])
-    return run_main(argv)

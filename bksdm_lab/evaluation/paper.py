@@ -1,8 +1,21 @@
-"""The BK-SDM paper's evaluation settings and its result table (arXiv 2305.15798, MS-COCO 30K at 256 px)."""
+"""The BK-SDM paper's evaluation settings and its result table (arXiv 2305.15798, MS-COCO 30K at 256 px).
+
+The sampling settings themselves live in ``conf/sampling/paper.yaml`` (the default of the ``sampling`` config
+group of every command); they are read from there, not repeated here.
+"""
 
 from __future__ import annotations
 
 import re
+
+from omegaconf import OmegaConf
+
+from bksdm_lab import CONF_DIR
+
+PAPER_SAMPLING_FILE = CONF_DIR / "sampling" / "paper.yaml"
+# scheduler, steps, guidance, resolution (null: the model's), seed, seed_mode, batch_size, precision, ...
+PAPER_SAMPLING: dict = OmegaConf.to_container(OmegaConf.load(PAPER_SAMPLING_FILE), resolve=True)
+PAPER_RESOLUTION = 512  # the SD-v1.4 / v2.1-base students of the paper: the model's own size
 
 PAPER_IMAGES = 30_000
 # BK-SDM paper (arXiv 2305.15798), MS-COCO 30K, 256 px: (FID, IS, CLIP score)
@@ -19,14 +32,10 @@ PAPER_RESULTS: dict[str, tuple[float, float, float]] = {
     "BK-SDM-v2-Small": (16.61, 31.73, 0.2901),
     "BK-SDM-v2-Tiny": (15.68, 31.64, 0.2897),
 }
+# What a generation run must match to be compared with the table (`scheduler` as the short name of conf/sampling).
 PAPER_SETTINGS = {
-    "scheduler": "PNDMScheduler",
-    "steps": 25,
-    "guidance": 7.5,
-    "resolution": 512,
-    "seed": 1234,
-    "seed_mode": "paper",
-    "batch_size": 1,
+    **{k: PAPER_SAMPLING[k] for k in ("scheduler", "steps", "guidance", "seed", "seed_mode", "batch_size")},
+    "resolution": PAPER_RESOLUTION,
 }
 
 

@@ -1,17 +1,16 @@
 """Text-to-image generation from a (student) Stable Diffusion: reproducible, resumable, with the paper's seeding.
 
-    python -m bksdm_lab.generate --pipeline nota-ai/bk-sdm-tiny --prompt "a golden retriever" --out samples
-    python -m bksdm_lab.generate --pipeline EXPORT_DIR --metadata coco/metadata.csv --num-prompts 1000 --out gen
-    python -m bksdm_lab.generate --teacher CompVis/stable-diffusion-v1-4 --unet EXPORT_DIR --prompts-file p.txt --out g
-    python -m bksdm_lab.generate --checkpoint outputs/<run>/checkpoints/last.ckpt --prompt "a red circle" --out gen
+The logic behind ``python -m bksdm_lab.generate`` and ``evaluate`` (see :mod:`bksdm_lab.generate`); the
+sampling settings come from the ``sampling`` config group (``conf/sampling/paper.yaml`` by default, whose values
+are also the defaults of :func:`generate_images`).
 
-Writes ``OUT/images/<prompt index:05d>.png``, ``OUT/grid.png`` (the first ``--grid`` images), ``OUT/prompts.csv``
+Writes ``OUT/images/<prompt index:05d>.png``, ``OUT/grid.png`` (the first ``grid`` images), ``OUT/prompts.csv``
 (``index,file_name,text``) and ``OUT/generation.json`` (the settings). No safety checker.
 
-Seeding (``--seed-mode``):
+Seeding (``sampling.seed_mode``):
 
-- ``paper`` (default): ONE generator seeded ``--seed`` (1234), consumed in prompt order across batches, as the
-  BK-SDM evaluation did (batch 1). Images depend on the batch size.
+- ``paper`` (default): ONE generator seeded ``sampling.seed`` (1234), consumed in prompt order across batches, as
+  the BK-SDM evaluation did (batch 1). Images depend on the batch size.
 - ``per-prompt``: prompt ``i`` gets its own generator seeded ``seed + i``: images do not depend on the batch size
   (up to float round-off of batched kernels) nor on which prompts are generated.
 
@@ -23,26 +22,26 @@ first generated batch of every run checks that this replay consumes exactly what
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import inspect
 import json
 import math
 import os
-import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from bksdm_lab.evaluation.paper import PAPER_SAMPLING
 from bksdm_lab.models.teachers import TeacherLoadError
 
-SCHEDULERS = ("pndm", "dpm++", "euler")
+# conf/sampling `scheduler` names -> the diffusers class each gives
+SCHEDULERS = {"pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
 SEED_MODES = ("paper", "per-prompt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_DIR = "images"
@@ -87,10 +86,10 @@ def read_prompts(
             out += [row[column] for row in reader]
     if num_prompts is not None:
         if num_prompts < 1:
-            raise GenerationError(f"--num-prompts must be at least 1, got {num_prompts}")
+            raise GenerationError(f"num_prompts must be at least 1, got {num_prompts}")
         out = out[:num_prompts]
     if not out:
-        raise GenerationError("no prompts: give --prompt, --prompts-file or --metadata")
+        raise GenerationError("no prompts: give prompt=, prompts_file= or metadata=")
     return out
 
 
@@ -154,7 +153,7 @@ def load_pipeline(
         raise GenerationError(f"precision {precision!r} is not one of {sorted(PRECISIONS)}")
     dtype = PRECISIONS[precision]
     if sum(x is not None for x in (pipeline, checkpoint, unet)) != 1 or (unet is not None and teacher is None):
-        raise GenerationError("give one pipeline source: --pipeline, --teacher with --unet, or --checkpoint")
+        raise GenerationError("give one pipeline source: pipeline=, teacher= with unet=, or checkpoint=")
     passthrough: tuple[type[Exception], ...] = (GenerationError, TeacherLoadError, FileNotFoundError)
     if checkpoint is not None:  # training-side imports (omegaconf, yaml) only for checkpoints
         from bksdm_lab.models.export import ExportError, build_pipeline, load_checkpoint_student
@@ -204,7 +203,7 @@ def set_scheduler(pipe, name: str = "pndm"):
     elif name == "euler":
         pipe.scheduler = EulerDiscreteScheduler.from_config(config)
     else:
-        raise GenerationError(f"scheduler {name!r} is not one of {SCHEDULERS}")
+        raise GenerationError(f"sampling.scheduler={name!r} is not one of {list(SCHEDULERS)}")
     return pipe
 
 
@@ -292,7 +291,7 @@ def _check_resume(out_dir: Path, settings: dict, prompts: Sequence[str], paths: 
             what = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
             raise GenerationError(
                 f"{out_dir} holds images generated with other settings ({what}); "
-                f"use another --out, or delete {out_dir / IMAGE_DIR} to start over"
+                f"use another out=, or delete {out_dir / IMAGE_DIR} to start over"
             )
     table = out_dir / "prompts.csv"
     if table.is_file():
@@ -302,7 +301,7 @@ def _check_resume(out_dir: Path, settings: dict, prompts: Sequence[str], paths: 
             if i in old_prompts and old_prompts[i] != prompt and _done(paths[i]):
                 raise GenerationError(
                     f"{paths[i]} was generated for prompt {old_prompts[i]!r}, not {prompt!r}; "
-                    f"use another --out, or delete {out_dir / IMAGE_DIR} to start over"
+                    f"use another out=, or delete {out_dir / IMAGE_DIR} to start over"
                 )
 
 
@@ -311,13 +310,13 @@ def generate_images(
     prompts: Sequence[str],
     out_dir: str | Path,
     *,
-    steps: int = 25,
-    guidance: float = 7.5,
-    resolution: int | None = None,
-    batch_size: int = 1,
-    seed: int = 1234,
-    seed_mode: str = "paper",
-    generator_device: str = "device",
+    steps: int = PAPER_SAMPLING["steps"],
+    guidance: float = PAPER_SAMPLING["guidance"],
+    resolution: int | None = PAPER_SAMPLING["resolution"],
+    batch_size: int = PAPER_SAMPLING["batch_size"],
+    seed: int = PAPER_SAMPLING["seed"],
+    seed_mode: str = PAPER_SAMPLING["seed_mode"],
+    generator_device: str = PAPER_SAMPLING["generator_device"],
     grid: int = 16,
     progress: bool = True,
     model: str | None = None,
@@ -329,7 +328,7 @@ def generate_images(
     from tqdm.auto import tqdm
 
     if seed_mode not in SEED_MODES:
-        raise GenerationError(f"seed mode {seed_mode!r} is not one of {SEED_MODES}")
+        raise GenerationError(f"sampling.seed_mode={seed_mode!r} is not one of {SEED_MODES}")
     if batch_size < 1:
         raise GenerationError(f"batch size must be at least 1, got {batch_size}")
     out_dir = Path(out_dir)
@@ -395,7 +394,7 @@ def generate_images(
                 raise GenerationError(
                     f"the pipeline ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) draws random numbers "
                     "that bksdm_lab.evaluation.sampling.replay_draws does not reproduce, so a resumed paper-mode run would "
-                    "not give the same images; use --seed-mode per-prompt"
+                    "not give the same images; use sampling.seed_mode=per-prompt"
                 )
             checked = True
         for i, image in zip(batch, images):
@@ -412,102 +411,81 @@ def generate_images(
     return GenerationResult(out_dir, paths, generated, skipped, seconds, settings, wall)
 
 
-# ---- CLI ---------------------------------------------------------------------------------------------
-def add_pipeline_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    group = parser.add_argument_group("pipeline (one of)")
-    group.add_argument("--pipeline", metavar="DIR_OR_ID", help="an exported pipeline folder or a hub id")
-    group.add_argument(
-        "--teacher",
-        metavar="DIR_OR_ID",
-        help="the teacher pipeline whose VAE/text encoder/scheduler surround --unet (with --checkpoint: load the "
-        "run's teacher from here)",
-    )
-    group.add_argument("--unet", metavar="DIR_OR_ID", help="a student U-Net folder, or a pipeline with unet/")
-    group.add_argument("--checkpoint", metavar="CKPT", help="a `python -m bksdm_lab.train` checkpoint")
-    group.add_argument("--weights", choices=("ema", "student"), help="with --checkpoint (default: ema if kept)")
+# ---- from a config (conf/generate.yaml, conf/evaluate.yaml and the `sampling` group) ---------------------
+SAMPLING_KEYS = ("steps", "guidance", "resolution", "batch_size", "seed", "seed_mode", "generator_device")
 
 
-def add_prompt_args(parser: argparse.ArgumentParser, metadata_default: str | None = None) -> None:
-    group = parser.add_argument_group("prompts")
-    group.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
-    group.add_argument("--prompts-file", metavar="TXT", help="one prompt per line")
-    group.add_argument(
-        "--metadata",
-        metavar="CSV",
-        default=metadata_default,
-        help="a metadata.csv with a `text` column, e.g. MS-COCO val2014 captions"
-        + (f" (default: {metadata_default})" if metadata_default else ""),
-    )
-    group.add_argument("--num-prompts", type=int, metavar="N", help="only the first N prompts")
+def sampling_dict(sampling: Mapping | None) -> dict:
+    """A ``sampling`` config (a DictConfig or a dict, possibly partial) as a plain dict over the paper's."""
+    if sampling is not None and not isinstance(sampling, dict):
+        from omegaconf import OmegaConf
+
+        sampling = OmegaConf.to_container(sampling, resolve=True)
+    return {**PAPER_SAMPLING, **(sampling or {})}
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling (defaults: the paper's)")
-    group.add_argument("--scheduler", choices=SCHEDULERS, default="pndm", help="default: pndm")
-    group.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    group.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    group.add_argument("--resolution", type=int, help="image side in px (default: U-Net sample_size x 8, e.g. 512)")
-    group.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default: 1)")
-    group.add_argument("--seed", type=int, default=1234, help="default: 1234")
-    group.add_argument("--seed-mode", choices=SEED_MODES, default="paper", help="see the module doc (default: paper)")
-    group.add_argument(
-        "--generator-device",
-        choices=("device", "cpu"),
-        default="device",
-        help="where the noise is drawn: the pipeline's device (the paper's) or the CPU (default: device)",
-    )
-    group.add_argument("--precision", choices=sorted(PRECISIONS), help="default: fp16 on CUDA, fp32 on CPU")
-    group.add_argument("--device", help="default: cuda if available, else cpu")
-    group.add_argument("--grid", type=int, default=16, metavar="N", help="images in grid.png (0: none; default 16)")
-    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+def sampling_kwargs(sampling: Mapping | None) -> dict:
+    """:func:`generate_images` keyword arguments from a ``sampling`` config (``conf/sampling/*.yaml``)."""
+    return {k: sampling[k] for k in SAMPLING_KEYS if sampling is not None and k in sampling}
 
 
-def pipeline_from_args(args: argparse.Namespace):
-    if args.unet and not args.teacher:
-        raise GenerationError("--unet needs --teacher (the pipeline whose VAE, text encoder and scheduler to use)")
-    if args.teacher and not (args.unet or args.checkpoint):
-        raise GenerationError("--teacher needs --unet (a student U-Net) or --checkpoint")
+def prompts_from_config(cfg) -> list[str]:
+    """``prompt`` (a string or a list), ``prompts_file`` and ``metadata``, then the first ``num_prompts``."""
+    prompt = cfg.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+    return read_prompts([str(p) for p in prompts], cfg.get("prompts_file"), cfg.get("metadata"), cfg.get("num_prompts"))
+
+
+def pipeline_from_config(cfg):
+    """``(pipeline, model description)`` from ``pipeline=``, ``teacher=`` + ``unet=`` or ``checkpoint=`` (+
+    ``teacher=`` to load the run's teacher from elsewhere), in ``sampling.precision`` on ``device``."""
+    teacher_cfg = cfg.get("teacher")
+    teacher = str(teacher_cfg.pretrained) if teacher_cfg else None
+    if cfg.get("unet") and not teacher:
+        raise GenerationError(
+            "unet= needs teacher= (the pipeline whose VAE, text encoder and scheduler to use), e.g. teacher=sd14 "
+            "or teacher=sd14 teacher.pretrained=/local/folder"
+        )
+    if teacher and not (cfg.get("unet") or cfg.get("checkpoint")):
+        raise GenerationError("teacher= goes with unet= (a student U-Net) or checkpoint=")
+    if teacher_cfg and teacher_cfg.get("build_if_missing"):  # teacher=demo: the tiny offline teacher
+        from bksdm_lab.tools.demo import build_demo_teacher
+
+        build_demo_teacher(teacher, configs=teacher_cfg.configs)
     return load_pipeline(
-        pipeline=args.pipeline,
-        teacher=args.teacher,
-        unet=args.unet,
-        checkpoint=args.checkpoint,
-        weights=args.weights,
-        device=args.device,
-        precision=args.precision,
+        pipeline=cfg.get("pipeline"),
+        teacher=teacher,
+        unet=cfg.get("unet"),
+        checkpoint=cfg.get("checkpoint"),
+        weights=cfg.get("weights"),
+        device=cfg.get("device"),
+        precision=cfg.sampling.get("precision"),
     )
 
 
-def generate_from_args(args: argparse.Namespace, pipe, model: str, prompts: Sequence[str], out_dir) -> GenerationResult:
-    set_scheduler(pipe, args.scheduler)
+def generate_from_config(cfg, pipe, model: str, prompts: Sequence[str], out_dir) -> GenerationResult:
+    set_scheduler(pipe, cfg.sampling.scheduler)
     return generate_images(
         pipe,
         prompts,
         out_dir,
-        steps=args.steps,
-        guidance=args.guidance,
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        seed_mode=args.seed_mode,
-        generator_device=args.generator_device,
-        grid=args.grid,
-        progress=not args.no_progress,
+        **sampling_kwargs(cfg.sampling),
+        grid=cfg.get("grid", 16),
+        progress=cfg.get("progress", True),
         model=model,
     )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bksdm_lab.generate",
-        description="Generate images from a Stable Diffusion pipeline (exported student, hub model, teacher + "
-        "student U-Net, or training checkpoint); resumable; the paper's sampling settings by default.",
-    )
-    add_pipeline_args(parser)
-    add_prompt_args(parser)
-    add_sampling_args(parser)
-    parser.add_argument("--out", required=True, help="output folder (images/, grid.png, prompts.csv)")
-    return parser.parse_args(argv)
+def result_record(result: GenerationResult) -> dict:
+    """What ``results.json`` keeps of a generation: its settings and its speed."""
+    return {
+        **result.settings,
+        "generated": result.generated,
+        "skipped": result.skipped,
+        "seconds": result.seconds,
+        "wall_seconds": result.wall_seconds,
+        "images_per_s": result.images_per_s,
+    }
 
 
 def summary(result: GenerationResult) -> str:
@@ -518,18 +496,3 @@ def summary(result: GenerationResult) -> str:
         f"{result.generated} images generated in {result.seconds:.1f} s{rate}; {result.skipped} already on disk; "
         f"in {result.out_dir / IMAGE_DIR}"
     )
-
-
-def main(argv: Sequence[str] | None = None) -> GenerationResult:
-    args = parse_args(argv)
-    from bksdm_lab.models.export import ExportError
-
-    try:
-        prompts = read_prompts(args.prompt, args.prompts_file, args.metadata, args.num_prompts)
-        pipe, model = pipeline_from_args(args)
-        result = generate_from_args(args, pipe, model, prompts, args.out)
-    except (GenerationError, TeacherLoadError, ExportError, FileNotFoundError) as err:
-        print(f"bksdm_lab.generate: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"bksdm_lab.generate: {summary(result)}")
-    return result
