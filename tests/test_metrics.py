@@ -1,4 +1,4 @@
-"""FID, IS and CLIP score against reference computations, with tiny models built from config."""
+"""FID, IS and KID (torchmetrics) and the CLIP score against reference computations, with tiny models from config."""
 
 import numpy as np
 import pytest
@@ -6,22 +6,36 @@ import torch
 from PIL import Image
 
 from bksdm_lab.evaluation import metrics
+from bksdm_lab.evaluation.evaluate import compute_stats, score_images
 
 
-def reference_frechet(mu1, sigma1, mu2, sigma2) -> float:
-    """pytorch-fid's formula: tr sqrt(s1 s2) from scipy's sqrtm if installed, else the eigenvalues of s1 s2."""
+# ---- reference implementations: the previous hand-written FID and IS (scipy is not installed: no sqrtm) --------
+def reference_frechet(features_1, features_2) -> float:
+    """pytorch-fid's formula from ``np.mean`` / ``np.cov``; ``tr sqrt(s1 s2)`` as ``tr sqrt(sqrt(s1) s2 sqrt(s1))``
+    (same eigenvalues, but of a symmetric PSD matrix) by symmetric eigendecompositions, all in float64."""
+    a, b = np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    vals, vecs = np.linalg.eigh(s1)
+    root1 = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    inner = root1 @ s2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    try:
-        from scipy import linalg
-
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))
-        tr_covmean = np.trace(covmean.real if np.iscomplexobj(covmean) else covmean)
-    except ImportError:
-        eig = np.linalg.eigvals(sigma1 @ sigma2)  # s1 s2 is similar to a PSD matrix: real, >= 0 up to round-off
-        tr_covmean = np.sqrt(np.clip(eig.real, 0, None)).sum()
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
+def reference_inception_score(logits, splits: int) -> tuple[float, float]:
+    """torch-fidelity's IS: rows shuffled with RandomState(2020), splits at i * N // splits, np.std over splits."""
+    p = torch.as_tensor(logits, dtype=torch.float64).softmax(1).numpy()
+    p = p[np.random.RandomState(2020).permutation(len(p))]
+    scores = []
+    for i in range(splits):
+        chunk = p[i * len(p) // splits : (i + 1) * len(p) // splits]
+        q = chunk.mean(0, keepdims=True)
+        scores.append(np.exp((chunk * (np.log(chunk) - np.log(q))).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ---- data ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def feature_sets():
     rng = np.random.default_rng(0)
@@ -30,6 +44,35 @@ def feature_sets():
     return a, b
 
 
+def image_set(n: int, seed: int, lo: int, hi: int, size: int = 32) -> torch.Tensor:
+    """``n`` uint8 images: a random colour in ``lo..hi`` per image and channel, a random stripe pattern, noise."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.randint(lo, hi, (n, 3, 1, 1), generator=g).float()
+    freq = torch.randint(1, 6, (n, 1, 1, 1), generator=g).float()
+    stripes = torch.sin(torch.arange(size).float().view(1, 1, 1, size) * freq) * 60
+    noise = torch.randn(n, 3, size, size, generator=g) * 20
+    return (colour + stripes + noise).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return metrics.demo_extractor()  # 32-d pool features, 10 logits
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two sets of 96 images (more than the 32 feature dimensions, so the covariances are full rank), dark and light
+    (the random demo extractor tells them apart only a little: FID ~4e-3 for a feature covariance trace ~1e-3)."""
+    return image_set(96, seed=1, lo=0, hi=120), image_set(96, seed=2, lo=130, hi=256)
+
+
+def features_of(extractor, images) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        feats, logits = extractor(images)
+    return feats.double().numpy(), logits.double().numpy()
+
+
+# ---- FID ---------------------------------------------------------------------------------------------------
 def test_feature_stats_are_numpys_mean_and_cov_in_any_batching(feature_sets):
     a, _ = feature_sets
     whole = metrics.FeatureStats.from_features(torch.from_numpy(a).float())
@@ -45,21 +88,46 @@ def test_feature_stats_are_numpys_mean_and_cov_in_any_batching(feature_sets):
         batched.update(np.zeros((2, 5)))
 
 
-def test_fid_of_a_set_against_itself_is_zero(feature_sets):
-    a, _ = feature_sets
-    stats = metrics.FeatureStats.from_features(a)
-    fid = metrics.frechet_distance(stats.mu, stats.sigma, stats.mu, stats.sigma)
-    assert abs(fid) < 1e-6 * np.trace(stats.sigma)
+def test_torchmetrics_fid_of_images_against_themselves_is_zero(extractor, images):
+    real, _ = images
+    image_metrics = metrics.ImageMetrics(extractor)
+    assert isinstance(image_metrics.fid, metrics.FrechetInceptionDistance)
+    assert image_metrics.fid.inception.num_features == 32 and not image_metrics.fid.sync_on_compute
+    for batch in real.split(40):  # uneven batches
+        image_metrics.update(batch, real=True)
+    for batch in real.split(25):
+        image_metrics.update(batch, real=False)
+    scores = image_metrics.compute()
+    assert image_metrics.num_real == image_metrics.num_generated == 96
+    assert abs(scores["fid"]) < 1e-3
+    stats = image_metrics.generated_stats()
+    assert abs(scores["fid"]) < 1e-9 * np.trace(stats.sigma)  # zero up to float64 round-off
 
 
-def test_fid_between_sets_matches_the_reference_computation(feature_sets):
+def test_torchmetrics_fid_equals_the_previous_implementation(extractor, images):
+    real, fake = images
+    image_metrics = metrics.ImageMetrics(extractor)
+    image_metrics.update(real, real=True)
+    for batch in fake.split(30):
+        image_metrics.update(batch, real=False)
+    ours = image_metrics.compute()["fid"]
+    ref = reference_frechet(features_of(extractor, fake)[0], features_of(extractor, real)[0])
+    assert ref > np.trace(image_metrics.real_stats().sigma)  # the two sets differ: not a comparison of round-off
+    assert ours == pytest.approx(ref, rel=1e-6)
+    # the same on plain features, and symmetric
+    a, b = features_of(extractor, real)[0], features_of(extractor, fake)[0]
+    sa, sb = metrics.FeatureStats.from_features(a), metrics.FeatureStats.from_features(b)
+    assert metrics.frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma) == pytest.approx(ref, rel=1e-6)
+    assert metrics.frechet_distance(sb.mu, sb.sigma, sa.mu, sa.sigma) == pytest.approx(ref, rel=1e-6)
+
+
+def test_fid_between_feature_sets_matches_the_reference(feature_sets):
     a, b = feature_sets
     sa, sb = metrics.FeatureStats.from_features(a), metrics.FeatureStats.from_features(b)
     ours = metrics.frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
-    ref = reference_frechet(np.mean(a, 0), np.cov(a, rowvar=False), np.mean(b, 0), np.cov(b, rowvar=False))
     assert ours > 1
-    assert ours == pytest.approx(ref, rel=1e-6)
-    assert metrics.frechet_distance(sb.mu, sb.sigma, sa.mu, sa.sigma) == pytest.approx(ours, rel=1e-9)
+    assert ours == pytest.approx(reference_frechet(a, b), rel=1e-6)
+    assert abs(metrics.frechet_distance(sa.mu, sa.sigma, sa.mu, sa.sigma)) < 1e-6 * np.trace(sa.sigma)
 
 
 def test_fid_with_singular_covariances_is_finite():
@@ -68,47 +136,135 @@ def test_fid_with_singular_covariances_is_finite():
     other = metrics.FeatureStats.from_features(rng.normal(size=(6, 32)))
     fid = metrics.frechet_distance(few.mu, few.sigma, other.mu, other.sigma)
     assert np.isfinite(fid) and fid > 0
-    assert abs(metrics.frechet_distance(few.mu, few.sigma, few.mu, few.sigma)) < 1e-6 * np.trace(few.sigma)
+    # torchmetrics takes sqrt of the eigenvalues of s1 s2 (not symmetric): round-off of the 28 zero ones remains
+    assert abs(metrics.frechet_distance(few.mu, few.sigma, few.mu, few.sigma)) < 1e-5 * np.trace(few.sigma)
 
 
-def test_stats_npz_round_trip_gives_the_same_fid(feature_sets, tmp_path):
-    a, b = feature_sets
-    sa, sb = metrics.FeatureStats.from_features(a), metrics.FeatureStats.from_features(b)
-    path = metrics.save_stats(tmp_path / "ref.npz", sb.mu, sb.sigma)
-    with np.load(path) as data:  # the pytorch-fid layout
+def test_reference_stats_from_an_npz_give_the_fid_of_the_real_images(extractor, images, tmp_path):
+    real, fake = images
+    direct = metrics.ImageMetrics(extractor)
+    direct.update(real, real=True)
+    direct.update(fake, real=False)
+    fid = direct.compute()["fid"]
+
+    stats = direct.real_stats()
+    path = stats.save(tmp_path / "ref.npz")
+    with np.load(path) as data:  # the pytorch-fid layout, plus n
+        assert sorted(data.files) == ["mu", "n", "sigma"] and int(data["n"]) == 96
+        assert data["mu"].shape == (32,) and data["sigma"].shape == (32, 32)
+    loaded = metrics.FeatureStats.load(path)
+    assert loaded.n == 96
+    from_npz = metrics.ImageMetrics(extractor)
+    from_npz.load_reference(path)
+    assert int(from_npz.fid.real_features_num_samples) == 96
+    torch.testing.assert_close(from_npz.fid.real_features_sum, direct.fid.real_features_sum, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(from_npz.fid.real_features_cov_sum, direct.fid.real_features_cov_sum)
+    from_npz.update(fake, real=False)
+    assert from_npz.compute()["fid"] == pytest.approx(fid, rel=1e-9)
+
+    # a pytorch-fid npz has no n: FID depends on mu and sigma only
+    no_n = metrics.save_stats(tmp_path / "pytorch_fid.npz", stats.mu, stats.sigma)
+    with np.load(no_n) as data:
         assert sorted(data.files) == ["mu", "sigma"]
-        assert data["mu"].shape == (24,) and data["sigma"].shape == (24, 24)
-    mu, sigma = metrics.load_stats(path)
-    assert metrics.frechet_distance(sa.mu, sa.sigma, mu, sigma) == metrics.frechet_distance(
-        sa.mu, sa.sigma, sb.mu, sb.sigma
-    )
-    odd = metrics.save_stats(tmp_path / "stats.bin", sb.mu, sb.sigma)
+    assert metrics.FeatureStats.load(no_n).n is None
+    assert [a.shape for a in metrics.load_stats(no_n)] == [(32,), (32, 32)]
+    without_n = metrics.ImageMetrics(extractor)
+    without_n.load_reference(no_n)
+    without_n.update(fake, real=False)
+    assert without_n.compute()["fid"] == pytest.approx(fid, rel=1e-9)
+    # generated images added after a compute() count
+    without_n.update(real, real=False)
+    assert without_n.compute()["fid"] != pytest.approx(fid, rel=1e-3)
+
+    with pytest.raises(ValueError, match="16-d features but the feature extractor gives 32-d"):
+        metrics.ImageMetrics(extractor).load_reference((np.zeros(16), np.eye(16)))
+    odd = metrics.save_stats(tmp_path / "stats.bin", stats.mu, stats.sigma)
     assert odd.is_file() and not (tmp_path / "stats.bin.npz").exists()
-    np.savez(tmp_path / "bad.npz", m=sb.mu)
+    np.savez(tmp_path / "bad.npz", m=stats.mu)
     with pytest.raises(ValueError, match="not FID statistics"):
         metrics.load_stats(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError):
-        metrics.load_stats(tmp_path / "none.npz")
+        metrics.FeatureStats.load(tmp_path / "none.npz")
 
 
-def test_inception_score():
-    assert metrics.inception_score(torch.zeros(20, 7)) == pytest.approx((1.0, 0.0))  # uniform logits
-    assert metrics.inception_score(torch.full((20, 7), 1 / 7))[0] == pytest.approx(1.0)  # uniform probabilities
-    # confident and all different: IS = the number of classes (within a split)
-    one_hot = torch.eye(8)
-    assert metrics.inception_score(one_hot, splits=1)[0] == pytest.approx(8.0)
-    assert metrics.inception_score(one_hot * 1e4, splits=1)[0] == pytest.approx(8.0)  # logits
+# ---- KID ---------------------------------------------------------------------------------------------------
+def test_kid_of_a_set_against_itself_is_about_zero(extractor, images):
+    real, fake = images
+    image_metrics = metrics.ImageMetrics(extractor, kid=True, kid_subsets=20, kid_subset_size=64)
+    assert isinstance(image_metrics.kid, metrics.KernelInceptionDistance)
+    image_metrics.update(real, real=True)
+    image_metrics.update(fake, real=False)
+    between = image_metrics.compute()
+    assert between["kid_subset_size"] == 64 and between["kid"] > 0
+
+    same = metrics.ImageMetrics(extractor, kid=True, kid_subsets=20, kid_subset_size=64)
+    same.update(real, real=True)
+    same.update(real, real=False)
+    itself = same.compute()
+    assert abs(itself["kid"]) < 0.02 * between["kid"]  # an unbiased MMD^2 estimate: ~0, either sign
+    assert same.compute()["kid"] == itself["kid"]  # subsets drawn from a fixed seed
+    feats_real, feats_fake = features_of(extractor, real)[0], features_of(extractor, fake)[0]
+    kid, _ = metrics.kernel_inception_distance(feats_real, feats_fake, subsets=20, subset_size=64)
+    assert kid == pytest.approx(between["kid"], rel=1e-9)
+    # no real images, no KID (mean and covariance are not enough for it)
+    assert metrics.ImageMetrics(extractor).compute()["kid"] is None
+
+
+# ---- IS ----------------------------------------------------------------------------------------------------
+def test_inception_score_equals_the_previous_implementation(extractor, images):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(50, 10)) * 3
-    mean, std = metrics.inception_score(logits, splits=5)
-    p = torch.tensor(logits).softmax(1).numpy()[np.random.RandomState(2020).permutation(50)]
-    scores = []
-    for chunk in np.array_split(p, 5):
-        q = chunk.mean(0, keepdims=True)
-        scores.append(np.exp((chunk * (np.log(chunk) - np.log(q))).sum(1).mean()))
-    assert (mean, std) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-9)
+    assert metrics.inception_score(logits, splits=5) == pytest.approx(reference_inception_score(logits, 5), rel=1e-9)
+    assert metrics.inception_score(torch.zeros(20, 7)) == pytest.approx((1.0, 0.0))  # uniform logits
+    assert metrics.inception_score(torch.full((20, 7), 1 / 7))[0] == pytest.approx(1.0)  # uniform probabilities
+    one_hot = torch.eye(8)  # confident and all different: IS = the number of classes (within a split)
+    assert metrics.inception_score(one_hot, splits=1) == pytest.approx((8.0, 0.0))
+    assert metrics.inception_score(one_hot * 1e4, splits=1)[0] == pytest.approx(8.0)  # logits
+
+    # through torchmetrics' InceptionScore fed by the extractor's logits, 10 splits
+    real, fake = images
+    both = torch.cat([real[:45], fake[:45]])
+    image_metrics = metrics.ImageMetrics(extractor)
+    assert isinstance(image_metrics.inception, metrics.InceptionScore)
+    for batch in both.split(32):
+        image_metrics.update(batch, real=False)
+    scores = image_metrics.compute()
+    logits = features_of(extractor, both)[1]
+    expected_is, expected_std = reference_inception_score(logits, 10)
+    assert scores["is_splits"] == 10
+    # the random demo net puts every image in one class: IS ~1.0035; another shuffle seed moves IS - 1 by 6.5 %
+    assert scores["is"] - 1 == pytest.approx(expected_is - 1, rel=1e-6) and expected_is - 1 > 1e-3
+    assert scores["is_std"] == pytest.approx(expected_std, rel=1e-6)
+    torch.testing.assert_close(image_metrics.logits(), torch.from_numpy(logits))
 
 
+# ---- the evaluation functions ------------------------------------------------------------------------------
+def test_score_images_and_compute_stats(extractor, images, tmp_path):
+    real, fake = images
+    real_dir, fake_dir = tmp_path / "real", tmp_path / "fake"
+    for folder, batch in ((real_dir, real[:40]), (fake_dir, fake[:36])):
+        folder.mkdir()
+        for i, image in enumerate(batch):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
+    fake_paths = sorted(fake_dir.glob("*.png"))
+
+    stats = compute_stats(real_dir, extractor, resize=None, batch_size=16)
+    assert stats.n == 40 and stats.mu.shape == (32,)
+    with_real = score_images(fake_paths, feature_extractor=extractor, resize=None, batch_size=16, real_images=real_dir)
+    assert with_real["kid"] is not None and with_real["is"] is not None and with_real["stats"].n == 36
+    assert with_real["fid"] == pytest.approx(
+        reference_frechet(features_of(extractor, fake[:36])[0], features_of(extractor, real[:40])[0]), rel=1e-6
+    )
+    npz = stats.save(tmp_path / "ref.npz")
+    with_ref = score_images(fake_paths, feature_extractor=extractor, resize=None, ref_stats=npz)
+    assert with_ref["fid"] == pytest.approx(with_real["fid"], rel=1e-9)
+    assert with_ref["kid"] is None  # reference statistics do not give KID
+    assert with_ref["is"] == pytest.approx(with_real["is"], rel=1e-12)
+    alone = score_images(fake_paths, feature_extractor=extractor, resize=None)
+    assert alone["fid"] is None and alone["logits"].shape == (36, 10)
+
+
+# ---- CLIP score and models ---------------------------------------------------------------------------------
 def test_clip_score_is_the_mean_cosine_similarity():
     rng = np.random.default_rng(0)
     img, txt = rng.normal(size=(6, 16)), rng.normal(size=(6, 16))
@@ -154,6 +310,17 @@ def test_demo_extractor_is_deterministic_and_takes_any_size():
     assert feats.shape == (3, 32) and logits.shape == (3, 10)
     assert torch.equal(feats, feats2) and torch.equal(logits, logits2)
     assert metrics.split_features(feats) == (feats, None)
+    assert metrics.feature_widths(metrics.demo_extractor()) == (32, 10)
+
+    class NoAttributes(torch.nn.Module):  # widths found by one probe
+        def forward(self, x):
+            return x.float().mean((2, 3)).repeat(1, 4)
+
+    assert metrics.feature_widths(NoAttributes()) == (12, None)
+    image_metrics = metrics.ImageMetrics(NoAttributes())
+    assert image_metrics.inception is None and image_metrics.fid.inception.num_features == 12
+    with pytest.raises(ValueError, match="needs a feature extractor that returns"):
+        metrics.ClassLogits(metrics.ExtractorOutputs(NoAttributes()))
 
 
 def test_paper_models_need_the_eval_extra():

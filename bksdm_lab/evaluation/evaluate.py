@@ -26,8 +26,8 @@ from PIL import Image
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.metrics import (
     FeatureStats,
+    ImageMetrics,
     cosine_similarities,
-    extract_features,
     frechet_distance,
     inception_score,
     load_stats,
@@ -102,32 +102,66 @@ def score_images(
     resize: int | None = 256,
     batch_size: int = 50,
     progress: bool = False,
+    ref_stats: str | Path | FeatureStats | tuple | None = None,
+    real_images: str | Path | Sequence[str | Path] | None = None,
+    is_splits: int = 10,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
 ) -> dict[str, Any]:
-    """One pass over the images: ``stats`` (FeatureStats of the pool features), ``logits`` (for IS, if the
-    extractor gives them) and ``clip`` (per-image cosine similarity with its prompt)."""
+    """One pass over the images with torchmetrics' FID, IS and KID (:class:`ImageMetrics`) and the CLIP score.
+
+    Returns ``stats`` (:class:`FeatureStats` of the pool features), ``logits`` (for IS, if the extractor gives
+    them), ``clip`` (per-image cosine similarity with its prompt), ``metrics`` (the :class:`ImageMetrics`) and the
+    scores ``fid`` (against ``ref_stats``, an ``.npz`` / FeatureStats / ``(mu, sigma[, n])``, else against
+    ``real_images``), ``is``/``is_std`` and ``kid``/``kid_std``; ``None`` where not computable. KID needs the real
+    features themselves, so it is computed only with ``real_images`` (a folder or a list of paths, resized like the
+    generated ones); with both, FID uses ``ref_stats`` and the real images serve KID only.
+    """
     from tqdm.auto import tqdm
 
     if clip_model is not None and (prompts is None or len(prompts) != len(paths)):
         raise EvaluationError("the CLIP score needs one prompt per image")
-    stats = FeatureStats() if feature_extractor is not None else None
-    logits, sims, start = [], [], 0
-    bar = tqdm(total=len(paths), unit="img", desc="score", disable=not progress)
+    real_paths: list[Path] = []
+    if real_images is not None:
+        is_folder = isinstance(real_images, (str, Path))
+        real_paths = list_images(real_images) if is_folder else [Path(p) for p in real_images]
+    if (ref_stats is not None or real_paths) and feature_extractor is None:
+        raise EvaluationError("FID and KID need a feature extractor")
+    image_metrics = None
+    if feature_extractor is not None:
+        image_metrics = ImageMetrics(
+            feature_extractor,
+            kid=bool(real_paths),
+            is_splits=is_splits,
+            kid_subsets=kid_subsets,
+            kid_subset_size=kid_subset_size,
+        )
+        if ref_stats is not None:
+            try:
+                image_metrics.load_reference(ref_stats)
+            except ValueError as err:
+                raise EvaluationError(str(err)) from err
+    sims, start = [], 0
+    bar = tqdm(total=len(paths) + len(real_paths), unit="img", desc="score", disable=not progress)
+    for batch in image_batches(real_paths, resize, batch_size):
+        image_metrics.update(to_uint8_batch(batch), real=True)
+        bar.update(len(batch))
     for batch in image_batches(paths, resize, batch_size):
-        if feature_extractor is not None:
-            feats, batch_logits = extract_features(feature_extractor, to_uint8_batch(batch))
-            stats.update(feats)
-            if batch_logits is not None:
-                logits.append(batch_logits)
+        if image_metrics is not None:
+            image_metrics.update(to_uint8_batch(batch), real=False)
         if clip_model is not None:
             texts = list(prompts[start : start + len(batch)])
             sims.append(cosine_similarities(clip_model.encode_images(batch), clip_model.encode_texts(texts)))
         start += len(batch)
         bar.update(len(batch))
     bar.close()
+    scores = image_metrics.compute() if image_metrics is not None else {}
     return {
-        "stats": stats,
-        "logits": torch.cat(logits) if logits else None,
+        "stats": image_metrics.generated_stats() if image_metrics is not None else None,
+        "logits": image_metrics.logits() if image_metrics is not None else None,
         "clip": torch.cat(sims) if sims else None,
+        "metrics": image_metrics,
+        **{k: scores.get(k) for k in ("fid", "is", "is_std", "kid", "kid_std")},
     }
 
 
@@ -193,12 +227,17 @@ def compute_stats(
     num_images: int | None = None,
     progress: bool = False,
 ) -> FeatureStats:
-    """FeatureStats of the images under ``folder`` (e.g. the 40,504 MS-COCO val2014 images, squashed to 256 px)."""
+    """FeatureStats (``mu``, ``sigma``, ``n``) of the images under ``folder`` (e.g. the 40,504 MS-COCO val2014
+    images, squashed to 256 px): the real side of torchmetrics' FID; ``.save(path)`` writes the reference npz."""
+    from tqdm.auto import tqdm
+
     paths = list_images(folder, num_images)
-    scores = score_images(
-        paths, feature_extractor=feature_extractor, resize=resize, batch_size=batch_size, progress=progress
-    )
-    return scores["stats"]
+    image_metrics = ImageMetrics(feature_extractor, inception_score=False)
+    with tqdm(total=len(paths), unit="img", desc="stats", disable=not progress) as bar:
+        for batch in image_batches(paths, resize, batch_size):
+            image_metrics.update(to_uint8_batch(batch), real=True)
+            bar.update(len(batch))
+    return image_metrics.real_stats()
 
 
 # ---- reporting ---------------------------------------------------------------------------------------

@@ -1,11 +1,19 @@
-"""Image-quality metrics of the paper's protocol: FID, Inception Score, CLIP score; and the models behind them.
+"""Image-quality metrics of the paper's protocol: FID, Inception Score, KID, CLIP score; and the models behind them.
 
-The metric code takes any feature extractor, so it runs offline with tiny models built from config:
+FID, IS and KID are torchmetrics' (``FrechetInceptionDistance``, ``InceptionScore``, ``KernelInceptionDistance``)
+with the feature extractor passed in as ``feature=``: :class:`ImageMetrics` runs the extractor once per batch and
+feeds all three. The extractor is any ``nn.Module`` mapping uint8 images ``(N, 3, H, W)`` to pool features
+``(N, D)`` or to ``(pool features, class logits)`` (the logits give IS): the paper's torch-fidelity Inception
+(:func:`inception_extractor`, the ``eval`` extra) on GPU machines, the tiny random :func:`demo_extractor` in tests.
 
-- an *image feature extractor* is any ``nn.Module`` mapping images ``(N, 3, H, W)`` (uint8 0..255, or float
-  0..1) to pool features ``(N, D)``, or to a tuple ``(pool features, class logits)`` (the logits give IS);
-- a *CLIP model* is a :class:`ClipModel`: ``encode_images(list of PIL images)`` and ``encode_texts(list of str)``
-  return embeddings with the same width.
+- FID is taken against precomputed reference statistics (:class:`FeatureStats`, a pytorch-fid ``.npz`` with ``mu``,
+  ``sigma`` and ``n``) loaded into torchmetrics' real-feature state, so a 30K evaluation does not read the 40K real
+  images again; or against real images.
+- KID needs the real features themselves, not their mean and covariance: it is computed only when real images
+  (or real features) are given.
+- IS follows torch-fidelity: ``logits_unbiased``, 10 splits, rows shuffled with ``np.random.RandomState(2020)``.
+- The CLIP score is this module's own code (see :func:`cosine_similarities`): a :class:`ClipModel` has
+  ``encode_images(list of PIL images)`` and ``encode_texts(list of str)`` returning embeddings of one width.
 
 The paper's models are built lazily and need the ``eval`` extra (``pip install -e ".[eval]"``):
 :func:`inception_extractor` (torch-fidelity's InceptionV3, the FID/IS network of pytorch-fid and torch-fidelity)
@@ -16,6 +24,7 @@ their numbers are meaningless.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.utilities.data import dim_zero_cat
 
 EVAL_EXTRA = 'pip install -e ".[eval]"'
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_clip uses the same for ViT-g-14)
@@ -46,92 +59,131 @@ def _require(module: str, what: str):
         ) from err
 
 
-# ---- Frechet distance -------------------------------------------------------------------------------
-class FeatureStats:
-    """Running mean and covariance of features, accumulated in float64 (sum and sum of outer products).
+# ---- FID statistics ---------------------------------------------------------------------------------
+PLACEHOLDER_N = 2  # FID depends on mu and sigma only; an npz without n is loaded as if from this many images
 
-    ``sigma`` is the unbiased covariance (``np.cov(x, rowvar=False)``), as in pytorch-fid.
+
+class FeatureStats:
+    """Mean ``mu``, covariance ``sigma`` and count ``n`` of a set's pool features: one side of torchmetrics' FID.
+
+    ``sigma`` is torchmetrics' (and pytorch-fid's ``np.cov``) unbiased covariance. Read one from a metric with
+    :meth:`of_metric`, load one into a metric's real (or fake) state with :meth:`load_into`; ``.npz`` files in the
+    pytorch-fid layout (``mu``, ``sigma``, plus ``n`` here) with :meth:`save` / :meth:`load`. ``n`` is ``None`` for
+    an npz written without it (FID does not depend on it). ``FeatureStats().update(features)`` accumulates
+    ``(N, D)`` features batch by batch in a torchmetrics FID.
     """
 
-    def __init__(self, dim: int | None = None):
-        self.n = 0
-        self._sum: torch.Tensor | None = None
-        self._outer: torch.Tensor | None = None
-        if dim is not None:
-            self._init(dim)
+    def __init__(self, mu=None, sigma=None, n: int | None = None):
+        self._mu = None if mu is None else np.asarray(mu, np.float64).reshape(-1)
+        self._sigma = None if sigma is None else np.atleast_2d(np.asarray(sigma, np.float64))
+        self.n = None if n is None else int(n)
+        self._fid: FrechetInceptionDistance | None = None  # set by update()
+        if self._mu is not None and self._sigma is not None and self._sigma.shape != (self._mu.size,) * 2:
+            raise ValueError(f"mu {self._mu.shape} and sigma {self._sigma.shape} do not match")
 
-    def _init(self, dim: int) -> None:
-        self._sum = torch.zeros(dim, dtype=torch.float64)
-        self._outer = torch.zeros(dim, dim, dtype=torch.float64)
+    def __repr__(self) -> str:
+        width = None if self._mu is None else self._mu.size
+        return f"FeatureStats(n={self.n}, features={width})"
 
-    def update(self, features: torch.Tensor | np.ndarray) -> FeatureStats:
-        x = torch.as_tensor(features).detach().to("cpu", torch.float64)
-        if x.ndim != 2:
-            x = x.reshape(x.shape[0], -1)
-        if self._sum is None:
-            self._init(x.shape[1])
-        if x.shape[1] != self._sum.shape[0]:
-            raise ValueError(f"features of width {x.shape[1]} added to statistics of width {self._sum.shape[0]}")
-        self.n += x.shape[0]
-        self._sum += x.sum(0)
-        self._outer += x.T @ x
+    def update(self, features) -> FeatureStats:
+        """Add ``(N, D)`` features (any batching gives the same statistics)."""
+        x = _as_tensor(features)
+        x = x.reshape(x.shape[0], -1)
+        if self._fid is None:
+            if self._mu is not None:
+                raise ValueError("statistics given as mu/sigma cannot be updated with features")
+            self._fid = fid_metric(Features(x.shape[1]))
+        width = self._fid.fake_features_sum.shape[0]
+        if x.shape[1] != width:
+            raise ValueError(f"features of width {x.shape[1]} added to statistics of width {width}")
+        self._fid.update(x, real=False)
+        self.n = int(self._fid.fake_features_num_samples)
+        self._mu = self._sigma = None  # recomputed from the metric's state when read
         return self
 
-    @classmethod
-    def from_features(cls, features) -> FeatureStats:
-        return cls().update(features)
+    def _refresh(self) -> None:
+        if self._fid is not None and self._mu is None and self.n:
+            done = FeatureStats.of_metric(self._fid, real=False)
+            self._mu, self._sigma = done._mu, done._sigma
 
     @property
     def mu(self) -> np.ndarray:
-        if not self.n:
+        self._refresh()
+        if self._mu is None:
             raise ValueError("no features were added")
-        return (self._sum / self.n).numpy()
+        return self._mu
 
     @property
     def sigma(self) -> np.ndarray:
-        if self.n < 2:
+        self._refresh()
+        if self._sigma is None:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
-        mean = self._sum / self.n
-        cov = (self._outer - self.n * torch.outer(mean, mean)) / (self.n - 1)
-        return ((cov + cov.T) / 2).numpy()
+        return self._sigma
+
+    @property
+    def dim(self) -> int:
+        return self.mu.size
+
+    @classmethod
+    def of_metric(cls, fid: FrechetInceptionDistance, real: bool = False) -> FeatureStats:
+        """The statistics a torchmetrics FID holds for its real (or fake) images, as its ``compute`` forms them."""
+        side = "real" if real else "fake"
+        n = int(getattr(fid, f"{side}_features_num_samples"))
+        total = getattr(fid, f"{side}_features_sum").detach().double().cpu()
+        outer = getattr(fid, f"{side}_features_cov_sum").detach().double().cpu()
+        mu = total / n if n else None
+        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1) if n >= 2 else None
+        return cls(None if mu is None else mu.numpy(), None if sigma is None else sigma.numpy(), n)
+
+    @classmethod
+    def from_features(cls, features) -> FeatureStats:
+        """Statistics of ``(N, D)`` features, accumulated by a torchmetrics FID fed with them."""
+        return cls().update(features)
+
+    def load_into(self, fid: FrechetInceptionDistance, real: bool = True) -> FrechetInceptionDistance:
+        """Set ``fid``'s real (or fake) state, sum and sum of outer products, to these statistics (``n`` images)."""
+        side = "real" if real else "fake"
+        width = getattr(fid, f"{side}_features_sum").shape[0]
+        if self.dim != width:
+            raise ValueError(
+                f"the statistics have {self.dim}-d features but the feature extractor gives {width}-d ones: "
+                f"compute them with the same feature extractor"
+            )
+        n = self.n if self.n and self.n >= 2 else PLACEHOLDER_N
+        device = getattr(fid, f"{side}_features_sum").device
+        mu = torch.as_tensor(self.mu, dtype=torch.float64, device=device)
+        sigma = torch.as_tensor(self.sigma, dtype=torch.float64, device=device)
+        setattr(fid, f"{side}_features_sum", n * mu)
+        setattr(fid, f"{side}_features_cov_sum", (n - 1) * sigma + n * torch.outer(mu, mu))
+        setattr(fid, f"{side}_features_num_samples", torch.tensor(n, dtype=torch.long, device=device))
+        fid._computed = None  # a value cached by an earlier compute() is stale now
+        return fid
+
+    def save(self, path: str | Path) -> Path:
+        return save_stats(path, self.mu, self.sigma, n=self.n)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        return cls(*_read_stats(path))
 
 
-def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a symmetric positive semi-definite matrix (negative round-off clipped)."""
-    vals, vecs = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrt(s1 s2)``, the FID of two Gaussians, in float64.
-
-    ``tr sqrt(s1 s2)`` is taken as ``tr sqrt(sqrt(s1) s2 sqrt(s1))``: the same eigenvalues, but of a symmetric
-    positive semi-definite matrix, so a symmetric eigendecomposition is exact where ``scipy.linalg.sqrtm`` of the
-    non-symmetric product can return complex parts or NaNs for (near-)singular covariances.
-    """
-    mu1, mu2 = np.asarray(mu1, np.float64).reshape(-1), np.asarray(mu2, np.float64).reshape(-1)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
-    root1 = _sqrt_psd(s1)
-    inner = root1 @ s2 @ root1
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
-
-
-def save_stats(path: str | Path, mu, sigma) -> Path:
-    """Write ``mu``/``sigma`` as an ``.npz`` in the pytorch-fid layout (``np.load(path)["mu"]``)."""
+def save_stats(path: str | Path, mu, sigma, n: int | None = None) -> Path:
+    """Write ``mu``/``sigma`` (and ``n``, the number of images, if given) as a pytorch-fid style ``.npz``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"mu": np.asarray(mu, np.float64), "sigma": np.asarray(sigma, np.float64)}
+    if n is not None:
+        arrays["n"] = np.asarray(int(n), np.int64)
     with path.open("wb") as f:  # a file object: np.savez would otherwise append ".npz" to other suffixes
-        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+        np.savez(f, **arrays)
     return path
 
 
-def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` of a pytorch-fid / torch-fidelity style ``.npz`` (keys ``mu`` and ``sigma``)."""
+def _as_tensor(x) -> torch.Tensor:
+    return (x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))).detach()
+
+
+def _read_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
@@ -139,44 +191,312 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         missing = [k for k in ("mu", "sigma") if k not in data]
         if missing:
             raise ValueError(f"{path} has no {', '.join(missing)} (keys: {sorted(data.files)}); not FID statistics")
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        n = int(data["n"]) if "n" in data else None
+        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n
 
 
-# ---- Inception Score and CLIP score ------------------------------------------------------------------
+def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` of a pytorch-fid / torch-fidelity style ``.npz`` (keys ``mu`` and ``sigma``)."""
+    mu, sigma, _ = _read_stats(path)
+    return mu, sigma
+
+
+# ---- torchmetrics' FID, IS and KID over our feature extractors ---------------------------------------
+def _quiet(metric_class, *args, **kwargs):
+    """Build a torchmetrics metric without its "saves all features in a buffer" warning (IS, KID)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+        return metric_class(*args, **kwargs)
+
+
+def _metric_kwargs() -> dict:
+    # each process computes on its own: EvalCallback scores on rank 0 only, and a gather there would hang DDP
+    return {"sync_on_compute": False}
+
+
+class Features(torch.nn.Module):
+    """Identity "extractor" for features computed elsewhere: torchmetrics' metrics then take ``(N, D)`` features."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(x).reshape(len(x), self.num_features).double()
+
+
+class ExtractorOutputs(torch.nn.Module):
+    """Runs an image feature extractor once per batch for several metrics: the last batch's output is kept and
+    returned again for the same tensor. Features and logits come back in float64 on the extractor's device."""
+
+    def __init__(self, extractor: torch.nn.Module):
+        super().__init__()
+        self.extractor = extractor
+        self._last: tuple[torch.Tensor, tuple] | None = None
+        self.num_features, self.num_classes = feature_widths(extractor)
+
+    @property
+    def device(self) -> torch.device:
+        return next((p.device for p in self.extractor.parameters()), torch.device("cpu"))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._last is None or self._last[0] is not images:
+            feats, logits = split_features(self.extractor(images.to(self.device)))
+            feats = feats.reshape(feats.shape[0], -1).double()
+            logits = logits.reshape(logits.shape[0], -1).double() if logits is not None else None
+            self._last = (images, (feats, logits))
+        return self._last[1]
+
+    def clear(self) -> None:
+        self._last = None
+
+
+class PoolFeatures(torch.nn.Module):
+    """``feature=`` module for torchmetrics' FID and KID: uint8 images -> the extractor's pool features."""
+
+    def __init__(self, outputs: ExtractorOutputs):
+        super().__init__()
+        self.outputs, self.num_features = outputs, outputs.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images)[0]
+
+
+class ClassLogits(torch.nn.Module):
+    """``feature=`` module for torchmetrics' IS: uint8 images -> the extractor's class logits."""
+
+    def __init__(self, outputs: ExtractorOutputs):
+        super().__init__()
+        if outputs.num_classes is None:
+            raise ValueError("the Inception Score needs a feature extractor that returns (features, logits)")
+        self.outputs, self.num_features = outputs, outputs.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.outputs(images)[1]
+
+
+@torch.no_grad()
+def feature_widths(extractor: torch.nn.Module) -> tuple[int, int | None]:
+    """``(pool feature width, number of classes or None)``: the extractor's ``num_features`` / ``num_classes``
+    attributes, else one probe on a blank 64 px uint8 image (torchmetrics would probe at 299 px)."""
+    width = getattr(extractor, "num_features", None)
+    if isinstance(width, int):
+        return width, getattr(extractor, "num_classes", None)
+    device = next((p.device for p in extractor.parameters()), torch.device("cpu"))
+    feats, logits = split_features(extractor(torch.zeros(1, 3, 64, 64, dtype=torch.uint8, device=device)))
+    return feats.reshape(1, -1).shape[1], (logits.reshape(1, -1).shape[1] if logits is not None else None)
+
+
+def fid_metric(feature: torch.nn.Module) -> FrechetInceptionDistance:
+    """torchmetrics' FID over ``feature`` (uint8 images in, as our extractors take them); real state kept on reset."""
+    return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=False, **_metric_kwargs())
+
+
+def kid_metric(feature: torch.nn.Module, subsets: int = 100, subset_size: int = 1000) -> KernelInceptionDistance:
+    """torchmetrics' KID (cubic polynomial kernel; ``subsets`` subsets of ``subset_size``, capped at the set sizes)."""
+    return _quiet(
+        KernelInceptionDistance,
+        feature=feature,
+        subsets=subsets,
+        subset_size=subset_size,
+        reset_real_features=False,
+        normalize=False,
+        **_metric_kwargs(),
+    )
+
+
+class TorchFidelityInceptionScore(InceptionScore):
+    """torchmetrics' Inception Score with torch-fidelity's conventions: the rows are shuffled with
+    ``np.random.RandomState(seed)`` (2020) instead of ``torch.randperm``, and ``std`` is the population std
+    (``np.std``) over the splits. torchmetrics' own shuffle is undone by seeding it: its math is kept as is.
+
+    Splits are ``torch.chunk``'s: equal to torch-fidelity's ``i * N // splits`` boundaries when ``splits`` divides
+    ``N`` (30,000 / 10 in the paper); otherwise chunks of ``ceil(N / splits)`` (and possibly fewer of them).
+    Logits are float64 here: a class probability underflows to 0 (and the score to NaN, as in torchmetrics) only
+    for logit gaps above ~745.
+    """
+
+    def __init__(self, feature: torch.nn.Module, splits: int = 10, seed: int = 2020, shuffle: bool = True, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
+            super().__init__(feature=feature, splits=splits, normalize=False, **{**_metric_kwargs(), **kwargs})
+        self.seed, self.shuffle = seed, shuffle
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = dim_zero_cat(self.features)
+        n = logits.shape[0]
+        if not 1 <= self.splits <= n:
+            raise ValueError(f"splits={self.splits} needs 1..{n} (the number of images)")
+        order = np.random.RandomState(self.seed).permutation(n) if self.shuffle else np.arange(n)
+        order = torch.as_tensor(order, device=logits.device)
+        saved = self.features
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            theirs = torch.randperm(n)  # the permutation InceptionScore.compute will draw after the same seed
+            arranged = torch.empty_like(logits)
+            arranged[theirs.to(logits.device)] = logits[order]  # so that arranged[theirs] == logits[order]
+            self.features = [arranged]
+            try:
+                torch.manual_seed(0)
+                with warnings.catch_warnings():  # one split: torch's std() of one value warns (and is NaN)
+                    warnings.filterwarnings("ignore", message=".*degrees of freedom.*")
+                    mean, std = super().compute()
+            finally:
+                self.features = saved
+        chunks = len(torch.arange(n).chunk(self.splits))
+        std = std * ((chunks - 1) / chunks) ** 0.5 if chunks > 1 else torch.zeros_like(std)
+        return mean, std
+
+
+def _seeded(compute, seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return compute()
+
+
+class ImageMetrics:
+    """torchmetrics' FID, IS and (optionally) KID over one image feature extractor, run once per batch.
+
+    ``update(images, real=False)`` with uint8 batches ``(N, 3, H, W)``: generated images feed FID's fake side, IS
+    and KID's fake side; real images feed FID's real side (unless reference statistics were loaded with
+    :meth:`load_reference`) and KID's real side. ``kid=True`` keeps every pool feature for KID (memory N x D).
+    The metrics live on the extractor's device, their states in float64.
+    """
+
+    def __init__(
+        self,
+        extractor: torch.nn.Module,
+        *,
+        inception_score: bool = True,
+        kid: bool = False,
+        is_splits: int = 10,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        kid_seed: int = 0,
+    ):
+        self.outputs = ExtractorOutputs(extractor)
+        device = self.outputs.device
+        self.fid = fid_metric(PoolFeatures(self.outputs)).to(device)
+        with_is = inception_score and self.outputs.num_classes is not None
+        self.inception = (
+            TorchFidelityInceptionScore(ClassLogits(self.outputs), is_splits).to(device) if with_is else None
+        )
+        self.kid = kid_metric(PoolFeatures(self.outputs), kid_subsets, kid_subset_size).to(device) if kid else None
+        self.is_splits, self.kid_subset_size, self.kid_seed = is_splits, kid_subset_size, kid_seed
+        self.reference: FeatureStats | None = None
+
+    def load_reference(self, stats: FeatureStats | str | Path | tuple) -> FeatureStats:
+        """FID's real side from precomputed statistics: a :class:`FeatureStats`, an ``.npz`` or ``(mu, sigma[, n])``."""
+        if isinstance(stats, (str, Path)):
+            stats = FeatureStats.load(stats)
+        elif not isinstance(stats, FeatureStats):
+            stats = FeatureStats(*stats)
+        stats.load_into(self.fid, real=True)
+        self.reference = stats
+        return stats
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, real: bool = False) -> None:
+        try:
+            if not real or self.reference is None:
+                self.fid.update(images, real=real)
+            if self.kid is not None:
+                self.kid.update(images, real=real)
+            if not real and self.inception is not None:
+                self.inception.update(images)
+        finally:
+            self.outputs.clear()
+
+    @property
+    def num_generated(self) -> int:
+        return int(self.fid.fake_features_num_samples)
+
+    @property
+    def num_real(self) -> int:
+        return int(self.fid.real_features_num_samples) if self.reference is None else (self.reference.n or 0)
+
+    def generated_stats(self) -> FeatureStats:
+        return FeatureStats.of_metric(self.fid, real=False)
+
+    def real_stats(self) -> FeatureStats:
+        return FeatureStats.of_metric(self.fid, real=True)
+
+    def logits(self) -> torch.Tensor | None:
+        if self.inception is None or not self.inception.features:
+            return None
+        return dim_zero_cat(self.inception.features).cpu()
+
+    def compute(self) -> dict[str, float | int | None]:
+        """``fid`` (with a reference or real images), ``is``/``is_std`` (with logits), ``kid``/``kid_std`` (with real
+        images); ``None`` where a metric cannot be computed."""
+        out: dict[str, float | int | None] = {"fid": None, "is": None, "is_std": None, "kid": None, "kid_std": None}
+        n_fake = self.num_generated
+        has_real = self.reference is not None or int(self.fid.real_features_num_samples) >= 2
+        if has_real and n_fake >= 2:
+            out["fid"] = float(self.fid.compute())
+        if self.inception is not None and n_fake:
+            self.inception.splits = min(self.is_splits, n_fake)
+            mean, std = self.inception.compute()
+            out["is"], out["is_std"], out["is_splits"] = float(mean), float(std), self.inception.splits
+        if self.kid is not None and self.kid.real_features and self.kid.fake_features:
+            n_real = sum(len(f) for f in self.kid.real_features)
+            self.kid.subset_size = min(self.kid_subset_size, n_real, n_fake)
+            if self.kid.subset_size >= 2:
+                mean, std = _seeded(self.kid.compute, self.kid_seed)
+                out["kid"], out["kid_std"], out["kid_subset_size"] = float(mean), float(std), self.kid.subset_size
+        return out
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """The FID of two Gaussians, ``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrt(s1 s2)``, by torchmetrics' FID
+    (float64) with the two sets of statistics loaded into its state."""
+    first, second = FeatureStats(mu1, sigma1), FeatureStats(mu2, sigma2)
+    if first.dim != second.dim:
+        raise ValueError(f"statistics do not match: {first.dim}-d features vs {second.dim}-d")
+    fid = fid_metric(Features(first.dim))
+    fid.update(torch.empty(0, first.dim, dtype=torch.float64), real=False)  # no samples: sets the result dtype
+    second.load_into(fid, real=True)
+    first.load_into(fid, real=False)
+    return float(fid.compute())
+
+
+def kernel_inception_distance(
+    real_features, fake_features, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID (mean, std over ``subsets`` random subsets) of two feature sets ``(N, D)``, by torchmetrics' KID;
+    ``subset_size`` is capped at the smaller set. Needs the features themselves: mean and covariance do not do."""
+    real, fake = _as_tensor(real_features), _as_tensor(fake_features)
+    kid = kid_metric(Features(real.shape[1]), subsets, min(subset_size, len(real), len(fake)))
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    mean, std = _seeded(kid.compute, seed)
+    return float(mean), float(std)
+
+
 def inception_score(
     logits_or_probs, splits: int = 10, *, probs: bool | None = None, shuffle: bool = True, seed: int = 2020
 ) -> tuple[float, float]:
-    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``: mean and std over ``splits`` chunks (torch-fidelity's way).
-
-    Input: class logits ``(N, C)`` (torch-fidelity uses the Inception's ``logits_unbiased``) or probabilities;
-    ``probs=None`` takes rows of non-negative numbers summing to 1 as probabilities. As torch-fidelity, the rows
-    are shuffled with ``np.random.RandomState(2020)`` before splitting (``shuffle=False`` keeps their order).
-    """
-    x = torch.as_tensor(logits_or_probs).detach().to("cpu", torch.float64)
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` of class logits ``(N, C)`` (torch-fidelity uses the
+    Inception's ``logits_unbiased``) or probabilities, by :class:`TorchFidelityInceptionScore`: mean and std over
+    ``splits`` chunks. ``probs=None`` takes rows of non-negative numbers summing to 1 as probabilities."""
+    x = _as_tensor(logits_or_probs).to("cpu", torch.float64)
     if x.ndim != 2:
         raise ValueError(f"expected (N, classes), got shape {tuple(x.shape)}")
     n = x.shape[0]
-    if not 1 <= splits <= n:
-        raise ValueError(f"splits={splits} needs 1..{n} (the number of images)")
     if probs is None:
         probs = bool((x >= 0).all()) and torch.allclose(x.sum(1), torch.ones(n, dtype=x.dtype), atol=1e-4)
-    if shuffle:
-        x = x[torch.as_tensor(np.random.RandomState(seed).permutation(n))]
-    if probs:
-        p = x / x.sum(1, keepdim=True)
-        log_p = torch.log(p.clamp_min(1e-300))
-    else:
-        p, log_p = x.softmax(1), x.log_softmax(1)
-    scores = []
-    for i in range(splits):
-        lo, hi = i * n // splits, (i + 1) * n // splits
-        p_chunk, log_p_chunk = p[lo:hi], log_p[lo:hi]
-        log_q = torch.log(p_chunk.mean(0, keepdim=True).clamp_min(1e-300))
-        kl = (p_chunk * (log_p_chunk - log_q)).sum(1).mean()
-        scores.append(float(kl.exp()))
-    return float(np.mean(scores)), float(np.std(scores))
+    if probs:  # softmax(log p) = p
+        x = torch.log((x / x.sum(1, keepdim=True)).clamp_min(1e-300))
+    metric = TorchFidelityInceptionScore(Features(x.shape[1]), splits=splits, seed=seed, shuffle=shuffle)
+    metric.update(x)
+    mean, std = metric.compute()
+    return float(mean), float(std)
 
 
+# ---- CLIP score --------------------------------------------------------------------------------------
+# Own code, not torchmetrics' CLIPScore: in torchmetrics 1.9 it fails with transformers 5, whose get_*_features
+# return an output object, not a tensor.
 def cosine_similarities(image_embeds, text_embeds) -> torch.Tensor:
     """Per-pair cosine similarity of L2-normalised image and text embeddings (float64)."""
     a = torch.as_tensor(image_embeds).detach().to("cpu", torch.float64)
@@ -231,7 +551,9 @@ def extract_features(extractor: torch.nn.Module, images: torch.Tensor) -> tuple[
 # ---- feature extractors ------------------------------------------------------------------------------
 class InceptionExtractor(torch.nn.Module):
     """torch-fidelity's InceptionV3 (``inception-v3-compat``, the TF FID network): uint8 images of any size ->
-    ``(2048-d pool3 features, 1008 unbiased logits)``, as torch-fidelity's FID and IS use them."""
+    ``(2048-d pool3 features, 1008 unbiased logits)``, as torch-fidelity's FID and IS use them. Passed to
+    torchmetrics through :class:`ImageMetrics` rather than torchmetrics' own ``feature=2048`` Inception, whose
+    default resize (antialiased bilinear) is not torch-fidelity's TF1-compatible one."""
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
@@ -241,6 +563,7 @@ class InceptionExtractor(torch.nn.Module):
         )
         self.net.eval()
         self.name = "inception-v3-compat (torch-fidelity)"
+        self.num_features, self.num_classes = 2048, 1008
 
     def forward(self, images: torch.Tensor):
         if images.dtype != torch.uint8:
@@ -265,6 +588,7 @@ class DemoExtractor(torch.nn.Module):
     ):
         super().__init__()
         self.logit_scale = logit_scale
+        self.num_features, self.num_classes = int(channels[-1]), int(num_classes)
         layers, c_in = [], 3
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
