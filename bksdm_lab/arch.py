@@ -1,6 +1,38 @@
-"""python -m bksdm_lab.arch: Print parameter counts, MACs and the removed blocks of each variant."""
+"""python -m bksdm_lab.arch: parameter counts, MACs and the removed blocks of each variant (a Hydra app).
 
-from bksdm_lab.models.report import main
+    python -m bksdm_lab.arch                       # SD-v1.4 and BK-SDM-Base/Small/Tiny
+    python -m bksdm_lab.arch teacher=sd21base      # the v2 students
+    python -m bksdm_lab.arch format=json           # one JSON object keyed by variant
+
+Config: conf/arch.yaml (+ the ``teacher`` group); the logic is :mod:`bksdm_lab.models.report`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from bksdm_lab import CONF_DIR
+from bksdm_lab.models.report import ReportError, load_archs, report, variant_names
+
+
+def run(cfg: DictConfig) -> str:
+    """Print (and return) the report of ``cfg.variants`` (all when null) against ``cfg.teacher``."""
+    text = report(cfg, load_archs(variant_names(cfg.variants)))
+    print(text)
+    return text
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="arch")
+def main(cfg: DictConfig) -> str:
+    try:
+        return run(cfg)
+    except ReportError as err:
+        print(f"bksdm_lab.arch: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
 
 if __name__ == "__main__":
     main()

@@ -80,3 +80,13 @@ def test_cli_table_and_bad_format():
         [PYTHON, "-m", "bksdm_lab.arch", "format=xml"], capture_output=True, text=True, cwd=REPO, env=env
     )
     assert bad.returncode != 0 and "table, json" in bad.stderr
+
+
+def test_app_in_process(capsys):
+    """The Hydra app's function on a composed config (the variants are composed inside it)."""
+    from test_generate import compose
+
+    from bksdm_lab import arch
+
+    text = arch.run(compose("arch", ["teacher=demo", "variants=[tiny]", "format=json"]))
+    assert list(json.loads(text)) == ["teacher", "tiny"] and text in capsys.readouterr().out

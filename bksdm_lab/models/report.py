@@ -13,7 +13,6 @@ does; attention matmuls not counted) and also with every matmul (torch's FLOP co
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping
 
 import torch
@@ -152,17 +151,38 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_config(overrides: list[str]):
+def _composing(fn):
+    """``fn()`` with Hydra initialised on CONF_DIR: from Python, or inside a Hydra app (already initialised)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return fn()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="arch_report", overrides=overrides)
-        names = cfg.variants or sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml"))
-        archs = {n: compose(config_name="arch_report", overrides=[*overrides, f"+arch={n}"]).arch for n in names}
-    return cfg, archs
+        return fn()
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg, archs = load_config(list(sys.argv[1:] if argv is None else argv))
+def variant_names(variants=None) -> list[str]:
+    return [str(v) for v in variants] if variants else sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml"))
+
+
+def load_archs(names) -> dict:
+    """``{variant: conf/arch/<variant>.yaml}`` composed by Hydra (``defaults:`` inheritance applies)."""
+    return _composing(lambda: {n: compose(config_name="arch", overrides=[f"+arch={n}"]).arch for n in names})
+
+
+def load_config(overrides: list[str]):
+    """``(cfg, {variant: arch config})`` of conf/arch.yaml with ``overrides``."""
+    cfg = _composing(lambda: compose(config_name="arch", overrides=overrides))
+    return cfg, load_archs(variant_names(cfg.variants))
+
+
+class ReportError(ValueError):
+    """The report cannot be made as asked."""
+
+
+def report(cfg, archs) -> str:
+    """The text ``python -m bksdm_lab.arch`` prints: a table, or JSON keyed by variant."""
     if cfg.format not in ("table", "json"):
-        raise SystemExit(f"format={cfg.format!r} is not one of: table, json")
-    report = describe(cfg.teacher, {n: OmegaConf.to_container(a, resolve=True) for n, a in archs.items()})
-    print(json.dumps(report["models"], indent=2) if cfg.format == "json" else format_table(report))
+        raise ReportError(f"format={cfg.format!r} is not one of: table, json")
+    result = describe(cfg.teacher, {n: OmegaConf.to_container(a, resolve=True) for n, a in archs.items()})
+    return json.dumps(result["models"], indent=2) if cfg.format == "json" else format_table(result)

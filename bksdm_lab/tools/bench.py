@@ -1,18 +1,18 @@
 """Benchmark distillation steps and generation with randomly initialised models of the real shapes.
 
-    python -m bksdm_lab.bench                                   # SD-v1.4 -> base/small/tiny, on CUDA if present
-    python -m bksdm_lab.bench --teacher demo --batch 4 --steps 3  # the demo's tiny models (CPU smoke run)
+    python -m bksdm_lab.bench                                       # SD-v1.4 -> base/small/tiny, on CUDA if present
+    python -m bksdm_lab.bench teacher=demo variants=[tiny] batch=4 steps=3  # the demo's tiny models (CPU smoke run)
 
 Weights are random (speed does not depend on them), built from the shipped configs directly on the
 device. For each variant it times one full distillation micro-step (VAE encode, text encode, teacher
 forward, student forward + backward, AdamW step) under the recipe's precision, reports images/s and peak
-memory, the cost of each frozen part alone, and text-to-image generation speed (PNDM, 25 steps). Prints a
-table and, with ``--json PATH``, writes the numbers.
+memory, the cost of each frozen part alone, and text-to-image generation speed (the ``sampling`` group's
+scheduler, steps and guidance: PNDM, 25, 7.5). :func:`run` takes the command's config (conf/bench.yaml), prints a
+table and returns the numbers.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
@@ -26,6 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from bksdm_lab.distill.losses import FeatureKD, KDLoss, OutputKD, TaskLoss
 from bksdm_lab.distill.module import DistillModule
+from bksdm_lab.evaluation.sampling import sampling_dict, set_scheduler
 from bksdm_lab.models.report import load_config
 from bksdm_lab.models.students import count_params, init_student_from_teacher
 from bksdm_lab.models.teachers import Teacher, shipped_configs
@@ -63,14 +64,14 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_training(teacher: Teacher, arch: dict, args, device: torch.device, resolution: int) -> dict:
+def bench_training(teacher: Teacher, arch: dict, cfg, device: torch.device, resolution: int) -> dict:
     student = init_student_from_teacher(teacher.unet, arch).to(device, torch.float32)
     loss = KDLoss(
         {"task": TaskLoss(), "out_kd": OutputKD(), "feat_kd": FeatureKD(arch["feature_pairs"])},
         {"task": 1.0, "out_kd": 1.0, "feat_kd": 1.0},
     )
     module = DistillModule(
-        teacher, student, loss, optimizer=torch.optim.AdamW, gradient_checkpointing=args.gradient_checkpointing
+        teacher, student, loss, optimizer=torch.optim.AdamW, gradient_checkpointing=cfg.gradient_checkpointing
     ).to(device)
     half = torch.float16 if device.type == "cuda" else None
     if half is not None:
@@ -80,17 +81,17 @@ def bench_training(teacher: Teacher, arch: dict, args, device: torch.device, res
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.01)
     scaler = torch.amp.GradScaler(device.type, enabled=half is not None)
     batch = {
-        "pixel_values": torch.randn(args.batch, 3, resolution, resolution, device=device).clamp(-1, 1),
-        "input_ids": torch.randint(0, 514, (args.batch, 77), device=device),
+        "pixel_values": torch.randn(cfg.batch, 3, resolution, resolution, device=device).clamp(-1, 1),
+        "input_ids": torch.randint(0, 514, (cfg.batch, 77), device=device),
     }
     autocast = torch.autocast(device.type, dtype=half) if half is not None else nullcontext()
 
     latent = resolution // 8
     cached = {  # what data=latents yields: the posterior, not the pixels (the VAE is never run)
-        "latent_mean": torch.randn(args.batch, 4, latent, latent, device=device),
-        "latent_std": torch.rand(args.batch, 4, latent, latent, device=device) * 0.1,
+        "latent_mean": torch.randn(cfg.batch, 4, latent, latent, device=device),
+        "latent_std": torch.rand(cfg.batch, 4, latent, latent, device=device) * 0.1,
         "input_ids": batch["input_ids"],
-        "scaling_factor": torch.full((args.batch,), 0.18215, device=device),
+        "scaling_factor": torch.full((cfg.batch,), 0.18215, device=device),
     }
     current = batch
 
@@ -106,39 +107,41 @@ def bench_training(teacher: Teacher, arch: dict, args, device: torch.device, res
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = timed(step, args.steps, args.warmup, device)
+    seconds = timed(step, cfg.steps, cfg.warmup, device)
     out = {
         "student_params": count_params(student),
         "step_s": seconds,
-        "images_per_s": args.batch / seconds,
+        "images_per_s": cfg.batch / seconds,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
     }
-    if args.cached:
+    if cfg.cached:
         current = cached
-        out["step_s_cached_latents"] = timed(step, args.steps, args.warmup, device)
-        out["images_per_s_cached_latents"] = args.batch / out["step_s_cached_latents"]
+        out["step_s_cached_latents"] = timed(step, cfg.steps, cfg.warmup, device)
+        out["images_per_s_cached_latents"] = cfg.batch / out["step_s_cached_latents"]
     return out
 
 
 @torch.no_grad()
-def bench_frozen_parts(teacher: Teacher, args, device: torch.device, resolution: int) -> dict:
+def bench_frozen_parts(teacher: Teacher, cfg, device: torch.device, resolution: int) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pixels = torch.randn(args.batch, 3, resolution, resolution, device=device, dtype=dtype)
+    pixels = torch.randn(cfg.batch, 3, resolution, resolution, device=device, dtype=dtype)
     latent = resolution // 8
-    noisy = torch.randn(args.batch, 4, latent, latent, device=device, dtype=dtype)
-    ids = torch.randint(0, 514, (args.batch, 77), device=device)
-    t = torch.randint(0, 1000, (args.batch,), device=device)
+    noisy = torch.randn(cfg.batch, 4, latent, latent, device=device, dtype=dtype)
+    ids = torch.randint(0, 514, (cfg.batch, 77), device=device)
+    t = torch.randint(0, 1000, (cfg.batch,), device=device)
     cond = teacher.text_encoder.to(dtype)(ids)[0]
     vae, unet = teacher.vae.to(dtype), teacher.unet.to(dtype)
     return {
-        "vae_encode_s": timed(lambda: vae.encode(pixels).latent_dist.sample(), args.steps, args.warmup, device),
-        "text_encode_s": timed(lambda: teacher.text_encoder(ids)[0], args.steps, args.warmup, device),
-        "teacher_unet_forward_s": timed(lambda: unet(noisy, t, cond).sample, args.steps, args.warmup, device),
+        "vae_encode_s": timed(lambda: vae.encode(pixels).latent_dist.sample(), cfg.steps, cfg.warmup, device),
+        "text_encode_s": timed(lambda: teacher.text_encoder(ids)[0], cfg.steps, cfg.warmup, device),
+        "teacher_unet_forward_s": timed(lambda: unet(noisy, t, cond).sample, cfg.steps, cfg.warmup, device),
     }
 
 
 @torch.no_grad()
-def bench_generation(teacher: Teacher, unet, args, device: torch.device, resolution: int, batch: int) -> dict:
+def bench_generation(
+    teacher: Teacher, unet, cfg, device: torch.device, resolution: int, batch: int, sampling: dict
+) -> dict:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = StableDiffusionPipeline(
         vae=teacher.vae.to(dtype),
@@ -150,19 +153,20 @@ def bench_generation(teacher: Teacher, unet, args, device: torch.device, resolut
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    set_scheduler(pipe, sampling["scheduler"])
     pipe.set_progress_bar_config(disable=True)
 
     def generate():
         pipe(
             ["a photo of an astronaut riding a horse on mars"] * batch,
-            num_inference_steps=args.gen_steps,
-            guidance_scale=7.5,
+            num_inference_steps=sampling["steps"],
+            guidance_scale=sampling["guidance"],
             height=resolution,
             width=resolution,
             output_type="np",
         )
 
-    seconds = timed(generate, max(1, args.steps // 3), 1, device)
+    seconds = timed(generate, max(1, cfg.steps // 3), 1, device)
     return {"batch": batch, "s_per_batch": seconds, "images_per_s": batch / seconds}
 
 
@@ -202,64 +206,49 @@ def bench_dataloader(workers: int, tokenizer, num_images: int = 96, batch: int =
     return {"images_per_s": count / seconds, "images_per_s_per_worker": count / seconds / max(1, workers)}
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="sd14", help="conf/teacher option (shipped configs)")
-    p.add_argument("--arch", default="base,small,tiny", help="comma-separated conf/arch options")
-    p.add_argument("--batch", type=int, default=64, help="micro-batch for training steps (paper: 64)")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--gen-batch", default="1,8", help="comma-separated generation batch sizes ('' = skip)")
-    p.add_argument("--gen-steps", type=int, default=25)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--cached",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time the step on cached latents (data=latents: no VAE encode)",
-    )
-    p.add_argument("--dataloader", default="", help="comma-separated worker counts: time loading 512 px JPEGs")
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
-    args = p.parse_args(argv)
+def run(cfg) -> dict:
+    """The benchmark of ``cfg`` (conf/bench.yaml): the numbers, also printed as a table."""
     diffusers_logging.set_verbosity_error()
-
-    device = torch.device(args.device)
-    names = [a for a in args.arch.split(",") if a]
-    cfg, archs = load_config([f"teacher={args.teacher}", f"variants=[{','.join(names)}]"])
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = [str(a) for a in cfg.variants]
+    sampling = sampling_dict(cfg.sampling)
+    _, archs = load_config([f"teacher={cfg.teacher.name}", f"variants=[{','.join(names)}]"])
     archs = {n: OmegaConf.to_container(a, resolve=True) for n, a in archs.items()}
     resolution = int(cfg.teacher.resolution)
     teacher = random_teacher(cfg.teacher.configs, device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {
         "device": gpu,
-        "teacher": args.teacher,
+        "teacher": cfg.teacher.name,
         "resolution": resolution,
-        "batch": args.batch,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "batch": cfg.batch,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "sampling": {k: sampling[k] for k in ("scheduler", "steps", "guidance")},
         "torch": torch.__version__,
         "train": {},
         "generate": {},
     }
-    for workers in [int(w) for w in args.dataloader.split(",") if w]:
+    for workers in [int(w) for w in cfg.dataloader]:
         result.setdefault("dataloader", {})[workers] = bench_dataloader(workers, teacher.tokenizer)
         print("dataloader", workers, json.dumps(result["dataloader"][workers]), flush=True)
-    result["frozen_parts"] = bench_frozen_parts(teacher, args, device, resolution)
+    result["frozen_parts"] = bench_frozen_parts(teacher, cfg, device, resolution)
     for name, arch in archs.items():
-        result["train"][name] = bench_training(teacher, arch, args, device, resolution)
+        result["train"][name] = bench_training(teacher, arch, cfg, device, resolution)
         gc.collect()  # free the last student and its optimizer state before the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(name, json.dumps(result["train"][name]), flush=True)
-    gen_batches = [int(b) for b in args.gen_batch.split(",") if b]
+    gen_batches = [int(b) for b in cfg.gen_batch]
     for name in ["teacher", *names] if gen_batches else []:
         unet = teacher.unet if name == "teacher" else init_student_from_teacher(teacher.unet, archs[name])
-        result["generate"][name] = [bench_generation(teacher, unet, args, device, resolution, b) for b in gen_batches]
+        result["generate"][name] = [
+            bench_generation(teacher, unet, cfg, device, resolution, b, sampling) for b in gen_batches
+        ]
         print(name, json.dumps(result["generate"][name]), flush=True)
 
     print(
-        f"\n{gpu}, teacher {args.teacher} ({resolution} px), micro-batch {args.batch}, "
-        f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, torch {torch.__version__}"
+        f"\n{gpu}, teacher {cfg.teacher.name} ({resolution} px), micro-batch {cfg.batch}, "
+        f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, torch {torch.__version__}"
     )
     fp = result["frozen_parts"]
     print(
@@ -282,8 +271,9 @@ def main(argv=None) -> dict:
         print(f"{name:<8}{r['student_params']:>15,}{r['step_s']:>9.3f}{r['images_per_s']:>8.1f}{mem:>9}{cached}")
     for name, runs in result["generate"].items():
         text = ", ".join(f"batch {r['batch']}: {r['images_per_s']:.2f} img/s" for r in runs)
-        print(f"generate {name:<8} ({args.gen_steps} PNDM steps, guidance 7.5): {text}")
-    if args.json:
-        with open(args.json, "w") as f:
+        what = f"{sampling['steps']} {sampling['scheduler']} steps, guidance {sampling['guidance']}"
+        print(f"generate {name:<8} ({what}): {text}")
+    if cfg.json:
+        with open(cfg.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
