@@ -1,7 +1,14 @@
 """Precompute the teacher VAE's latents (and token ids) once, so training never loads or runs the VAE.
 
     python -m bksdm_lab.prepare data=laion_212k teacher=sd14 out=/data/latents_212k_sd14
+    python -m bksdm_lab.prepare data=webdataset "data.shards='/data/laion/{00000..00099}.tar'" out=/data/latents_wds
+    python -m bksdm_lab.prepare data=hf data.path=lambdalabs/naruto-blip-captions out=/data/latents_naruto
     python -m bksdm_lab.train data=latents data.root=/data/latents_212k_sd14 arch=tiny
+
+The data set is built through the data config (``data._target_``, the training data module, without random
+flips), so every training format caches: an image folder, Hugging Face datasets (map-style: shards of dataset
+rows) and WebDataset tar shards (streamed in order, no shuffling: shards of ``shard_size`` stream positions,
+which must be a multiple of ``batch_size``).
 
 For each image it stores the VAE posterior (mean and std, not a sample) of the image and of its mirror
 image, so training still samples the latent distribution and still flips at random, exactly as the
@@ -20,14 +27,14 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm import tqdm
 
 from bksdm_lab import CONF_DIR
 from bksdm_lab.common.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data.common import SKIP_REASONS, DataError, collate
-from bksdm_lab.data.folder import ImageCaptionFolder
 from bksdm_lab.data.latents import META
 from bksdm_lab.models.teachers import TeacherLoadError, load_teacher
 from bksdm_lab.tools import demo
@@ -56,6 +63,50 @@ def encode_shard(vae, batches, device, dtype) -> tuple[dict, dict]:
     return shard, skipped
 
 
+def build_dataset(data_cfg: DictConfig, tokenizer):
+    """The data set of the data config's module (folder, webdataset, hf), without random flips (both the image
+    and its mirror image are cached); a stream is read in order, unshuffled."""
+    target = str(data_cfg.get("_target_", ""))
+    if target.endswith("LatentDataModule"):
+        raise DataError("data=latents is already a latent cache: give the images' data config (folder, webdataset, hf)")
+    extra = {"random_flip": False}
+    if "webdataset" in target.lower():
+        extra.update(shuffle_shards=False, shuffle_buffer=1)
+    return instantiate(data_cfg, tokenizer=tokenizer, **extra).dataset
+
+
+def data_source(data_cfg: DictConfig) -> str:
+    for key in ("root", "path", "shards"):
+        if data_cfg.get(key) is not None:
+            value = data_cfg[key]
+            return str(list(value)) if not isinstance(value, str) else str(value)
+    return str(data_cfg.get("_target_"))
+
+
+def _save_shard(out: Path, meta: dict, k: int, batches, rows: tuple[int, int], vae, device, dtype) -> None:
+    """Encode ``batches`` (an iterable: a shard's DataLoader, or a stream's batches), write shard ``k``, list it."""
+    batches = _Counted(batches)
+    shard, skipped = encode_shard(vae, batches, device, dtype)
+    name = f"shard-{k:05d}.pt"
+    AtomicCheckpointIO().save_checkpoint(shard, out / name)  # never a half-written shard
+    entry = {"file": name, "rows": list(rows), "count": len(shard["index"]), "batches": batches.n}
+    meta["shards"].append(entry)
+    meta["shards"].sort(key=lambda s: s["file"])
+    meta["skipped"] = {r: meta["skipped"].get(r, 0) + n for r, n in skipped.items()}
+    meta["done"] += rows[1] - rows[0]
+    (out / META).write_text(json.dumps(meta, indent=2))  # the shard is on disk before it is listed
+
+
+class _Counted:
+    def __init__(self, iterable):
+        self.iterable, self.n = iterable, 0
+
+    def __iter__(self):
+        for item in self.iterable:
+            self.n += 1
+            yield item
+
+
 def prepare(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -66,33 +117,29 @@ def prepare(cfg: DictConfig) -> Path:
     teacher = load_teacher(cfg.teacher)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = teacher.vae.to(device, torch.float16 if device.type == "cuda" else torch.float32)
-    dataset = ImageCaptionFolder(
-        cfg.data.root,
-        teacher.tokenizer,
-        cfg.data.resolution,
-        random_flip=False,
-        caption_column=cfg.data.caption_column,
-        image_column=cfg.data.image_column,
-        max_samples=cfg.data.max_samples,
-        small_images=cfg.data.small_images,
-        max_pixels=cfg.data.max_pixels,
-    )
-    rows, size = len(dataset), int(cfg.shard_size)
+    dataset = build_dataset(cfg.data, teacher.tokenizer)
+    streamed = isinstance(dataset, IterableDataset)
+    size, batch_size = int(cfg.shard_size), int(cfg.batch_size)
+    if streamed and size % batch_size:
+        raise DataError(f"shard_size={size} must be a multiple of batch_size={batch_size} for streamed data")
+    rows = None if streamed else len(dataset)
     meta_path = out / META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     identity = {
         "teacher": cfg.teacher.name,
         "teacher_source": teacher.source,
-        "data_root": str(cfg.data.root),
+        "data_root": data_source(cfg.data),
         "resolution": int(cfg.data.resolution),
         "shard_size": size,
-        "num_rows": rows,
     }
+    if not streamed:
+        identity["num_rows"] = rows
     if meta and any(meta.get(k) != v for k, v in identity.items()):
         changed = {k: (meta.get(k), v) for k, v in identity.items() if meta.get(k) != v}
         raise DataError(f"{out} holds a latent cache of other data or teacher {changed}: choose another out=")
     meta = {
         **identity,
+        "num_rows": rows,
         "scaling_factor": float(vae.config.scaling_factor),
         "dtype": cfg.dtype,
         "shards": meta.get("shards", []),
@@ -100,36 +147,60 @@ def prepare(cfg: DictConfig) -> Path:
         "done": meta.get("done", 0),
         "complete": False,
     }
-    done_files = {s["file"] for s in meta["shards"]}
-    shards = [(k, range(k * size, min(rows, (k + 1) * size))) for k in range((rows + size - 1) // size)]
-    todo = [(k, r) for k, r in shards if f"shard-{k:05d}.pt" not in done_files]
-    bar = tqdm(total=rows, initial=rows - sum(len(r) for _, r in todo), unit="img", desc=f"prepare -> {out}")
-    for k, row_range in todo:
-        loader = DataLoader(
-            Subset(dataset, list(row_range)),
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
-            collate_fn=collate,
-        )
-        shard, skipped = encode_shard(vae, loader, device, DTYPES[cfg.dtype])
-        name = f"shard-{k:05d}.pt"
-        AtomicCheckpointIO().save_checkpoint(shard, out / name)  # never a half-written shard
-        meta["shards"].append({"file": name, "rows": [row_range.start, row_range.stop], "count": len(shard["index"])})
-        meta["shards"].sort(key=lambda s: s["file"])
-        meta["skipped"] = {r: meta["skipped"].get(r, 0) + n for r, n in skipped.items()}
-        meta["done"] += len(row_range)
-        meta_path.write_text(json.dumps(meta, indent=2))  # the shard is on disk before it is listed
-        bar.update(len(row_range))
-    bar.close()
+    dtype = DTYPES[cfg.dtype]
+    if streamed:
+        _prepare_stream(dataset, cfg, out, meta, vae, device, dtype)
+    else:
+        done_files = {s["file"] for s in meta["shards"]}
+        shards = [(k, range(k * size, min(rows, (k + 1) * size))) for k in range((rows + size - 1) // size)]
+        todo = [(k, r) for k, r in shards if f"shard-{k:05d}.pt" not in done_files]
+        bar = tqdm(total=rows, initial=rows - sum(len(r) for _, r in todo), unit="img", desc=f"prepare -> {out}")
+        for k, row_range in todo:
+            loader = DataLoader(
+                Subset(dataset, list(row_range)),
+                batch_size=batch_size,
+                num_workers=int(cfg.num_workers),
+                collate_fn=collate,
+            )
+            _save_shard(out, meta, k, loader, (row_range.start, row_range.stop), vae, device, dtype)
+            bar.update(len(row_range))
+        bar.close()
+    meta["num_rows"] = meta["done"]
     meta["complete"] = True
     meta_path.write_text(json.dumps(meta, indent=2))
     kept = sum(s["count"] for s in meta["shards"])
     print(
-        f"bksdm_lab.prepare: {kept} of {rows} samples cached in {out} ({len(meta['shards'])} shards); "
+        f"bksdm_lab.prepare: {kept} of {meta['num_rows']} samples cached in {out} ({len(meta['shards'])} shards); "
         f"skipped {({k: v for k, v in meta['skipped'].items() if v}) or 'none'}"
     )
     print(f"  train with: python -m bksdm_lab.train data=latents data.root={out} teacher={cfg.teacher.name}")
     return out
+
+
+def _prepare_stream(dataset, cfg: DictConfig, out: Path, meta: dict, vae, device, dtype) -> None:
+    """A stream (WebDataset shards), read in order: shard k holds the next shard_size / batch_size batches.
+    A resumed run skips, undecoded, the batches of the shards already written."""
+    batch_size, per_shard = int(cfg.batch_size), int(cfg.shard_size) // int(cfg.batch_size)
+    done_batches = sum(s.get("batches", 0) for s in meta["shards"])
+    dataset.batch_size = batch_size
+    dataset.set_epoch(0)
+    if done_batches:
+        dataset.resume_epoch, dataset.resume_batches = 0, done_batches
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=int(cfg.num_workers), collate_fn=collate)
+    k, start, pending = len(meta["shards"]), meta["done"], []
+    bar = tqdm(initial=start, unit="img", desc=f"prepare -> {out}")
+    for batch in loader:
+        pending.append(batch)
+        if len(pending) == per_shard:
+            stop = start + sum(b["num_samples"] for b in pending)
+            _save_shard(out, meta, k, pending, (start, stop), vae, device, dtype)
+            bar.update(stop - start)
+            k, start, pending = k + 1, stop, []
+    if pending:
+        stop = start + sum(b["num_samples"] for b in pending)
+        _save_shard(out, meta, k, pending, (start, stop), vae, device, dtype)
+        bar.update(stop - start)
+    bar.close()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
