@@ -9,7 +9,19 @@ from omegaconf import OmegaConf, open_dict
 
 import bksdm_lab  # noqa: F401  (registers the resolvers conf/train.yaml uses)
 
-GROUPS = ["arch", "teacher", "data", "loss", "optimizer", "trainer", "logger", "callbacks", "paths", "experiment"]
+GROUPS = [
+    "arch",
+    "teacher",
+    "data",
+    "loss",
+    "module",
+    "optimizer",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "experiment",
+]
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONF / group).glob("*.yaml"))]
 
 # Only the generic data options leave a value to fill in: where the data is.

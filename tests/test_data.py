@@ -126,7 +126,7 @@ def test_demo_trains_through_bad_samples_and_logs_the_counts(bad_folder, cache_d
     assert last["data/skipped_caption"] == 2 and last["data/skipped_bomb"] == 1
     assert last["data/converted_mode"] == 2 and last["data/converted_alpha"] == 1
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["bksdm"]["data_counts"]["seen"] == 48
+    assert ckpt["callbacks"]["DataQuality"]["counts"]["seen"] == 48
 
     limited = subprocess.run(
         [

@@ -40,7 +40,7 @@ def run_dir(cache_dir, tmp_path_factory) -> Path:
         "trainer.max_steps=4",
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.samples.prompts=[]",
-        "ema.decay=0.5",
+        "callbacks.ema.decay=0.5",
         f"hydra.run.dir={run_dir}",
     ]
     try:
@@ -269,7 +269,7 @@ def test_not_a_bksdm_checkpoint(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def no_ema_ckpt(ckpt, tmp_path_factory) -> Path:
-    """The real checkpoint as a run with ema.enabled=false would have written it."""
+    """The real checkpoint as a run with ~callbacks.ema would have written it."""
     data = dict(ckpt)
     data["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("ema_student.")}
     data["bksdm"] = {**ckpt["bksdm"], "ema": False}

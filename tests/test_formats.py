@@ -71,9 +71,12 @@ def pattern(root) -> str:
 
 
 def attach(dm, rank=0, world=1, epoch=0, position=None):
-    module = SimpleNamespace(resume_position=position)
-    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=epoch, lightning_module=module)
-    return dm.train_dataloader()
+    """The loader as Lightning builds it; ``position`` ({"epoch", "batches"}) is what a checkpoint restores."""
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=world, current_epoch=epoch)
+    loader = dm.train_dataloader()
+    if position:
+        loader.load_state_dict({"epoch": position["epoch"], "samples": position["batches"] * dm.batch_size})
+    return loader
 
 
 def run_epoch(loader) -> list[dict]:
@@ -294,7 +297,7 @@ def train(cache_dir, tmp_path, *data_args):
         rows = list(csv.DictReader(f))
     last = {k: float(v) for k, v in rows[-1].items() if k.startswith("data/") and v}
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    return (run / ".hydra" / "config.yaml").read_text(), last, ckpt["bksdm"]["data_counts"]
+    return (run / ".hydra" / "config.yaml").read_text(), last, ckpt["callbacks"]["DataQuality"]["counts"]
 
 
 @pytest.mark.slow

@@ -24,9 +24,9 @@ RESUME_ARGS = [
     "callbacks.checkpoint.every_n_train_steps=4",
     "callbacks.samples.prompts=[]",
     "logger=csv",
-    "export_pipeline=false",
+    "~callbacks.export",
     "data.max_samples=64",
-    "ema.decay=0.9",
+    "callbacks.ema.decay=0.9",
 ]
 
 
@@ -87,7 +87,10 @@ def test_sigkill_then_resume_ends_with_the_same_weights(cache_dir, tmp_path):
     assert sa.keys() == sb.keys()
     for i in sa:
         assert torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"])
-    assert a["bksdm"]["data_position"] == b["bksdm"]["data_position"]
+    assert (
+        a["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        == b["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    )
 
 
 class NaNOnCall(LossTerm):
@@ -209,7 +212,7 @@ def test_logger_choices(cache_dir, tmp_path):
             "experiment=demo",
             "trainer.max_steps=2",
             "callbacks.samples.prompts=[]",
-            "export_pipeline=false",
+            "~callbacks.export",
             "trainer.log_every_n_steps=1",
             "logger=none,tensorboard,csv",
             f"hydra.sweep.dir={sweep}",

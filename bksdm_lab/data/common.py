@@ -170,17 +170,44 @@ class ResumableSampler(Sampler):
         return self.num_samples // self.world_size
 
 
+def trained_position(trainer) -> tuple[int, int]:
+    """(epoch, batches this rank has trained on in it), from Lightning's own loop progress (checkpointed)."""
+    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+
+class StatefulLoader(DataLoader):
+    """A DataLoader whose data position Lightning checkpoints: Lightning saves ``state_dict()`` of a stateful
+    train loader with every checkpoint and hands it to ``load_state_dict()`` before iterating on resume.
+
+    The position is the epoch and the samples this rank has trained on in it (not batches, so it stays exact
+    when the batch size changes). ``position_fn`` returns ``(epoch, batches trained)``; ``resume(epoch,
+    samples)`` (overridden per data format) skips them.
+    """
+
+    def __init__(self, *args, position_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position_fn() if self.position_fn is not None else (0, 0)
+        return {"epoch": int(epoch), "samples": int(batches) * int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume(int(state["epoch"]), int(state["samples"]))
+
+    def resume(self, epoch: int, samples: int) -> None:
+        self.sampler.resume(epoch, samples)
+
+
 def resumable_loader(datamodule: pl.LightningDataModule, dataset: Dataset, collate_fn, random_flip: bool = True):
-    """A DataLoader over a map-style dataset with :class:`ResumableSampler`: sharded by the trainer's rank, and
-    started where a resumed checkpoint stopped (``lightning_module.resume_position``)."""
+    """A :class:`StatefulLoader` over a map-style dataset with :class:`ResumableSampler`, sharded by the
+    trainer's rank; a resumed run starts where the checkpoint stopped."""
     trainer = datamodule.trainer
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     sampler = ResumableSampler(len(dataset), seed=datamodule.seed, rank=rank, world_size=world, random_flip=random_flip)
-    position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
-    if position:  # a resumed run: skip what the checkpointed run already trained on in this epoch
-        sampler.resume(position["epoch"], position["batches"] * datamodule.batch_size)
-    return DataLoader(
+    return StatefulLoader(
         dataset,
+        position_fn=(lambda: trained_position(trainer)) if trainer is not None else None,
         batch_size=datamodule.batch_size,
         sampler=sampler,
         drop_last=True,

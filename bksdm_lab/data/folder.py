@@ -126,8 +126,12 @@ class FolderDataModule(pl.LightningDataModule):
         seed: int = 0,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
+        max_skipped_fraction: float | None = 0.05,
+        skip_check_after: int = 1000,
     ):
         super().__init__()
+        # read by the DataQuality callback: stop when more than this fraction of the samples read is unusable
+        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
         self.seed = seed
         self.dataset = ImageCaptionFolder(
             root,

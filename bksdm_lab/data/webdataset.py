@@ -57,9 +57,18 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from braceexpand import UnbalancedBracesError, braceexpand
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from bksdm_lab.data.common import BadSample, DataError, check_caption, collate, finish_sample, load_image
+from bksdm_lab.data.common import (
+    BadSample,
+    DataError,
+    StatefulLoader,
+    check_caption,
+    collate,
+    finish_sample,
+    load_image,
+    trained_position,
+)
 
 log = logging.getLogger(__name__)
 
@@ -292,13 +301,19 @@ class WebDatasetShards(IterableDataset):
         return check_caption(caption, where)
 
 
-class StreamLoader(DataLoader):
+class StreamLoader(StatefulLoader):
     """A DataLoader that tells its stream the epoch when iterated (Lightning's ``set_epoch`` reaches samplers
-    only, and an IterableDataset has none) and, with ``num_batches``, stops every epoch after that many."""
+    only, and an IterableDataset has none) and, with ``num_batches``, stops every epoch after that many.
+    A resumed run replays each worker's stream without decoding up to the checkpointed position."""
 
     def __init__(self, dataset: WebDatasetShards, *, epoch_fn=None, num_batches: int | None = None, **kwargs):
         super().__init__(dataset, **kwargs)
         self.epoch_fn, self.num_batches, self.skip_epoch, self.skip_batches = epoch_fn, num_batches, -1, 0
+
+    def resume(self, epoch: int, samples: int) -> None:
+        batches = samples // self.batch_size
+        self.dataset.resume_epoch, self.dataset.resume_batches = epoch, batches
+        self.skip_epoch, self.skip_batches = epoch, batches
 
     def __iter__(self):
         if self.epoch_fn is not None:
@@ -334,8 +349,12 @@ class WebDatasetDataModule(pl.LightningDataModule):
         max_pixels: int = 16384 * 16384,
         retries: int = 3,
         timeout: float = 60.0,
+        max_skipped_fraction: float | None = 0.05,
+        skip_check_after: int = 1000,
     ):
         super().__init__()
+        # read by the DataQuality callback: stop when more than this fraction of the samples read is unusable
+        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
         self.dataset = WebDatasetShards(
             shards,
             tokenizer,
@@ -396,6 +415,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         loader = StreamLoader(
             ds,
             epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else None,
+            position_fn=(lambda: trained_position(trainer)) if trainer is not None else None,
             num_batches=num_batches,
             batch_size=self.batch_size,
             collate_fn=collate,
@@ -404,8 +424,4 @@ class WebDatasetDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.seed),  # worker seeds do not consume the global RNG
         )
-        position = getattr(trainer.lightning_module, "resume_position", None) if trainer is not None else None
-        if position:  # a resumed run: each worker replays its stream without decoding up to where it stopped
-            ds.resume_epoch, ds.resume_batches = position["epoch"], position["batches"]
-            loader.skip_epoch, loader.skip_batches = position["epoch"], position["batches"]
         return loader

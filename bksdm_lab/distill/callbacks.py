@@ -1,7 +1,8 @@
-"""Training callbacks: fixed-prompt sample images (teacher, student, EMA student) and throughput."""
+"""Training callbacks: the side jobs of a run (EMA, data-quality counts, sample images, throughput, export)."""
 
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 import time
@@ -11,7 +12,8 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from bksdm_lab.models.export import build_pipeline
+from bksdm_lab.data.common import DataError
+from bksdm_lab.models.export import WEIGHTS, build_pipeline, card_info, export_pipeline, push_to_hub
 
 
 class SampleImages(pl.Callback):
@@ -114,8 +116,9 @@ class SampleImages(pl.Callback):
 
     def _students(self, module) -> dict:
         models = {"student": module.student}
-        if getattr(module, "ema_student", None) is not None:
-            models["ema"] = module.ema_student
+        ema = find_ema(module.trainer)
+        if ema is not None:
+            models["ema"] = ema
         return models
 
     def on_train_start(self, trainer, module) -> None:
@@ -165,3 +168,124 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**30 if sys.platform == "darwin" else rss / 2**20
+
+
+class EMA(pl.Callback):
+    """An exponential moving average of the student, kept for the sample images and the export.
+
+    Our own (a few lines) rather than Lightning's ``EMAWeightAveraging``: that one averages a copy of the whole
+    LightningModule (the frozen teacher, VAE and text encoder too), stores it in the checkpoint's ``state_dict``
+    and copies the average over the student at the end; we average the student only, checkpoint it as
+    ``ema_student.*`` beside ``student.*``, and keep both. Before ``start_step`` the EMA copies the student.
+    """
+
+    def __init__(self, decay: float = 0.9999, start_step: int = 0):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"callbacks.ema.decay={decay} must be in [0, 1]")
+        self.decay, self.start_step = float(decay), int(start_step)
+        self.model: torch.nn.Module | None = None
+        self._step = -1
+
+    def setup(self, trainer, module, stage: str) -> None:
+        if self.model is None:
+            self.model = copy.deepcopy(module.student).requires_grad_(False).eval()
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.model.to(module.device)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._step or self.model is None:
+            return  # no optimizer step since the last update (accumulating)
+        self._step = step
+        ema, params = list(self.model.parameters()), [p.detach() for p in module.student.parameters()]
+        if step < self.start_step:  # before the start: the EMA follows the student
+            torch._foreach_copy_(ema, params)
+        else:
+            torch._foreach_lerp_(ema, params, 1.0 - self.decay)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        if self.model is not None:
+            checkpoint["state_dict"].update({f"ema_student.{k}": v for k, v in self.model.state_dict().items()})
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        state = {
+            k[len("ema_student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ema_student.")
+        }
+        self.setup(trainer, module, "fit")
+        if state:
+            self.model.load_state_dict(state)
+        else:  # EMA turned on when resuming a run without it: start from the student
+            student = {k[len("student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+            self.model.load_state_dict(student)
+        self._step = checkpoint.get("global_step", -1)
+
+
+def find_ema(trainer) -> torch.nn.Module | None:
+    """The EMA student of a run, when the EMA callback is on."""
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    return ema.model if ema is not None else None
+
+
+class DataQuality(pl.Callback):
+    """Counts the samples the collate function skipped or converted, by reason (``data/skipped_<reason>``,
+    ``data/converted_<reason>``), keeps the counts across resumes (checkpointed callback state), and stops the
+    run when more than the data module's ``max_skipped_fraction`` of the samples read were unusable."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {"seen": 0}
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = dict(state.get("counts") or {"seen": 0})
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if "skipped" not in batch:
+            return
+        counts = self.counts
+        counts["seen"] += int(batch["num_samples"])
+        for kind in ("skipped", "converted"):
+            for reason, n in batch[kind].items():
+                key = f"{kind}_{reason}"
+                counts[key] = counts.get(key, 0) + int(n)
+                module.log(f"data/{key}", float(counts[key]), reduce_fx="max", batch_size=1)
+        data = trainer.datamodule
+        limit, after = getattr(data, "max_skipped_fraction", None), getattr(data, "skip_check_after", 0)
+        skipped = sum(v for k, v in counts.items() if k.startswith("skipped_"))
+        if limit is not None and counts["seen"] >= after and skipped > limit * counts["seen"]:
+            reasons = {k: v for k, v in counts.items() if k.startswith("skipped_") and v}
+            raise DataError(
+                f"{skipped} of the {counts['seen']} samples read so far were unusable ({reasons}), more than "
+                f"data.max_skipped_fraction={limit}: check the data (the log names each bad file) or raise the limit"
+            )
+
+
+class ExportPipeline(pl.Callback):
+    """At the end of a successful fit, rank 0 saves the (EMA) student with the teacher's VAE, text encoder,
+    tokenizer and scheduler as a diffusers pipeline with a model card, and pushes it to the Hub if asked."""
+
+    def __init__(self, out_dir: str, weights: str = "ema", hub: dict | None = None):
+        if weights not in WEIGHTS:
+            raise ValueError(f"callbacks.export.weights={weights!r} is not one of {WEIGHTS}")
+        self.out_dir, self.weights, self.hub = Path(out_dir), weights, dict(hub or {})
+        if self.hub.get("push") and not self.hub.get("repo_id"):
+            raise ValueError("hub.push=true needs hub.repo_id=<user>/<name>")
+        self.exported: dict[str, str] = {}  # what was written: {"pipeline": path, "hub": url}
+
+    def on_train_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
+        ema = find_ema(trainer)
+        weights = "ema" if self.weights == "ema" and ema is not None else "student"
+        unet = ema if weights == "ema" else module.student
+        ckpt = trainer.checkpoint_callback
+        checkpoint = str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.dirpath else None
+        card = card_info(module.run_config, module.teacher, unet, trainer.global_step, weights, checkpoint=checkpoint)
+        self.exported["pipeline"] = str(export_pipeline(module.teacher, unet, self.out_dir, card=card))
+        if self.hub.get("push"):
+            self.exported["hub"] = push_to_hub(
+                self.out_dir, self.hub["repo_id"], token=self.hub.get("token"), private=self.hub.get("private", True)
+            )

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
-from bksdm_lab.data.common import DataError
 from bksdm_lab.distill.losses import KDInputs, KDLoss
 from bksdm_lab.models.taps import FeatureTaps
 from bksdm_lab.models.teachers import Teacher
 
 FROZEN = ("teacher_unet", "vae", "text_encoder")
 FROZEN_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-CHECKPOINTED = ("student.", "ema_student.")
+CHECKPOINTED = ("student.", "ema_student.")  # ema_student.*: written by the EMA callback
 NONFINITE_POLICIES = ("skip", "stop")
 
 
@@ -28,7 +26,8 @@ class DistillModule(pl.LightningModule):
     """Block-removed knowledge distillation (BK-SDM).
 
     Only the student trains and only the student is checkpointed; the frozen parts are rebuilt from the
-    config on resume. Under mixed precision the frozen parts are cast to the half dtype.
+    config on resume. Under mixed precision the frozen parts are cast to the half dtype. Side jobs are
+    callbacks (``bksdm_lab.distill.callbacks``): EMA, data-quality counts, samples, export.
     """
 
     def __init__(
@@ -39,12 +38,9 @@ class DistillModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         lr_scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         gradient_checkpointing: bool = False,
-        ema: Mapping[str, Any] | None = None,
         nonfinite: str = "stop",
         seed: int = 0,
         run_config: Mapping[str, Any] | None = None,
-        max_skipped_fraction: float | None = 0.05,
-        skip_check_after: int = 1000,
     ):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
@@ -61,19 +57,11 @@ class DistillModule(pl.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         if gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
-        ema = dict(ema or {})
-        self.ema_decay = float(ema.get("decay", 0.9999))
-        self.ema_start_step = int(ema.get("start_step", 0))
-        self.ema_student = copy.deepcopy(student).requires_grad_(False).eval() if ema.get("enabled") else None
         self.nonfinite = nonfinite
         self.seed = seed
         self.run_config = dict(run_config or {})  # stored in checkpoints, so export can rebuild the teacher
         self._rng: torch.Generator | None = None  # noise and timesteps: its state is checkpointed
         self._pending_rng_state: torch.Tensor | None = None
-        self.resume_position: dict[str, int] | None = None  # {"epoch", "batches"} read back from a checkpoint
-        self.data_counts: dict[str, int] = {"seen": 0}  # skipped / converted samples by reason (checkpointed)
-        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
-        self._batches_in_epoch = 0
         pairs = loss.feature_pairs
         # Hooks on the unwrapped modules: later DDP / torch.compile wrappers cannot rename them away.
         self.student_taps = FeatureTaps(self.student, [s for _, s in pairs]) if pairs else None
@@ -89,8 +77,6 @@ class DistillModule(pl.LightningModule):
         super().train(mode)
         for name in self.frozen:
             getattr(self, name).eval()
-        if self.ema_student is not None:
-            self.ema_student.eval()
         return self
 
     @property
@@ -157,34 +143,7 @@ class DistillModule(pl.LightningModule):
         )
         return self.loss(inputs)
 
-    def on_train_epoch_start(self) -> None:
-        position = self.resume_position
-        resumed = position is not None and position["epoch"] == self.current_epoch
-        self._batches_in_epoch = position["batches"] if resumed else 0
-
-    def count_data(self, batch: dict) -> None:
-        """Accumulate and log the skipped / converted sample counts the collate function reports."""
-        if "skipped" not in batch:
-            return
-        counts = self.data_counts
-        counts["seen"] += int(batch["num_samples"])
-        for kind in ("skipped", "converted"):
-            for reason, n in batch[kind].items():
-                key = f"{kind}_{reason}"
-                counts[key] = counts.get(key, 0) + int(n)
-                self.log(f"data/{key}", float(counts[key]), reduce_fx="max")
-        skipped = sum(v for k, v in counts.items() if k.startswith("skipped_"))
-        limit = self.max_skipped_fraction
-        if limit is not None and counts["seen"] >= self.skip_check_after and skipped > limit * counts["seen"]:
-            reasons = {k: v for k, v in counts.items() if k.startswith("skipped_") and v}
-            raise DataError(
-                f"{skipped} of the {counts['seen']} samples read so far were unusable ({reasons}), more than "
-                f"data.max_skipped_fraction={limit}: check the data (the log names each bad file) or raise the limit"
-            )
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        self._batches_in_epoch += 1  # the data position a checkpoint taken after this step records
-        self.count_data(batch)
         if "input_ids" not in batch:  # every sample of this batch was unusable
             return None
         total, parts = self.compute_loss(batch)
@@ -226,21 +185,6 @@ class DistillModule(pl.LightningModule):
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm)  # before clipping
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.update_ema()
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        if self.ema_student is None:
-            return
-        ema_params = list(self.ema_student.parameters())
-        params = [p.detach() for p in self.student.parameters()]
-        if self.global_step < self.ema_start_step:  # before the start: the EMA follows the student
-            torch._foreach_copy_(ema_params, params)
-        else:
-            torch._foreach_lerp_(ema_params, params, 1.0 - self.ema_decay)
-
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=[p for p in self.student.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
@@ -254,26 +198,13 @@ class DistillModule(pl.LightningModule):
         checkpoint["bksdm"] = {
             "config": self.run_config,
             "rng": self.rng.get_state(),
-            "ema": self.ema_student is not None,
-            "data_position": {"epoch": self.current_epoch, "batches": self._batches_in_epoch},
-            "data_counts": dict(self.data_counts),
+            "ema": any(k.startswith("ema_student.") for k in checkpoint["state_dict"]),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("bksdm") or {}
         if meta.get("rng") is not None:
             self._rng, self._pending_rng_state = None, meta["rng"]
-        self.resume_position = meta.get("data_position")
-        # Lightning does not call on_train_epoch_start when it restarts mid-epoch: count on from the checkpoint
-        self._batches_in_epoch = (self.resume_position or {}).get("batches", 0)
-        self.data_counts = dict(meta.get("data_counts") or {"seen": 0})
-        expected = {f"student.{k}" for k in self.student.state_dict()}
-        if self.ema_student is not None and meta.get("ema"):
-            expected |= {f"ema_student.{k}" for k in self.ema_student.state_dict()}
-        elif self.ema_student is not None:  # EMA turned on when resuming a run without it: start from the student
-            checkpoint["state_dict"].update(
-                {f"ema_{k}": v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
-            )
-        missing = sorted(expected - set(checkpoint["state_dict"]))
+        missing = sorted({f"student.{k}" for k in self.student.state_dict()} - set(checkpoint["state_dict"]))
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} student tensors, e.g. {missing[:5]}: wrong arch= for it?")

@@ -106,7 +106,7 @@ def _choose_weights(ckpt: dict, weights: str | None, path: str | Path) -> str:
         raise ExportError(f"weights={weights!r} is not one of {WEIGHTS}")
     if weights == "ema" and not has_ema:
         raise ExportError(
-            f"{path} has no EMA weights (the run had ema.enabled=false); export the raw student with --weights student"
+            f"{path} has no EMA weights (the run had no callbacks.ema); export the raw student with --weights student"
         )
     return weights
 
@@ -132,7 +132,7 @@ def card_info(
     teacher_keys = list(teacher.unet.state_dict())
     removed = removed_blocks(list(expected), teacher_keys, arch.get("weight_map") or {})
     data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
-    ema_cfg = cfg.get("ema") or {}
+    ema_cfg = (cfg.get("callbacks") or {}).get("ema") or {}
     base_model = next((s for s in (teacher.source, trained_source) if _is_hub_id(s)), None)
     info = {
         "arch_name": arch.get("name"),

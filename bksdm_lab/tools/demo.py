@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image, ImageDraw
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from bksdm_lab.data.folder import FolderDataModule
 from bksdm_lab.models.teachers import shipped_configs
 
 
@@ -121,3 +122,12 @@ def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 8
         (tmp / "README.json").write_text(json.dumps({"synthetic": True, "num_images": num_images, "seed": seed}))
 
     return _publish(build, Path(out).expanduser())
+
+
+class DemoDataModule(FolderDataModule):
+    """``data=demo``: the image-folder data module over the synthetic set, written first if ``root`` is missing."""
+
+    def __init__(self, root, *args, synthetic: dict | None = None, **kwargs):
+        if synthetic:
+            make_synthetic_dataset(root, **synthetic)
+        super().__init__(root, *args, **kwargs)
