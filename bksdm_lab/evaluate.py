@@ -129,7 +129,7 @@ def run_stats(cfg: DictConfig) -> Path:
     )
     if stats.n < 2:
         raise EvaluationError(f"statistics need at least 2 images, found {stats.n}")
-    out = save_stats(cfg.out, stats.mu, stats.sigma)
+    out = stats.save(cfg.out)
     print(
         f"bksdm_lab.evaluate: wrote {out} ({stats.n:,} images, {stats.mu.shape[0]}-d features, "
         f"feature extractor {cfg.feature_extractor})"

@@ -54,7 +54,7 @@ def arch_cfg(name: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="arch_report", overrides=[f"+arch={name}"])
+        cfg = compose(config_name="arch", overrides=[f"+arch={name}"])
     return OmegaConf.to_container(cfg.arch, resolve=True)
 
 

@@ -57,7 +57,7 @@ def eval_args(exported, demo_data_dir, ref_stats, out) -> list[str]:
 
 def test_stats_npz(ref_stats, demo_data_dir):
     with np.load(ref_stats) as data:
-        assert sorted(data.files) == ["mu", "sigma"]
+        assert sorted(data.files) == ["mu", "n", "sigma"] and int(data["n"]) == 32
         assert data["mu"].shape == (32,) and data["sigma"].shape == (32, 32)
     stats = ev.compute_stats(demo_data_dir, metrics.demo_extractor(), resize=256)
     mu, sigma = metrics.load_stats(ref_stats)

@@ -100,7 +100,7 @@ def arch_feature_layers(arch: str) -> list[str]:
         raise DashboardError(f"unknown arch {arch!r}: choose one of {', '.join(available)} (conf/arch/*.yaml)")
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="arch_report", overrides=[f"+arch={arch}"])
+            cfg = compose(config_name="arch", overrides=[f"+arch={arch}"])
     except HydraException as e:
         raise DashboardError(f"conf/arch/{arch}.yaml could not be composed: {e}") from e
     pairs = OmegaConf.to_container(cfg.arch, resolve=True).get("feature_pairs") or []
