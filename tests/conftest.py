@@ -1,5 +1,6 @@
 """Shared fixtures: one torch thread, no hub, W&B offline, and a tiny SD-v1-topology teacher built once."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,24 +21,97 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 
 
+DEMO_SYNTHETIC = {"seed": 0, **OmegaConf.to_container(OmegaConf.load(CONF / "data" / "demo.yaml").synthetic)}
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """A BKSDM_CACHE_DIR shared by the whole session (the demo teacher and data are built once)."""
-    return tmp_path_factory.mktemp("bksdm_cache")
+    """The demo's BKSDM_CACHE_DIR, shared by the session, holding only what the demo itself writes there: its
+    teacher (built once, by `demo_teacher_dir`, as the demo builds it) and its own 256-image set (written by the
+    first demo run). So a test that runs the demo sees what a user's first `experiment=demo` run sees, whatever
+    ran before it. Anything else found here at the end of the session is an error."""
+    path = tmp_path_factory.mktemp("bksdm_cache")
+    yield path
+    found = {str(p.relative_to(path)) for p in path.glob("*/*") if not p.name.startswith(".")}
+    found |= {p.name for p in path.iterdir() if p.is_file() or p.name != "demo"}
+    assert found <= {"demo/teacher", "demo/data"}, f"tests wrote into the demo's cache {path}: {sorted(found)}"
+    readme = path / "demo" / "data" / "README.json"
+    if readme.exists():
+        written = json.loads(readme.read_text())
+        assert {k: written.get(k) for k in DEMO_SYNTHETIC} == DEMO_SYNTHETIC, f"{readme}: {written}"
 
 
 @pytest.fixture(scope="session")
 def demo_teacher_dir(cache_dir) -> Path:
+    """The demo's tiny teacher, built once where `teacher=demo` looks for it (only the teacher goes there)."""
     from bksdm_lab.tools.demo import build_demo_teacher
 
     return build_demo_teacher(cache_dir / "demo" / "teacher")
 
 
 @pytest.fixture(scope="session")
-def demo_data_dir(cache_dir) -> Path:
+def demo_data_dir(tmp_path_factory) -> Path:
+    """32 synthetic captioned images (80 px) in a folder of their own: never the demo's 256-image set."""
     from bksdm_lab.tools.demo import make_synthetic_dataset
 
-    return make_synthetic_dataset(cache_dir / "demo" / "data", num_images=32, size=80)
+    return make_synthetic_dataset(tmp_path_factory.mktemp("shapes32") / "data", num_images=32, size=80)
+
+
+@pytest.fixture(scope="session")
+def demo_export_dir(demo_teacher_dir, tmp_path_factory) -> Path:
+    """The demo teacher with a BK-SDM-Tiny student (initialised from it), exported as a plain diffusers folder."""
+    from bksdm_lab.models.export import export_pipeline
+    from bksdm_lab.models.students import init_student_from_teacher
+    from bksdm_lab.models.teachers import load_teacher
+
+    teacher = load_teacher(OmegaConf.create({"name": "demo", "pretrained": str(demo_teacher_dir)}))
+    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
+    out = tmp_path_factory.mktemp("exported") / "bk-sdm-tiny-demo-export"
+    export_pipeline(teacher, student, out)
+    return out
+
+
+@pytest.fixture()
+def compose_train(tmp_path, monkeypatch, cache_dir):
+    """Compose conf/train.yaml as `python -m bksdm_lab.train` would, into this test's own run dir
+    (`<tmp_path>/run`), with the demo's cache; `bksdm_lab.train.main(cfg)` then runs the app in-process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
+
+    def make(*overrides):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(
+                config_name="train",
+                overrides=[f"hydra.run.dir={tmp_path / 'run'}", *overrides],
+                return_hydra_config=True,
+            )
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield make
+    HydraConfig.instance().cfg = None
+
+
+def run_app(main, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """A Hydra app's `main()` in-process as its command line would run it (`sys.argv`): (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [main.__module__, *map(str, argv)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().cfg = None
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from bksdm_lab.data.common import DataError, ResumableSampler, collate
 from bksdm_lab.data.folder import FolderDataModule, ImageCaptionFolder, read_metadata
-from bksdm_lab.tools.demo import byte_level_tokenizer
+from bksdm_lab.tools.demo import byte_level_tokenizer, make_synthetic_dataset
 
 GOOD = 36
 
@@ -172,3 +172,75 @@ def test_resumed_sampler_continues_where_it_stopped():
     resumed.set_epoch(2)
     assert list(resumed) == order[8:]
     assert len(list(resumed)) == 20  # the skip applies once: the next pass is the whole epoch again
+
+
+# ---- the synthetic writer checks what it finds -----------------------------------------------------------------
+def folder_state(root):
+    return {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+
+
+def test_synthetic_set_with_the_same_parameters_is_reused(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "shapes", num_images=4, size=32, seed=1)
+    assert json.loads((root / "README.json").read_text()) == {"synthetic": True, "num_images": 4, "size": 32, "seed": 1}
+    assert len(read_metadata(root)) == 4 and Image.open(root / "00003.jpg").size == (32, 32)
+    before = folder_state(root)
+    assert make_synthetic_dataset(root, num_images=4, size=32, seed=1) == root
+    assert folder_state(root) == before  # nothing rewritten
+
+
+@pytest.mark.parametrize(
+    ("other", "found"),
+    [
+        ({"num_images": 8}, "num_images=8, size=32, seed=1"),
+        ({"size": 48}, "num_images=4, size=48, seed=1"),
+        ({"seed": 2}, "num_images=4, size=32, seed=2"),
+    ],
+)
+def test_synthetic_set_written_with_other_parameters_is_an_error(tmp_path, other, found):
+    params = {"num_images": 4, "size": 32, "seed": 1}
+    root = make_synthetic_dataset(tmp_path / "shapes", **{**params, **other})
+    before = folder_state(root)
+    with pytest.raises(DataError) as info:
+        make_synthetic_dataset(root, **params)
+    message = str(info.value)
+    assert str(root) in message
+    assert f"written with {found}, not the num_images=4, size=32, seed=1 asked for" in message
+    assert folder_state(root) == before  # neither reused nor deleted
+
+
+def test_a_folder_the_synthetic_writer_did_not_write_is_an_error(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "metadata.csv").write_text("file_name,text\n")
+    with pytest.raises(DataError, match=rf"{root} exists but is not a synthetic data set written by bksdm_lab"):
+        make_synthetic_dataset(root, num_images=4, size=32)
+    (root / "README.json").write_text('{"synthetic": true, "num_im')  # cut short
+    with pytest.raises(DataError, match="README.json: .*asked for num_images=4, size=32, seed=0"):
+        make_synthetic_dataset(root, num_images=4, size=32)
+    assert sorted(p.name for p in root.iterdir()) == ["README.json", "metadata.csv"]
+
+
+def test_a_changed_synthetic_set_is_an_error(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "shapes", num_images=4, size=32)
+    lines = (root / "metadata.csv").read_text().splitlines()
+    (root / "metadata.csv").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(DataError, match=r"was changed after it was written: its metadata.csv lists 3 images"):
+        make_synthetic_dataset(root, num_images=4, size=32)
+
+
+def test_a_synthetic_set_from_before_the_size_was_recorded(tmp_path):
+    """README.json of an older version has no size: the images' own size stands in for it."""
+    root = make_synthetic_dataset(tmp_path / "shapes", num_images=4, size=32)
+    (root / "README.json").write_text(json.dumps({"synthetic": True, "num_images": 4, "seed": 0}))
+    assert make_synthetic_dataset(root, num_images=4, size=32) == root
+    with pytest.raises(DataError, match="written with num_images=4, size=32, seed=0, not the num_images=4, size=80"):
+        make_synthetic_dataset(root, num_images=4, size=80)
+
+
+def test_demo_data_module_checks_the_demo_set(tmp_path):
+    """data=demo over a folder holding another synthetic set: the error, not 4 images trained as if 256."""
+    from bksdm_lab.tools.demo import DemoDataModule
+
+    root = make_synthetic_dataset(tmp_path / "data", num_images=4, size=80)
+    with pytest.raises(DataError, match="written with num_images=4, size=80, seed=0, not the num_images=256"):
+        DemoDataModule(root, byte_level_tokenizer(), synthetic={"num_images": 256, "size": 80})

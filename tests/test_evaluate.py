@@ -11,7 +11,7 @@ import torch
 from conftest import PYTHON, subprocess_env
 from omegaconf import OmegaConf
 from PIL import Image
-from test_generate import compose, export_demo_student
+from test_generate import compose
 
 from bksdm_lab import evaluate as app
 from bksdm_lab.evaluation import evaluate as ev
@@ -23,8 +23,8 @@ TINY = ["feature_extractor=demo", "clip=demo"]
 
 
 @pytest.fixture(scope="module")
-def exported(cache_dir) -> Path:
-    return export_demo_student(cache_dir)
+def exported(demo_export_dir) -> Path:
+    return demo_export_dir
 
 
 def run_cli(args, cache_dir, cwd):

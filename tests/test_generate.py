@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,30 +17,10 @@ PROMPTS = ["a red circle on a blue background", "a green square", "a yellow tria
 FAST = {"steps": 2, "resolution": 64, "progress": False}
 
 
-def export_demo_student(cache_dir: Path) -> Path:
-    """The demo teacher with a BK-SDM-Tiny student (initialised from it), exported as a plain diffusers folder."""
-    out = cache_dir / "eval" / "bk-sdm-tiny-demo-export"
-    if out.is_dir():
-        return out
-    from omegaconf import OmegaConf
-
-    from bksdm_lab.models.export import export_pipeline
-    from bksdm_lab.models.students import init_student_from_teacher
-    from bksdm_lab.models.teachers import load_teacher
-    from bksdm_lab.tools.demo import build_demo_teacher
-
-    teacher_dir = build_demo_teacher(cache_dir / "demo" / "teacher")
-    teacher = load_teacher(OmegaConf.create({"name": "demo", "pretrained": str(teacher_dir)}))
-    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    export_pipeline(teacher, student, tmp)
-    tmp.rename(out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def exported(cache_dir) -> Path:
-    return export_demo_student(cache_dir)
+def exported(demo_export_dir) -> Path:
+    """The demo teacher with a BK-SDM-Tiny student, exported once per session into a folder of its own."""
+    return demo_export_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import wandb_offline
-from conftest import PYTHON, subprocess_env
+from conftest import PYTHON, run_app, subprocess_env
 
 
 def run_train(args, cache_dir, cwd, check=True):
@@ -181,47 +181,60 @@ def test_multirun_one_wandb_run_per_job(cache_dir, tmp_path):
     assert len(set(names)) == 3
 
 
-def test_paper_recipe_without_hub_fails_fast_and_clearly(cache_dir, demo_data_dir, tmp_path):
-    proc = run_train(
-        ["arch=tiny", f"data.root={demo_data_dir}", f"hydra.run.dir={tmp_path}/run"],
-        cache_dir,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    err = proc.stderr
+# ---- bad inputs: one line each, exit 2, before anything heavy loads (in-process: the app on a composed config) ---
+def train_error(cfg, capsys) -> str:
+    from bksdm_lab import train as train_app
+
+    with pytest.raises(SystemExit) as exc:
+        train_app.main(cfg)  # hydra.main passes a composed config straight through
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bksdm_lab.train: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_paper_recipe_without_hub_fails_fast_and_clearly(compose_train, demo_data_dir, capsys):
+    err = train_error(compose_train("arch=tiny", f"data.root={demo_data_dir}"), capsys)
     assert "Teacher 'sd14'" in err and "CompVis/stable-diffusion-v1-4" in err
     assert "teacher.pretrained=" in err and "experiment=demo" in err
-    assert "Traceback" not in err
 
 
-def test_missing_data_folder_is_named(cache_dir, demo_teacher_dir, tmp_path):
-    proc = run_train(
-        ["teacher=demo", f"data.root={tmp_path}/nope", f"hydra.run.dir={tmp_path}/run"],
-        cache_dir,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 2
-    assert f"data.root='{tmp_path}/nope' does not exist" in proc.stderr
-    assert "Teacher" not in proc.stderr  # the demo teacher is fine: only the real problem is reported
+def test_missing_data_folder_is_named(compose_train, demo_teacher_dir, tmp_path, capsys):
+    err = train_error(compose_train("teacher=demo", f"data.root={tmp_path}/nope"), capsys)
+    assert f"data.root='{tmp_path}/nope' does not exist" in err
+    assert "Teacher" not in err  # the demo teacher is fine: only the real problem is reported
 
 
-def test_missing_local_teacher_and_data_reported_together(cache_dir, tmp_path):
-    proc = run_train(
-        [f"teacher.pretrained={tmp_path}/no_teacher", f"hydra.run.dir={tmp_path}/run"],
-        cache_dir,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert proc.returncode == 2
-    assert f"local folder {tmp_path}/no_teacher does not exist" in proc.stderr
-    assert "data.root='data/preprocessed_212k' does not exist" in proc.stderr
+def test_missing_local_teacher_and_data_reported_together(compose_train, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # data.root is relative to the working dir
+    monkeypatch.delenv("BKSDM_DATA_DIR", raising=False)
+    err = train_error(compose_train(f"teacher.pretrained={tmp_path}/no_teacher"), capsys)
+    assert f"local folder {tmp_path}/no_teacher does not exist" in err
+    assert "data.root='data/preprocessed_212k' does not exist" in err
 
 
-def test_unknown_arch_lists_the_valid_ones(cache_dir, tmp_path):
-    proc = run_train(["arch=huge"], cache_dir, cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'arch/huge'" in proc.stderr
+def test_unknown_arch_lists_the_valid_ones(monkeypatch, capsys):
+    """The command line's own path (sys.argv through hydra.main), in-process."""
+    from bksdm_lab import train as train_app
+
+    code, _, err = run_app(train_app.main, ["arch=huge"], capsys, monkeypatch)
+    assert code == 1
+    assert "Could not find 'arch/huge'" in err
     for name in ("base", "small", "tiny"):
-        assert f"\t{name}\n" in proc.stderr
+        assert f"\t{name}\n" in err
+
+
+@pytest.mark.slow
+def test_cli_error_exit_2_one_line_per_problem(cache_dir, tmp_path):
+    """The real `python -m bksdm_lab.train` on two missing inputs: exit 2, each problem on its own line, no traceback,
+    nothing written but Hydra's record of the run."""
+    proc = run_train(
+        [f"teacher.pretrained={tmp_path}/no_teacher", f"hydra.run.dir={tmp_path}/run"], cache_dir, tmp_path, check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("bksdm_lab.train: error: "))
+    assert f"local folder {tmp_path}/no_teacher does not exist" in lines[first]
+    assert lines[first + 1].startswith("data.root='data/preprocessed_212k' does not exist"), lines
+    assert not (tmp_path / "run" / "checkpoints").exists()

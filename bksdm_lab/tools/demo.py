@@ -94,7 +94,13 @@ SHAPES = ("circle", "square", "triangle")
 
 
 def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 80, seed: int = 0) -> Path:
-    """Write ``num_images`` JPEGs of coloured shapes plus ``metadata.csv`` (file_name,text)."""
+    """Write ``num_images`` JPEGs of coloured shapes plus ``metadata.csv`` (file_name,text) and ``README.json`` (the
+    parameters). A folder already there is reused only if its ``README.json`` records these same parameters; any
+    other folder (other parameters, or not written here) is a ``DataError`` naming it: never reused, never deleted.
+    """
+    from bksdm_lab.data.common import DataError
+
+    asked = {"num_images": int(num_images), "size": int(size), "seed": int(seed)}
 
     def build(tmp: Path) -> None:
         rng = random.Random(seed)
@@ -119,9 +125,44 @@ def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 8
             writer = csv.DictWriter(f, fieldnames=["file_name", "text"])
             writer.writeheader()
             writer.writerows(rows)
-        (tmp / "README.json").write_text(json.dumps({"synthetic": True, "num_images": num_images, "seed": seed}))
+        (tmp / "README.json").write_text(json.dumps({"synthetic": True, **asked}))
 
-    return _publish(build, Path(out).expanduser())
+    def describe(params: dict) -> str:
+        return ", ".join(f"{k}={params.get(k, '?')}" for k in asked)
+
+    out = Path(out).expanduser()
+    _publish(build, out)  # a no-op if the folder exists: then check what is there
+    readme = out / "README.json"
+    try:
+        found = json.loads(readme.read_text(encoding="utf-8"))
+        if not isinstance(found, dict) or found.get("synthetic") is not True:
+            raise ValueError("no 'synthetic': true")
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"{out} exists but is not a synthetic data set written by bksdm_lab ({readme.name}: {err}); "
+            f"asked for {describe(asked)}: point the data root elsewhere, or move that folder away"
+        ) from None
+    if "size" not in found and (out / "00000.jpg").is_file():  # written before README.json recorded the size
+        with Image.open(out / "00000.jpg") as first:
+            found["size"] = first.width if first.width == first.height else list(first.size)
+    if {k: found.get(k) for k in asked} != asked:
+        raise DataError(
+            f"the synthetic data set in {out} was written with {describe(found)}, not the {describe(asked)} "
+            "asked for: point the data root elsewhere (e.g. data.root=<new folder>), or delete that folder to "
+            "have it rewritten"
+        )
+    try:
+        with (out / "metadata.csv").open(newline="", encoding="utf-8") as f:
+            rows = sum(1 for _ in csv.DictReader(f))
+        problem = None if rows == asked["num_images"] else f"its metadata.csv lists {rows} images"
+    except (OSError, ValueError) as err:
+        problem = f"its metadata.csv is not readable ({err})"
+    if problem:
+        raise DataError(
+            f"the synthetic data set in {out} ({describe(found)}) was changed after it was written: {problem}; "
+            "delete that folder to have it rewritten"
+        )
+    return out
 
 
 class DemoDataModule(FolderDataModule):
