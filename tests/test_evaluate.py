@@ -1,6 +1,8 @@
 """`bksdm_lab.evaluate`: real-image statistics, then generate + FID/IS/CLIP end to end, resumable; tiny models."""
 
+import contextlib
 import csv
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, subprocess_env
+from conftest import PYTHON, run_app, subprocess_env
 from omegaconf import OmegaConf
 from PIL import Image
 from test_generate import compose
@@ -41,12 +43,21 @@ def run_cli(args, cache_dir, cwd):
     return proc
 
 
+def run_in_process(args, capsys, monkeypatch) -> str:
+    """`python -m bksdm_lab.evaluate <args>` in-process (sys.argv through hydra.main); returns its stdout."""
+    code, out, err = run_app(app.main, args, capsys, monkeypatch)
+    assert code == 0, f"exit {code}\nSTDOUT:\n{out[-3000:]}\nSTDERR:\n{err[-5000:]}"
+    return out
+
+
 @pytest.fixture(scope="module")
-def ref_stats(demo_data_dir, cache_dir, tmp_path_factory) -> Path:
-    """`evaluate stats` on the demo's 32 synthetic images, squashed to 256 px."""
+def ref_stats(demo_data_dir, tmp_path_factory) -> Path:
+    """`evaluate stats` on the 32 synthetic test images, squashed to 256 px (the app's function, in-process)."""
     out = tmp_path_factory.mktemp("stats") / "demo_256.npz"
-    proc = run_cli(["stats", f"images={demo_data_dir}", f"out={out}", TINY[0]], cache_dir, out.parent)
-    assert f"wrote {out} (32 images, 32-d features" in proc.stdout
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        app.run_stats(compose("evaluate_stats", [f"images={demo_data_dir}", f"out={out}", TINY[0]]))
+    assert f"wrote {out} (32 images, 32-d features" in printed.getvalue()
     return out
 
 
@@ -65,12 +76,13 @@ def test_stats_npz(ref_stats, demo_data_dir):
     np.testing.assert_allclose(sigma, stats.sigma, rtol=1e-5, atol=1e-9)
 
 
-def test_evaluate_cli_end_to_end_then_resume(exported, demo_data_dir, ref_stats, cache_dir, tmp_path, capsys):
+def test_evaluate_cli_end_to_end_then_resume(exported, demo_data_dir, ref_stats, tmp_path, capsys, monkeypatch):
     out = tmp_path / "eval"
     args = eval_args(exported, demo_data_dir, ref_stats, out)
-    proc = run_cli([*args, "wandb=true"], cache_dir, tmp_path)
-    assert "4 images generated" in proc.stdout
-    assert "meaningless" in proc.stdout  # the demo models are called what they are
+    monkeypatch.chdir(tmp_path)
+    stdout = run_in_process([*args, "wandb=true"], capsys, monkeypatch)
+    assert "4 images generated" in stdout
+    assert "meaningless" in stdout  # the demo models are called what they are
 
     results = json.loads((out / "results.json").read_text())
     for key in ("fid", "is", "clip_score"):
@@ -226,8 +238,10 @@ def test_eval_callback_logs_fid_and_clip_score(exported, demo_teacher_dir, demo_
         bad.setup(trainer, module, "fit")
 
 
+@pytest.mark.slow
 def test_guidance_sweep_writes_one_folder_per_value(exported, demo_data_dir, ref_stats, cache_dir, tmp_path):
-    """`-m sampling.guidance=5,7.5`: two jobs, each with its own folder, results.json and .hydra/ record."""
+    """The real command, `-m sampling.guidance=5,7.5`: two jobs, each with its own folder, results.json and .hydra/
+    record."""
     sweep = tmp_path / "sweep"
     args = eval_args(exported, demo_data_dir, ref_stats, sweep)
     args = [a for a in args if not a.startswith("num_prompts=")] + ["num_prompts=2", "grid=0", "progress=false"]

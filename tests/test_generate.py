@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, arch_cfg, subprocess_env
+from conftest import PYTHON, arch_cfg, run_app, subprocess_env
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -242,17 +242,43 @@ def test_paper_sampling_is_the_default_everywhere():
         assert defaults[key].default == PAPER_SAMPLING[key], key
 
 
-def test_cli_end_to_end(exported, cache_dir, tmp_path):
+def cli_args(exported, tmp_path) -> tuple[list[str], Path]:
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a blue square\na purple triangle, on white\n")
     out = tmp_path / "out"
-    cmd = [PYTHON, "-m", "bksdm_lab.generate", f"pipeline={exported}", "prompt=a red circle"]
-    cmd += [f"prompts_file={prompts_file}", "sampling.steps=2", "sampling.scheduler=dpm++", f"out={out}", "grid=2"]
+    args = [f"pipeline={exported}", "prompt=a red circle", f"prompts_file={prompts_file}", "sampling.steps=2"]
+    return [*args, "sampling.scheduler=dpm++", f"out={out}", "grid=2"], out
+
+
+def test_cli_end_to_end(exported, tmp_path, capsys, monkeypatch):
+    """The command line (sys.argv through hydra.main), in-process."""
+    from bksdm_lab import generate as app
+
+    args, out = cli_args(exported, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_app(app.main, args, capsys, monkeypatch)
+    assert code == 0, stderr[-3000:]
+    check_cli_outputs(out, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_real_cli_end_to_end(exported, cache_dir, tmp_path):
+    """The same as a real `python -m bksdm_lab.generate` process."""
+    args, out = cli_args(exported, tmp_path)
     proc = subprocess.run(
-        [str(c) for c in cmd], capture_output=True, text=True, env=subprocess_env(cache_dir), timeout=300, cwd=tmp_path
+        [PYTHON, "-m", "bksdm_lab.generate", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(cache_dir),
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 images generated" in proc.stdout and "images/s" in proc.stdout
+    check_cli_outputs(out, proc.stdout, proc.stderr)
+
+
+def check_cli_outputs(out: Path, stdout: str, stderr: str) -> None:
+    assert "3 images generated" in stdout and "images/s" in stdout
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000.png", "00001.png", "00002.png"]
     assert Image.open(out / "images" / "00000.png").size == (64, 64)  # sample_size 8 x 8
     assert Image.open(out / "grid.png").size == (128, 64)
@@ -263,7 +289,7 @@ def test_cli_end_to_end(exported, cache_dir, tmp_path):
         ("1", "00001.png", "a blue square"),
         ("2", "00002.png", "a purple triangle, on white"),
     ]
-    assert "generate:" in proc.stderr  # the tqdm bar
+    assert "generate:" in stderr  # the tqdm bar
     # the run folder holds the resolved config and the results
     saved = OmegaConf.load(out / ".hydra" / "config.yaml")
     assert saved.sampling.steps == 2 and saved.sampling.scheduler == "dpm++"
