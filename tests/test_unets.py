@@ -344,3 +344,79 @@ def test_student_forward_shape_matches_teacher(teacher):
         out = student(x, t, cond).sample
     assert out.shape == (2, 4, size, size)
     assert torch.isfinite(out).all()
+
+
+# ---- arch.init: teacher (the paper) or random (the ablation) ---------------------------------------
+
+
+def _marked_teacher(teacher) -> dict[str, float]:
+    """Fill teacher tensor i with the constant 1000 + i (no default initialisation draws such values)."""
+    marks = {}
+    with torch.no_grad():
+        for i, (key, value) in enumerate(teacher.unet.state_dict().items()):
+            marks[key] = 1000.0 + i
+            value.fill_(marks[key])
+    return marks
+
+
+def test_every_arch_config_says_teacher_init():
+    for name in ("base", "small", "tiny"):
+        assert arch_cfg(name)["init"] == "teacher", name
+
+
+@pytest.mark.parametrize("arch", ["base", "tiny"])
+def test_random_init_copies_nothing_teacher_init_copies_every_mapped_tensor(teacher, arch):
+    marks = _marked_teacher(teacher)
+    cfg = arch_cfg(arch)
+    wm = cfg["weight_map"]
+    torch.manual_seed(0)
+    copied = init_student_from_teacher(teacher.unet, cfg)
+    torch.manual_seed(0)
+    random = init_student_from_teacher(teacher.unet, {**cfg, "init": "random"})
+    cstate, rstate = copied.state_dict(), random.state_dict()
+    # The same architecture: same keys, shapes, dtype, device and parameter counts.
+    assert {k: v.shape for k, v in cstate.items()} == {k: v.shape for k, v in rstate.items()}
+    assert count_params(random) == count_params(copied) == count_params(random, trainable_only=True)
+    assert (random.dtype, random.device) == (teacher.unet.dtype, teacher.unet.device)
+    for key in cstate:
+        mark = marks[map_key(key, wm)]
+        assert torch.all(cstate[key] == mark), f"teacher init: {key} is not teacher {map_key(key, wm)}"
+        assert not torch.any(rstate[key] >= 1000.0), f"random init: {key} holds teacher values"
+    # diffusers' default initialisation, untouched: norms start at weight 1 / bias 0, convolutions are random.
+    assert torch.all(rstate["conv_norm_out.weight"] == 1) and torch.all(rstate["conv_norm_out.bias"] == 0)
+    assert rstate["conv_in.weight"].std() > 0
+
+
+def test_random_init_is_seeded(teacher):
+    cfg = {**arch_cfg("tiny"), "init": "random"}
+
+    def weights(student):
+        return torch.cat([p.detach().flatten() for p in student.parameters()])
+
+    torch.manual_seed(3)
+    a = weights(init_student_from_teacher(teacher.unet, cfg))
+    torch.manual_seed(3)
+    b = weights(init_student_from_teacher(teacher.unet, cfg))
+    torch.manual_seed(4)
+    c = weights(init_student_from_teacher(teacher.unet, cfg))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # An explicit seed: the same student whatever the global RNG holds, and the global RNG is left as it was.
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    d = weights(init_student_from_teacher(teacher.unet, cfg, seed=3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(d, a)
+
+
+def test_random_init_still_checks_the_weight_map(teacher):
+    cfg = {**arch_cfg("tiny"), "init": "random"}
+    del cfg["weight_map"]["up_blocks.0.attentions.0."]
+    with pytest.raises(WeightMapError, match=r"uncovered: up_blocks\.0\.attentions\.0\.proj_in\.weight"):
+        init_student_from_teacher(teacher.unet, cfg)
+
+
+def test_unknown_init_names_the_key_and_the_choices(teacher):
+    with pytest.raises(WeightMapError) as info:
+        init_student_from_teacher(teacher.unet, {**arch_cfg("tiny"), "init": "imagenet"})
+    assert str(info.value) == "arch.init='imagenet' is not one of: teacher, random"
+    assert "\n" not in str(info.value)

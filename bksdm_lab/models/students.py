@@ -95,13 +95,51 @@ def copy_teacher_weights(
     return plan
 
 
-def init_student_from_teacher(teacher: UNet2DConditionModel, arch: Mapping[str, Any]) -> UNet2DConditionModel:
-    """Build the student for ``arch`` and copy the teacher's weights into it."""
-    with torch.device(teacher.device):
+STUDENT_INITS = ("teacher", "random")
+
+
+class StudentInitError(WeightMapError):
+    """``arch.init`` names no known initialisation (a WeightMapError, so commands report it as one line)."""
+
+
+def student_init(arch: Mapping[str, Any]) -> str:
+    """``arch.init``: ``teacher`` (default: copy the teacher's weights by the weight map) or ``random``."""
+    init = arch.get("init") or "teacher"
+    if init not in STUDENT_INITS:
+        raise StudentInitError(f"arch.init={init!r} is not one of: {', '.join(STUDENT_INITS)}")
+    return str(init)
+
+
+def init_student_from_teacher(
+    teacher: UNet2DConditionModel, arch: Mapping[str, Any], seed: int | None = None
+) -> UNet2DConditionModel:
+    """Build the student for ``arch`` and initialise it as ``arch.init`` says.
+
+    ``teacher`` (the paper): every student tensor is copied from the teacher by ``arch.weight_map``.
+    ``random`` (the paper's ablation): the student keeps diffusers' default initialisation, drawn from torch's
+    global RNG (``train`` seeds it with ``seed`` first) or, given ``seed``, from that seed alone; nothing is
+    copied, but the weight map is still checked against the teacher, so the architecture is the same.
+    """
+    init = student_init(arch)
+    device = teacher.device
+    seeded = seed is not None and device.type != "meta"
+    accelerator = device.type if device.type != "cpu" else None  # the CPU RNG is always forked
+    fork = torch.random.fork_rng(devices=[device] if accelerator else [], enabled=seeded, device_type=accelerator)
+    with torch.device(device), fork:  # a given seed leaves the caller's RNG state as it was
+        if seeded:
+            torch.manual_seed(seed)
         student = build_student(teacher.config, arch)
     if student.dtype != teacher.dtype:
         student.to(teacher.dtype)
-    copy_teacher_weights(student, teacher, arch.get("weight_map") or {})
+    weight_map = arch.get("weight_map") or {}
+    if init == "teacher":
+        copy_teacher_weights(student, teacher, weight_map)
+    else:
+        plan_weight_copy(
+            {k: v.shape for k, v in student.state_dict().items()},
+            {k: v.shape for k, v in teacher.state_dict().items()},
+            weight_map,
+        )
     return student
 
 
