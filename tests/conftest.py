@@ -71,31 +71,47 @@ def demo_export_dir(demo_teacher_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
-def compose_train(tmp_path, monkeypatch, cache_dir):
-    """Compose conf/train.yaml as `python -m bksdm_lab.train` would, into this test's own run dir
-    (`<tmp_path>/run`), with the demo's cache; `bksdm_lab.train.main(cfg)` then runs the app in-process."""
+def compose_train_cfg(run_dir: Path, *overrides: str):
+    """conf/train.yaml composed as `python -m bksdm_lab.train hydra.run.dir=<run_dir> <overrides>` would compose it,
+    registered as the current Hydra config (so ${hydra:...} resolves); `bksdm_lab.train.main(cfg)` then runs the app
+    in-process (hydra.main passes a composed config straight through)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"hydra.run.dir={run_dir}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture()
+def compose_train(tmp_path, monkeypatch, cache_dir):
+    """compose_train_cfg into this test's own run dir (`<tmp_path>/run`), with the demo's cache."""
+    from hydra.core.hydra_config import HydraConfig
+
     monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
-
-    def make(*overrides):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                config_name="train",
-                overrides=[f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-                return_hydra_config=True,
-            )
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
-
-    yield make
+    yield lambda *overrides: compose_train_cfg(tmp_path / "run", *overrides)
     HydraConfig.instance().cfg = None
+
+
+def train_in_process(cache_dir: Path, run_dir: Path, *overrides: str):
+    """`python -m bksdm_lab.train hydra.run.dir=<run_dir> <overrides>` in-process, with BKSDM_CACHE_DIR=cache_dir
+    (for module-scoped fixtures, which cannot use monkeypatch); returns what main() returns."""
+    from unittest import mock
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from bksdm_lab import train as train_app
+
+    with mock.patch.dict(os.environ, {"BKSDM_CACHE_DIR": str(cache_dir)}):
+        try:
+            return train_app.main(compose_train_cfg(run_dir, *overrides))
+        finally:
+            HydraConfig.instance().cfg = None
 
 
 def run_app(main, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:

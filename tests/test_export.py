@@ -1,12 +1,14 @@
 """`python -m bksdm_lab.export`: a real training checkpoint -> a plain diffusers folder + model card (+ Hub push)."""
 
+import contextlib
+import io
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import PYTHON, subprocess_env
+from conftest import PYTHON, subprocess_env, train_in_process
 from safetensors.torch import load_file
 
 from bksdm_lab.models import export
@@ -30,33 +32,20 @@ def run_cli(args, cache_dir, cwd, check=True):
 
 @pytest.fixture(scope="module")
 def run_dir(cache_dir, tmp_path_factory) -> Path:
-    """A real 4-step demo run with EMA (decay 0.5, so the EMA and the raw student differ) and checkpoints."""
+    """A real 4-step demo run (in-process) with EMA (decay 0.5, so the EMA and the raw student differ) and
+    checkpoints."""
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    cmd = [
-        PYTHON,
-        "-m",
-        "bksdm_lab.train",
+    train_in_process(
+        cache_dir,
+        run_dir,
         "experiment=demo",
         "trainer.max_steps=4",
         "callbacks.checkpoint.every_n_train_steps=2",
         "callbacks.samples.prompts=[]",
         "callbacks.ema.decay=0.5",
-        f"hydra.run.dir={run_dir}",
-    ]
-    try:
-        subprocess.run(
-            cmd,
-            env=subprocess_env(cache_dir),
-            cwd=run_dir.parent,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=True,
-        )
-    except subprocess.CalledProcessError as err:
-        raise AssertionError(
-            f"training failed ({err.returncode}):\n{err.stdout[-3000:]}\n{err.stderr[-5000:]}"
-        ) from err
+        "logger=csv",
+    )
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     return run_dir
 
 
@@ -70,18 +59,24 @@ def ckpt(ckpt_path) -> dict:
     return torch.load(ckpt_path, map_location="cpu", weights_only=False)
 
 
-@pytest.fixture(scope="module")
-def ema_export(ckpt_path, run_dir, cache_dir):
-    """The CLI with defaults: EMA weights into <run dir>/export-ema-step000004."""
-    proc = run_cli([ckpt_path], cache_dir, cwd=run_dir.parent)
-    return run_dir / "export-ema-step000004", proc
+def export_in_process(args) -> str:
+    """`python -m bksdm_lab.export <args>` in-process; returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        export.main([str(a) for a in args])
+    return printed.getvalue()
 
 
 @pytest.fixture(scope="module")
-def student_export(ckpt_path, run_dir, cache_dir, tmp_path_factory):
+def ema_export(ckpt_path, run_dir):
+    """The command with defaults: EMA weights into <run dir>/export-ema-step000004."""
+    return run_dir / "export-ema-step000004", export_in_process([ckpt_path])
+
+
+@pytest.fixture(scope="module")
+def student_export(ckpt_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("student") / "export"
-    proc = run_cli([ckpt_path, "--weights", "student", "--out", out], cache_dir, cwd=run_dir.parent)
-    return out, proc
+    return out, export_in_process([ckpt_path, "--weights", "student", "--out", out])
 
 
 def prefixed(state: dict, prefix: str) -> dict:
@@ -114,12 +109,20 @@ print(image.size, sum(p.numel() for p in unet.parameters()))
 """
 
 
-def test_default_export_is_the_ema_and_loads_in_plain_diffusers(ema_export, ckpt, cache_dir):
-    folder, proc = ema_export
-    assert f"wrote {folder}" in proc.stdout, proc.stdout
+def test_default_export_is_the_ema(ema_export, ckpt):
+    folder, stdout = ema_export
+    assert f"wrote {folder}" in stdout, stdout
     assert (folder / "model_index.json").is_file() and (folder / "README.md").is_file()
     assert_same_tensors(load_file(folder / UNET_FILE), prefixed(ckpt["state_dict"], "ema_student."))
 
+
+@pytest.mark.slow
+def test_real_export_command_loads_in_plain_diffusers(ckpt_path, ckpt, cache_dir, tmp_path):
+    """The real `python -m bksdm_lab.export`, then the folder in a process that never imports bksdm_lab."""
+    folder = tmp_path / "export"
+    proc = run_cli([ckpt_path, "--out", folder], cache_dir, cwd=tmp_path)
+    assert f"wrote {folder}" in proc.stdout, proc.stdout
+    assert_same_tensors(load_file(folder / UNET_FILE), prefixed(ckpt["state_dict"], "ema_student."))
     env = subprocess_env(cache_dir)
     env.pop("PYTHONPATH")
     out = subprocess.run(
@@ -130,8 +133,8 @@ def test_default_export_is_the_ema_and_loads_in_plain_diffusers(ema_export, ckpt
 
 
 def test_student_weights_are_the_raw_student_not_the_ema(student_export, ckpt):
-    folder, proc = student_export
-    assert f"wrote {folder}" in proc.stdout
+    folder, stdout = student_export
+    assert f"wrote {folder}" in stdout
     exported = load_file(folder / UNET_FILE)
     assert_same_tensors(exported, prefixed(ckpt["state_dict"], "student."))
     ema = prefixed(ckpt["state_dict"], "ema_student.")
@@ -243,11 +246,9 @@ def test_push_failure_is_a_clear_error_without_the_token(ckpt_path, tmp_path, mo
 
 
 # ---- bad inputs --------------------------------------------------------------------------------------
-def test_missing_checkpoint_exits_2_without_traceback(cache_dir, tmp_path):
-    proc = run_cli([tmp_path / "nope.ckpt"], cache_dir, cwd=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert f"bksdm_lab.export: error: checkpoint '{tmp_path / 'nope.ckpt'}' does not exist" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_missing_checkpoint_exits_2_without_traceback(tmp_path, capsys):
+    err = main_error([tmp_path / "nope.ckpt"], capsys)
+    assert err == f"bksdm_lab.export: error: checkpoint '{tmp_path / 'nope.ckpt'}' does not exist"
 
 
 def main_error(args, capsys) -> str:
