@@ -32,3 +32,12 @@ class SweepFailures(Callback):
             for marker in failed:
                 print(f"  {marker.parent}: {marker.read_text().strip()}", file=sys.stderr)
             raise SystemExit(1)
+
+
+class SweepStorage(Callback):
+    """Before a multirun: create the folder of a SQLite sweeper storage (SQLite creates the file, not its folder)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        storage = str(config.hydra.sweeper.get("storage") or "")
+        if storage.startswith("sqlite:///"):
+            Path(storage[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
