@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from bksdm_lab import CONF_DIR
 from bksdm_lab.common.checkpoint import AtomicCheckpointIO
 from bksdm_lab.common.hydra import FAILED_MARKER
-from bksdm_lab.common.secrets import redact, redact_dirname
+from bksdm_lab.common.secrets import redact, redact_dirname, shareable
 from bksdm_lab.data.common import DataError
 from bksdm_lab.data.folder import check_folder
 from bksdm_lab.data.latents import read_meta
@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     """inputs -> teacher -> student -> loss -> module -> data -> loggers -> callbacks -> trainer -> fit."""
     out_dir = Path(cfg.paths.output_dir)
     cfg.run_name = run_name(cfg)
-    run_config = redact(OmegaConf.to_container(cfg, resolve=True))
+    run_config = shareable(redact(OmegaConf.to_container(cfg, resolve=True)))  # W&B, hparams, checkpoint, card
     pl.seed_everything(cfg.seed, workers=True)
     check_inputs(cfg)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)

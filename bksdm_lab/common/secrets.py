@@ -1,7 +1,9 @@
-"""Keep API tokens out of everything a run writes: Hydra's config copy, W&B, CSV, checkpoints, argv."""
+"""Keep API tokens out of everything a run writes (Hydra's config copy, W&B, CSV, checkpoints, argv), and local
+paths that reveal the home folder out of every file meant to be shared (see :func:`shareable`)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -51,5 +53,62 @@ def scrub_hydra_dir(run_dir: str | Path) -> None:
 
 
 def redact_dirname(override_dirname: str) -> str:
-    """Hydra's ``job.override_dirname`` (``a=1,hub.token=x``) with secret values redacted."""
-    return ",".join(redact_override(a) for a in override_dirname.split(",")) if override_dirname else ""
+    """Hydra's ``job.override_dirname`` (``a=1,hub.token=x``) with secret values redacted and home-folder paths
+    written from ``~`` (it names W&B runs and multirun folders)."""
+    if not override_dirname:
+        return ""
+    return shareable_text(",".join(redact_override(a) for a in override_dirname.split(",")))
+
+
+# ---- local paths in shared files -------------------------------------------------------------------------
+# Files meant to be shared (the model card, the W&B config and run name, CSV/TensorBoard hparams, the exported
+# pipeline's configs, the run config stored in checkpoints) name no absolute path under the user's home folder:
+# such a path is written from `~` (`/home/me/.cache/bksdm_lab/demo` -> `~/.cache/bksdm_lab/demo`), which the same
+# user's tools expand again (`Path.expanduser`), so export still finds the run's teacher; other paths are kept.
+# A model card names a model source by its hub id or its folder name only (`public_source`).
+LOCAL = "<local>"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _home_spellings() -> list[str]:
+    """The home folder as given by $HOME and with symlinks resolved, longest first (none if it is ``/``)."""
+    try:
+        home = str(Path.home())
+    except RuntimeError:  # no home folder known
+        return []
+    spellings = {os.path.abspath(home)}
+    try:
+        spellings.add(os.path.realpath(home))
+    except OSError:
+        pass
+    return sorted({p.rstrip("/") for p in spellings} - {""}, key=len, reverse=True)
+
+
+def shareable_text(text: str) -> str:
+    """``text`` with every absolute path under the home folder written from ``~``."""
+    for home in _home_spellings():
+        if home in text:
+            text = re.sub(re.escape(home) + r"(?=/|$|[^\w.\-])", "~", text)
+    return text
+
+
+def shareable(obj: Any) -> Any:
+    """A copy of a config container with :func:`shareable_text` applied to every string (keys included)."""
+    if isinstance(obj, dict):
+        return {(shareable_text(k) if isinstance(k, str) else k): shareable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(shareable(v) for v in obj)
+    if isinstance(obj, Path):
+        return shareable_text(str(obj))
+    return shareable_text(obj) if isinstance(obj, str) else obj
+
+
+def public_source(source: str | Path | None) -> str | None:
+    """How a model card names a model source: a hub id as it is, a local folder by its name only
+    (``/home/me/models/stable-diffusion-v1-4`` -> ``<local>/stable-diffusion-v1-4``)."""
+    if source is None:
+        return None
+    text = str(source)
+    if HUB_ID.match(text) and not os.path.exists(os.path.expanduser(text)):
+        return text
+    return f"{LOCAL}/{Path(text.rstrip('/')).name or text}"

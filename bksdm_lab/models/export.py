@@ -25,6 +25,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import HfApi
 from omegaconf import OmegaConf
 
+from bksdm_lab.common.secrets import public_source, shareable_text
 from bksdm_lab.models.students import build_student, count_params, removed_blocks, removed_by_stage
 from bksdm_lab.models.teachers import Teacher, TeacherLoadError, load_teacher
 
@@ -66,13 +67,30 @@ def export_pipeline(
     for name, dtype in dtypes.items():
         if dtype != torch.float32:
             getattr(pipe, name).to(torch.float32)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    for name, dtype in dtypes.items():  # leave the caller's modules as they were
-        if dtype != torch.float32:
-            getattr(pipe, name).to(dtype)
+    sources = _hide_sources(pipe)
+    try:
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        for component, source in sources.items():  # leave the caller's modules as they were
+            component.register_to_config(_name_or_path=source)
+        for name, dtype in dtypes.items():
+            if dtype != torch.float32:
+                getattr(pipe, name).to(dtype)
     if card is not None:
         write_model_card(out_dir, card)
     return out_dir
+
+
+def _hide_sources(pipe) -> dict:
+    """Name the folder each diffusers component was loaded from (``_name_or_path``, saved in its config.json) by its
+    hub id or folder name only while the pipeline is saved; returns the components' real sources."""
+    sources = {}
+    for component in pipe.components.values():
+        source = getattr(getattr(component, "config", None), "_name_or_path", None)
+        if isinstance(source, str) and source and hasattr(component, "register_to_config"):
+            sources[component] = source
+            component.register_to_config(_name_or_path=public_source(source))
+    return sources
 
 
 # ---- checkpoint -> student -------------------------------------------------------------------------
@@ -183,7 +201,7 @@ def load_checkpoint_student(
     trained_source = teacher_cfg.get("pretrained")
     if teacher_pretrained is not None:
         teacher_cfg["pretrained"] = str(teacher_pretrained)
-    teacher = load_teacher(OmegaConf.create(teacher_cfg))
+    teacher = load_teacher(OmegaConf.create(teacher_cfg))  # a stored `~/...` (see common.secrets) is expanded
 
     arch = cfg["arch"]
     try:
@@ -254,11 +272,13 @@ def model_card(info: Mapping[str, Any]) -> str:
         if info.get("ema")
         else "the raw student weights (no EMA)"
     )
-    source = info.get("teacher_source")
-    trained = info.get("teacher_trained_source")
+    # sources by hub id or local folder name only: a card is meant to be shared (pushed to the Hub)
+    source = public_source(info.get("teacher_source"))
+    trained = public_source(info.get("teacher_trained_source"))
     teacher_line = f"{teacher} (`{trained or source}`)"
     if trained and source and trained != source:
         teacher_line += f"; VAE, text encoder, tokenizer and scheduler exported from `{source}`"
+    data_root = info.get("data_root")
     kd = ", ".join(f"{k} {_fmt(v)}" for k, v in (info.get("kd_weights") or {}).items()) or "?"
     repo = info.get("repo_id") or "path/to/this/folder"
     res = info.get("resolution")
@@ -298,7 +318,7 @@ def model_card(info: Mapping[str, Any]) -> str:
         "## Training",
         "",
         f"- Teacher: {teacher_line}",
-        f"- Data: `{_fmt(info.get('data_root'))}`",
+        f"- Data: `{_fmt(shareable_text(data_root) if isinstance(data_root, str) else data_root)}`",
         f"- Steps: {_fmt(info.get('global_step'))} optimizer steps",
         f"- Batch: {_global_batch(info)}",
         f"- Learning rate: {_fmt(info.get('lr'))}",
