@@ -138,28 +138,37 @@ class SampleImages(pl.Callback):
 
 
 class Throughput(pl.Callback):
-    """Logs per optimizer step: wall time, images/s (micro-batch x accumulation x devices) and peak memory."""
+    """Logs per optimizer step: wall time, images/s (the usable images of the step's micro-batches x devices) and
+    peak memory. A micro-batch whose samples were all unusable (no ``input_ids``: the data-quality callback counts
+    them) adds no image and crashes nothing."""
 
     def __init__(self):
         self._start: float | None = None
         self._step = -1
+        self._images = 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self._start is None or trainer.global_step != self._step:
-            self._start, self._step = time.perf_counter(), trainer.global_step
+            self._start, self._step, self._images = time.perf_counter(), trainer.global_step, 0
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._images += usable_samples(batch)
         if trainer.global_step == self._step or self._start is None:
             return  # still accumulating
         seconds = time.perf_counter() - self._start
-        images = batch["input_ids"].shape[0] * trainer.accumulate_grad_batches * trainer.world_size
         metrics = {
             "perf/step_time_s": seconds,
-            "perf/images_per_s": images / seconds,
+            "perf/images_per_s": self._images * trainer.world_size / seconds,
             "perf/peak_mem_gb": peak_memory_gb(module.device),
         }
-        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
-        self._start = None
+        module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(self._images, 1))
+        self._start, self._images = None, 0
+
+
+def usable_samples(batch) -> int:
+    """The samples of a collated micro-batch that are trained on (0 when all of them were unusable)."""
+    ids = batch.get("input_ids") if isinstance(batch, dict) else None
+    return int(ids.shape[0]) if ids is not None else 0
 
 
 def peak_memory_gb(device: torch.device) -> float:
