@@ -1,6 +1,8 @@
 """`python -m bksdm_lab.dashboard`: the dry-run spec round-trips through wandb-workspaces, every plotted key is one
 a real offline training run logs, and the CLI's help and no-login error."""
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -9,6 +11,7 @@ import pytest
 import wandb_offline
 from conftest import PYTHON, subprocess_env
 
+from bksdm_lab import dashboard as dashboard_app
 from bksdm_lab.evaluation import dashboard as db
 from bksdm_lab.evaluation.paper import PAPER_RESULTS
 
@@ -25,10 +28,13 @@ def run_cli(args, cache_dir, cwd, env=None):
 
 
 @pytest.fixture(scope="module")
-def dry_run(cache_dir, tmp_path_factory) -> dict:
+def dry_run(tmp_path_factory) -> dict:
+    """`python -m bksdm_lab.dashboard --dry-run`, in-process."""
     out = tmp_path_factory.mktemp("dashboard") / "spec.json"
-    proc = run_cli(["--entity", "me", "--group", "demo", "--dry-run", "--out", out], cache_dir, out.parent)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert dashboard_app.main(["--entity", "me", "--group", "demo", "--dry-run", "--out", str(out)]) == 0
+    assert printed.getvalue().startswith(f"wrote {out} (")
     return json.loads(out.read_text())
 
 
@@ -89,10 +95,25 @@ def test_dry_run_round_trips_through_wandb_workspaces(dry_run):
     assert dry_run["report"]["runset"] == {"entity": "me", "project": "bksdm_lab", "filters": db.group_filter("demo")}
 
 
-def test_cli_help_and_no_login_error(cache_dir, tmp_path):
-    proc = run_cli(["--help"], cache_dir, tmp_path)
-    assert proc.returncode == 0 and "--dry-run" in proc.stdout and "--group" in proc.stdout
+def test_cli_help_and_no_login_error(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        dashboard_app.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--dry-run" in out and "--group" in out
 
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for key, value in {"HOME": tmp_path, "NETRC": tmp_path / "netrc", "WANDB_CONFIG_DIR": tmp_path / "wandb"}.items():
+        monkeypatch.setenv(key, str(value))
+    assert dashboard_app.main(["--entity", "me", "--group", "demo"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "not logged in to W&B" in lines[0] and "--dry-run" in lines[0], err
+
+
+@pytest.mark.slow
+def test_real_cli_no_login_error(cache_dir, tmp_path):
+    """The real `python -m bksdm_lab.dashboard` without a W&B login: exit 2, one line, no traceback."""
     env = subprocess_env(cache_dir)
     env.pop("WANDB_API_KEY", None)
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), WANDB_CONFIG_DIR=str(tmp_path / "wandb"))

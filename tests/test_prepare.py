@@ -1,12 +1,16 @@
 """Precomputed latents: the cache reproduces the online VAE posterior (and its flip), resumes, and trains with no VAE."""
 
+import contextlib
+import io
 import json
+import os
 import subprocess
+from unittest import mock
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import PYTHON, arch_cfg, subprocess_env
+from conftest import CONF, PYTHON, arch_cfg, subprocess_env
 from omegaconf import OmegaConf
 
 from bksdm_lab.data.common import collate
@@ -20,7 +24,7 @@ from bksdm_lab.models.teachers import load_teacher
 
 @pytest.fixture(scope="module")
 def cache(cache_dir, demo_teacher_dir, demo_data_dir, tmp_path_factory):
-    """The real `python -m bksdm_lab.prepare` on the 32-image demo set, shards of 8 rows, fp32 storage."""
+    """`python -m bksdm_lab.prepare` (in-process) on the 32-image test set, shards of 8 rows, fp32 storage."""
     out = tmp_path_factory.mktemp("latents") / "cache"
     args = [
         "teacher=demo",
@@ -33,16 +37,22 @@ def cache(cache_dir, demo_teacher_dir, demo_data_dir, tmp_path_factory):
         "num_workers=0",
         "dtype=float32",
     ]
-    proc = subprocess.run(
-        [PYTHON, "-m", "bksdm_lab.prepare", *args],
-        env=subprocess_env(cache_dir),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path_factory.mktemp("cwd"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "32 of 32 samples cached" in proc.stdout
+    assert "32 of 32 samples cached" in prepare_in_process(args, cache_dir)
     return out, args
+
+
+def prepare_in_process(args, cache_dir) -> str:
+    """`python -m bksdm_lab.prepare <args>`'s function on the composed config, in-process; returns what it printed."""
+    from hydra import compose, initialize_config_dir
+
+    from bksdm_lab.data.prepare import prepare
+
+    printed = io.StringIO()
+    with mock.patch.dict(os.environ, {"BKSDM_CACHE_DIR": str(cache_dir)}), contextlib.redirect_stdout(printed):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="prepare", overrides=args)
+        prepare(cfg)
+    return printed.getvalue()
 
 
 def teacher_cfg(path):
@@ -135,14 +145,7 @@ def test_prepare_resumes_at_the_first_missing_shard(cache, cache_dir, tmp_path):
     meta["shards"] = [s for s in meta["shards"] if s["file"] != "shard-00002.pt"]
     meta.update(complete=False, done=24)
     meta_path.write_text(json.dumps(meta))
-    proc = subprocess.run(
-        [PYTHON, "-m", "bksdm_lab.prepare", *args],
-        env=subprocess_env(cache_dir),
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "32 of 32 samples cached" in prepare_in_process(args, cache_dir)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.pt")}
     assert sorted(after) == sorted(before)
     assert {k: v for k, v in after.items() if k != "shard-00002.pt"} == {
