@@ -76,6 +76,16 @@ def test_demo_checkpoint_holds_only_the_student(demo_run):
 
 
 @pytest.mark.slow
+def test_demo_trains_on_its_own_256_images(demo_run, cache_dir):
+    """The README's demo, whatever ran before it in this session: its own synthetic set, not a test's."""
+    run_dir, _ = demo_run
+    readme = json.loads((cache_dir / "demo" / "data" / "README.json").read_text())
+    assert (readme["num_images"], readme["size"], readme["seed"]) == (256, 80, 0)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 12  # 256 images / (8 x 2 accumulation) = 16 steps an epoch; 200 steps = 12.5 epochs
+
+
+@pytest.mark.slow
 def test_demo_wandb_offline_run(demo_run):
     run_dir, _ = demo_run
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
