@@ -29,11 +29,12 @@ from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.app import guarded, run_dir
 from bksdm_lab.evaluation.evaluate import EvaluationError, comparability_notes, compute_stats, evaluate, format_table
 from bksdm_lab.evaluation.metrics import (
+    FeatureStats,
     MissingEvalDependency,
     check_available,
     clip_from_spec,
     extractor_from_spec,
-    save_stats,
+    feature_widths,
 )
 from bksdm_lab.evaluation.paper import PAPER_IMAGES, PAPER_RESULTS, paper_model
 
@@ -42,15 +43,44 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name) if name else gen.default_device()
 
 
+def prompt_metadata(cfg: DictConfig) -> str | None:
+    """The metadata csv the prompts come from: ``metadata=``, else the MS-COCO captions (``coco_metadata``) unless
+    ``prompt=`` or ``prompts_file=`` gives the prompts."""
+    if cfg.get("metadata"):
+        return str(cfg.metadata)
+    if cfg.get("prompt") or cfg.get("prompts_file"):
+        return None
+    return str(cfg.coco_metadata) if cfg.get("coco_metadata") else None
+
+
+def check_ref_stats(cfg: DictConfig, extractor: torch.nn.Module) -> None:
+    """``ref_stats`` is FID statistics of the feature extractor's width: checked before any image is generated."""
+    try:
+        stats = FeatureStats.load(cfg.ref_stats)
+    except ValueError as err:
+        raise EvaluationError(f"ref_stats={cfg.ref_stats!r}: {err}") from None
+    width = feature_widths(extractor)[0]
+    if stats.dim != width:
+        raise EvaluationError(
+            f"ref_stats={cfg.ref_stats!r} holds {stats.dim}-d features but feature_extractor={cfg.feature_extractor} "
+            f"gives {width}-d ones: compute the statistics with the same extractor (python -m bksdm_lab.evaluate "
+            f"stats images=DIR feature_extractor={cfg.feature_extractor} out=FILE.npz)"
+        )
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Generate (if a model is given) into the run folder, score, report; returns the ``results.json`` record."""
     out_dir = run_dir(cfg)
     has_source = any(cfg.get(k) for k in ("pipeline", "unet", "checkpoint"))
+    metadata = prompt_metadata(cfg)
     try:
         if cfg.ref_stats and not Path(cfg.ref_stats).is_file():
             raise FileNotFoundError(f"ref_stats={cfg.ref_stats!r} does not exist")
         check_available(cfg.feature_extractor, cfg.clip)
-        prompts = gen.prompts_from_config(cfg)
+        prompts = gen.read_prompts(gen.prompt_list(cfg), cfg.get("prompts_file"), metadata, cfg.get("num_prompts"))
+        extractor = extractor_from_spec(cfg.feature_extractor)  # on the CPU until the pipeline is gone
+        if cfg.ref_stats:
+            check_ref_stats(cfg, extractor)
         generation: dict[str, Any] = {}
         model = None
         if has_source:
@@ -67,7 +97,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
                 generation = json.loads(manifest.read_text()).get("settings", {})
                 model = generation.get("model")
         device = _device(cfg.device)
-        extractor = extractor_from_spec(cfg.feature_extractor).to(device)
+        extractor = extractor.to(device)
         clip = None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
         results = evaluate(
             out_dir,
@@ -93,7 +123,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         "feature_extractor": getattr(extractor, "name", cfg.feature_extractor),
         "clip_model": getattr(clip, "name", None) if clip is not None else None,
         "eval_resolution": cfg.eval_resolution,
-        "metadata": cfg.metadata,
+        "metadata": metadata,
         "generation": generation,
     }
     if results["paper_model"] and results["paper_model"] not in PAPER_RESULTS:

@@ -304,3 +304,40 @@ def test_train_config_gives_the_sample_callback_its_sampling(teacher, monkeypatc
     assert callback.generate(module, teacher.unet) == ["image"] * len(callback.prompts)
     assert {c["num_inference_steps"] for c in calls} == {3} and {c["guidance_scale"] for c in calls} == {4.0}
     assert {c["scheduler"] for c in calls} == {"PNDMScheduler"} and callback.seed == 1234
+
+
+def test_reference_statistics_are_checked_before_any_image_is_generated(exported, tmp_path, capsys):
+    """Issue 12, point 10: statistics of another feature width (e.g. Inception's 2048-d against the demo extractor's
+    32-d) or a file that is no FID statistics fail in one line, exit 2, before the first image."""
+    wide = metrics.save_stats(tmp_path / "inception.npz", np.zeros(2048), np.eye(2048))
+    other = tmp_path / "other.npz"
+    np.savez(other, a=np.zeros(3))
+    for ref, message in ((wide, "holds 2048-d features but feature_extractor=demo gives 32-d ones"), (other, "no mu")):
+        out = tmp_path / f"out_{ref.stem}"
+        args = [f"pipeline={exported}", "prompt=a red circle", f"ref_stats={ref}", f"out={out}", *TINY]
+        with pytest.raises(SystemExit) as exc:
+            app.evaluate_app(compose("evaluate", args + ["sampling.steps=1", "sampling.resolution=64"]))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "bksdm_lab.evaluate: error: ref_stats=" in err and message in err and "Traceback" not in err
+        assert not (out / "images").exists()  # failed before generating
+
+
+def test_a_prompt_alone_does_not_add_the_coco_captions(exported, tmp_path):
+    """Issue 12, point 10: `evaluate prompt=...` evaluates that prompt only; without prompt= / prompts_file= /
+    metadata= the MS-COCO captions (coco_metadata) are the prompts, as the paper's protocol."""
+    coco = tmp_path / "data" / "mscoco_val2014_30k" / "metadata.csv"
+    coco.parent.mkdir(parents=True)
+    coco.write_text("file_name,text\na.jpg,a cat on a mat\nb.jpg,a dog in the snow\nc.jpg,a red bus\n")
+    common = [f"pipeline={exported}", f"paths.data_dir={tmp_path / 'data'}", "sampling.steps=1"]
+    common += ["sampling.resolution=64", "progress=false", "grid=0", *TINY]
+
+    alone = app.run_evaluation(compose("evaluate", [*common, "prompt=a red circle", f"out={tmp_path / 'a'}"]))
+    with (tmp_path / "a" / "prompts.csv").open(newline="") as f:
+        assert [row["text"] for row in csv.DictReader(f)] == ["a red circle"]
+    assert alone["num_images"] == 1 and alone["metadata"] is None
+
+    paper = app.run_evaluation(compose("evaluate", [*common, "num_prompts=2", f"out={tmp_path / 'b'}"]))
+    with (tmp_path / "b" / "prompts.csv").open(newline="") as f:
+        assert [row["text"] for row in csv.DictReader(f)] == ["a cat on a mat", "a dog in the snow"]
+    assert paper["num_images"] == 2 and paper["metadata"] == str(coco)

@@ -304,7 +304,35 @@ def test_cli_errors_exit_2_without_traceback(capsys, tmp_path):
         app.main(cfg)
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "bksdm_lab.generate: error: cannot load the pipeline" in err and "Traceback" not in err
+    assert "bksdm_lab.generate: error: pipeline=" in err and "does not exist" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         app.main(compose("generate", [f"unet={tmp_path}", "prompt=x", f"out={tmp_path / 'o'}"]))
     assert "unet= needs teacher=" in capsys.readouterr().err
+
+
+def test_a_missing_local_source_is_named_as_a_missing_folder(tmp_path, capsys):
+    """Issue 12, point 10: a local folder that is not there is said to be missing (not "Repo id must use
+    alphanumeric chars"), before anything loads or is written; a hub-id-shaped name says it is no local folder."""
+    from bksdm_lab import generate as app
+
+    def error(*overrides) -> str:
+        with pytest.raises(SystemExit) as exc:
+            app.main(compose("generate", [*overrides, "prompt=x", f"out={tmp_path / 'o'}"]))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "repo id" not in err.lower()
+        (line,) = [line for line in err.splitlines() if line.startswith("bksdm_lab.generate: error: ")]
+        return line
+
+    missing = tmp_path / "runs" / "demo" / "pipeline"
+    assert error(f"pipeline={missing}") == (
+        f"bksdm_lab.generate: error: pipeline={str(missing)!r}: the folder {missing} does not exist "
+        "(a local folder, or a hub id like nota-ai/bk-sdm-tiny)"
+    )
+    assert "is not a diffusers pipeline folder (no model_index.json" in error(f"pipeline={tmp_path}")
+    assert f"unet={str(missing)!r}: the folder {missing} does not exist" in error("teacher=sd14", f"unet={missing}")
+    line = error(f"checkpoint={tmp_path / 'last.ckpt'}")
+    assert f"checkpoint={str(tmp_path / 'last.ckpt')!r}: the file" in line and line.endswith("does not exist")
+    line = error("pipeline=runs/pipeline")  # hub-id shaped: tried on the hub (offline here), and said to be no folder
+    assert "pipeline='runs/pipeline' is no local folder (no " in line and "does not load from the hub" in line
+    assert not (tmp_path / "o" / "images").exists()

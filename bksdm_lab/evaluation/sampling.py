@@ -110,6 +110,39 @@ def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists()
 
 
+def _looks_local(source: str) -> bool:
+    """A path, not a hub id: it starts with ``.``, ``/`` or ``~``, or has not exactly one ``/`` (hub ids are
+    ``owner/name``)."""
+    return source.startswith((".", "/", "~")) or "\\" in source or source.count("/") != 1
+
+
+def check_source(key: str, source: str, pipeline_folder: bool = False) -> None:
+    """A one-line GenerationError if ``source`` (the value of ``key=``) is meant as a local folder and is not one
+    (or, with ``pipeline_folder``, is a folder without a diffusers ``model_index.json``); hub ids pass."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise GenerationError(f"{key}={source!r} is a file, not a folder ({path.resolve()})")
+        if pipeline_folder and not (path / "model_index.json").is_file():
+            raise GenerationError(
+                f"{key}={source!r} is not a diffusers pipeline folder (no model_index.json in {path.resolve()}); "
+                "give an exported pipeline folder (python -m bksdm_lab.export) or a hub id"
+            )
+    elif _looks_local(source):
+        raise GenerationError(
+            f"{key}={source!r}: the folder {path.absolute()} does not exist (a local folder, or a hub id "
+            "like nota-ai/bk-sdm-tiny)"
+        )
+
+
+def _not_local(sources: dict[str, str | None]) -> str:
+    """``key='x' is no local folder (no /abs/x) and`` for the first hub-id-shaped source that is no folder here."""
+    for key, source in sources.items():
+        if source is not None and not _is_local(source):
+            return f"{key}={source!r} is no local folder (no {Path(source).absolute()}) and "
+    return ""
+
+
 def _source_name(source: str) -> str:
     return str(Path(source).expanduser().resolve()) if _is_local(source) else source
 
@@ -154,6 +187,11 @@ def load_pipeline(
     dtype = PRECISIONS[precision]
     if sum(x is not None for x in (pipeline, checkpoint, unet)) != 1 or (unet is not None and teacher is None):
         raise GenerationError("give one pipeline source: pipeline=, teacher= with unet=, or checkpoint=")
+    for key, source in (("pipeline", pipeline), ("unet", unet), ("teacher.pretrained", teacher)):
+        if source is not None:  # a missing local folder is named as such, not tried as a hub id
+            check_source(key, str(source), pipeline_folder=key == "pipeline")
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise GenerationError(f"checkpoint={checkpoint!r}: the file {Path(checkpoint).absolute()} does not exist")
     passthrough: tuple[type[Exception], ...] = (GenerationError, TeacherLoadError, FileNotFoundError)
     if checkpoint is not None:  # training-side imports (omegaconf, yaml) only for checkpoints
         from bksdm_lab.models.export import ExportError, build_pipeline, load_checkpoint_student
@@ -182,7 +220,9 @@ def load_pipeline(
     except Exception as err:  # hub, file-system and format errors, with the cause named
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         offline = " (HF_HUB_OFFLINE=1: only models already in the local cache load)" if hf_offline() else ""
-        raise GenerationError(f"cannot load the pipeline: {type(err).__name__}: {first}{offline}") from err
+        where = _not_local({"pipeline": pipeline, "unet": unet, "teacher.pretrained": teacher})
+        what = f"{where}does not load from the hub" if where else "cannot load the pipeline"
+        raise GenerationError(f"{what}: {type(err).__name__}: {first}{offline}") from err
     finally:
         diffusers_logging.set_verbosity(verbosity)
     pipe = pipe.to(device)
@@ -429,11 +469,15 @@ def sampling_kwargs(sampling: Mapping | None) -> dict:
     return {k: sampling[k] for k in SAMPLING_KEYS if sampling is not None and k in sampling}
 
 
+def prompt_list(cfg) -> list[str]:
+    """``prompt=``: a string or a list, as a list of strings."""
+    prompt = cfg.get("prompt")
+    return [str(p) for p in ([prompt] if isinstance(prompt, str) else list(prompt or []))]
+
+
 def prompts_from_config(cfg) -> list[str]:
     """``prompt`` (a string or a list), ``prompts_file`` and ``metadata``, then the first ``num_prompts``."""
-    prompt = cfg.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
-    return read_prompts([str(p) for p in prompts], cfg.get("prompts_file"), cfg.get("metadata"), cfg.get("num_prompts"))
+    return read_prompts(prompt_list(cfg), cfg.get("prompts_file"), cfg.get("metadata"), cfg.get("num_prompts"))
 
 
 def pipeline_from_config(cfg):
