@@ -154,6 +154,7 @@ def card_info(
     base_model = next((s for s in (teacher.source, trained_source) if _is_hub_id(s)), None)
     info = {
         "arch_name": arch.get("name"),
+        "init": arch.get("init", "teacher"),
         "arch_title": arch.get("title") or arch.get("name"),
         "teacher_name": teacher.name,
         "teacher_title": teacher_cfg.get("title") or teacher.name,
@@ -284,14 +285,19 @@ def model_card(info: Mapping[str, Any]) -> str:
     res = info.get("resolution")
     size = f", height={res}, width={res}" if isinstance(res, int) else ""
 
+    init_text = (
+        "initialised at random (the random-init ablation, arch.init=random)"
+        if info.get("init") == "random"
+        else "initialised from the teacher's remaining weights"
+    )
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
     lines += [
         f"# {arch} distilled from {teacher}",
         "",
         f"A block-removed Stable Diffusion U-Net trained by knowledge distillation: **BK-SDM** "
         f"([Kim et al., *BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion*, arXiv 2305.15798]({PAPER})). "
-        f"The student is **{arch}**: the teacher's U-Net with residual/attention blocks removed, initialised from the "
-        f"teacher's remaining weights and trained to match the teacher's outputs and features. The VAE, text encoder, "
+        f"The student is **{arch}**: the teacher's U-Net with residual/attention blocks removed, {init_text} "
+        f"and trained to match the teacher's outputs and features. The VAE, text encoder, "
         f"tokenizer and scheduler are the teacher's, unchanged. The folder loads in plain diffusers.",
         "",
         f"- U-Net parameters: **{_fmt(student_p)}** (student) vs {_fmt(teacher_p)} (teacher){share}",
