@@ -40,6 +40,7 @@ def test_usable_samples_of_a_batch():
     assert usable_samples({"skipped": {"corrupt": 1}, "converted": {}, "num_samples": 1}) == 0
 
 
+@pytest.mark.slow  # in-process, but a whole (tiny) epoch with every callback: about 35 s on 2 cores
 def test_one_corrupt_image_at_batch_size_1_is_skipped_and_counted(compose_train, tmp_path):
     """A real demo fit (every default callback: data quality, EMA, samples, throughput, checkpoints, export; W&B
     offline + CSV) on 16 images, one of them corrupt, one image per micro-batch: a whole epoch trains, the corrupt
