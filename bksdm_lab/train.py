@@ -24,13 +24,16 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from bksdm_lab import CONF_DIR
-from bksdm_lab.common.checkpoint import AtomicCheckpointIO
+from bksdm_lab.common import rundir
+from bksdm_lab.common.checkpoint import AtomicCheckpointIO, DiskFullError
 from bksdm_lab.common.hydra import FAILED_MARKER
+from bksdm_lab.common.interrupt import EXIT_CODE as INTERRUPTED_EXIT
+from bksdm_lab.common.interrupt import Interrupted, StopOnInterrupt
 from bksdm_lab.common.secrets import redact, redact_dirname, shareable
 from bksdm_lab.data.common import DataError
-from bksdm_lab.data.folder import check_folder
-from bksdm_lab.data.latents import read_meta
+from bksdm_lab.distill import checks
 from bksdm_lab.distill.callbacks import ExportPipeline
+from bksdm_lab.distill.checks import CheckpointError
 from bksdm_lab.distill.module import NonFiniteLossError
 from bksdm_lab.models.students import WeightMapError, count_params, init_student_from_teacher, removed_blocks
 from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
@@ -40,33 +43,33 @@ log = logging.getLogger("bksdm_lab")
 
 
 class InputError(RuntimeError):
-    """The teacher or the data cannot be found; lists every such problem at once."""
+    """An input that cannot work (a config value, the teacher, the data, the checkpoint); lists every one at once."""
 
 
-def check_inputs(cfg: DictConfig) -> None:
-    """Build the demo teacher if asked to; fail fast, before any heavy loading, on every missing input at once."""
-    if cfg.teacher.get("build_if_missing"):
-        demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs)
-    problems = ["hub.push=true needs hub.repo_id=<user>/<name>"] if cfg.hub.push and not cfg.hub.repo_id else []
-    for check in (lambda: probe_teacher(cfg.teacher), lambda: check_data(cfg.data)):
+class NothingTrainedError(RuntimeError):
+    """The fit ended without a single optimizer step: nothing is exported and the run does not exit 0."""
+
+
+def check_inputs(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Fail fast, before any heavy loading, on every bad input at once: config values and the optimizer's arguments,
+    the checkpoint to resume, the data, the teacher (the demo teacher is built first, at its own place only)."""
+    problems = checks.check_values(cfg)
+    problems += checks.check_call_args(cfg, "optimizer", given_later=("params",))
+    problems += checks.check_call_args(cfg, "lr_scheduler", given_later=("optimizer",))
+    if cfg.hub.push and not cfg.hub.repo_id:
+        problems.append("hub.push=true needs hub.repo_id=<user>/<name>")
+    if ckpt_path is not None:
+        problems += checks.check_resume(cfg, ckpt_path)
+    if not problems:  # the data and the teacher only for a config that can run (their checks read files)
+        problems += checks.check_data(cfg)
+        if cfg.teacher.get("build_if_missing"):
+            demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
         try:
-            check()
-        except (TeacherLoadError, DataError) as err:
+            probe_teacher(cfg.teacher)
+        except TeacherLoadError as err:
             problems.append(str(err))
     if problems:
         raise InputError("\n".join(problems))
-
-
-def uses_cached_latents(data_cfg: DictConfig) -> bool:
-    return str(data_cfg.get("_target_", "")).endswith("LatentDataModule")
-
-
-def check_data(data_cfg: DictConfig) -> None:
-    """A missing data folder or latent cache (streamed formats are checked when read; a synthetic set is written)."""
-    if uses_cached_latents(data_cfg):
-        read_meta(data_cfg.root)
-    elif "root" in data_cfg and not data_cfg.get("synthetic"):
-        check_folder(data_cfg.root, data_cfg.caption_column, data_cfg.image_column)
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -84,9 +87,9 @@ def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> str | None:
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path=last but {path} does not exist (resume needs the same hydra.run.dir)")
         return str(path)
-    if not Path(cfg.ckpt_path).is_file():
+    if not Path(cfg.ckpt_path).expanduser().is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
-    return str(cfg.ckpt_path)
+    return str(Path(cfg.ckpt_path).expanduser())
 
 
 def parameter_summary(module, teacher, student, cfg: DictConfig) -> dict:
@@ -118,28 +121,46 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     cfg.run_name = run_name(cfg)
     run_config = shareable(redact(OmegaConf.to_container(cfg, resolve=True)))  # W&B, hparams, checkpoint, card
     pl.seed_everything(cfg.seed, workers=True)
-    check_inputs(cfg)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
+    check_inputs(cfg, ckpt_path)
+    if cfg.overwrite and ckpt_path is None and (removed := rundir.clear_run(out_dir)):
+        log.info("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
 
-    teacher = load_teacher(cfg.teacher, load_vae=not uses_cached_latents(cfg.data))  # cached: no VAE at all
+    cached = checks.uses_cached_latents(cfg.data)
+    teacher = load_teacher(cfg.teacher, load_vae=not cached)  # cached: no VAE at all
     student = init_student_from_teacher(teacher.unet, cfg.arch)
     module = instantiate(cfg.module)(
         teacher=teacher, student=student, loss=instantiate(cfg.loss), run_config=run_config
     )
     datamodule = instantiate(cfg.data, tokenizer=teacher.tokenizer)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    if ckpt_path is not None:  # a resumed run continues metrics.csv (Lightning's writer would delete it)
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                logger._experiment = rundir.ContinuedCSVWriter(logger.log_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(interrupt := StopOnInterrupt(out_dir))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
 
     summary = parameter_summary(module, teacher, student, cfg)
     for logger in loggers:
         logger.log_hyperparams({"config": run_config, **summary})
+    exit_code = 1  # what W&B records: anything but a fit that returned is a failure
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if interrupt.start_step is None or trainer.global_step <= interrupt.start_step:
+            raise NothingTrainedError(
+                f"the run trained 0 optimizer steps (it ended at step {trainer.global_step}), so nothing was "
+                f"exported: check trainer.max_steps, trainer.max_epochs and trainer.limit_train_batches against the data"
+            )
+        exit_code = 0
+    except Interrupted:
+        exit_code = INTERRUPTED_EXIT
+        raise
     finally:
         import wandb
 
-        wandb.finish()  # one failed multirun job must not break the next
+        wandb.finish(exit_code=exit_code)  # failed or interrupted runs are marked failed; the next job starts clean
     return {**summary, **outputs(trainer, out_dir)}, trainer
 
 
@@ -150,17 +171,30 @@ def outputs(trainer: pl.Trainer, out_dir: Path) -> dict:
     csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
     wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     wandb_dir = getattr(wandb_logger.experiment, "dir", None) if wandb_logger and trainer.is_global_zero else None
+    files = {
+        "checkpoint": Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None,
+        "csv": Path(csv.log_dir) / "metrics.csv" if csv else None,
+        "wandb": Path(wandb_dir).parent if isinstance(wandb_dir, str) else None,
+    }
     return {
         "run_dir": str(out_dir),
-        "checkpoint": str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.dirpath else None,
-        "csv": str(Path(csv.log_dir) / "metrics.csv") if csv else None,
-        "wandb": str(Path(wandb_dir).parent) if isinstance(wandb_dir, str) else None,
+        **{key: str(path) for key, path in files.items() if path is not None and path.exists()},  # only what exists
         **(export.exported if export else {}),
         "steps": trainer.global_step,
     }
 
 
-USER_ERRORS = (TeacherLoadError, DataError, InputError, WeightMapError, FileNotFoundError, NonFiniteLossError)
+USER_ERRORS = (
+    TeacherLoadError,
+    DataError,
+    InputError,
+    WeightMapError,
+    FileNotFoundError,
+    NonFiniteLossError,
+    CheckpointError,
+    DiskFullError,
+    NothingTrainedError,
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
@@ -173,6 +207,9 @@ def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary, trainer = train(cfg)
+    except Interrupted as stop:  # Ctrl-C stops a sweep too
+        print(f"bksdm_lab.train: {stop}; resume with the same hydra.run.dir and ckpt_path=last", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
     except USER_ERRORS as err:  # a clear message, not a traceback
         print(f"bksdm_lab.train: error: {err}", file=sys.stderr)
         if not multirun:

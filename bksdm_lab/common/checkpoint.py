@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space; the message says where (the previous file is intact)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,5 +34,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = f"; the previous {path.name} is intact" if path.is_file() else ""
+            raise DiskFullError(
+                err.errno,
+                f"no space left on device while writing the checkpoint {path}{kept}: free space in "
+                f"{path.parent} (or point callbacks.checkpoint.dirpath elsewhere) and resume with ckpt_path=last",
+            ) from None
         finally:
             tmp.unlink(missing_ok=True)

@@ -18,7 +18,8 @@ class RedactSecrets(Callback):
     line (W&B records ``sys.argv``)."""
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        scrub_hydra_dir(config.hydra.runtime.output_dir)
+        if config.hydra.output_subdir is not None:  # .hydra, or .resumes/<time>/.hydra for a resumed run
+            scrub_hydra_dir(Path(config.hydra.runtime.output_dir, config.hydra.output_subdir).parent)
         sys.argv[:] = [redact_override(a) for a in sys.argv]
 
 

@@ -135,7 +135,7 @@ class ResumableSampler(Sampler):
     """Shuffles each epoch with a generator seeded by ``(seed, epoch)`` and yields ``(index, flip)``.
 
     The order and the flips are a function of the seed and the epoch only, so a resumed run can skip
-    exactly the batches it already trained on (``resume``) and then see what an uninterrupted run sees.
+    exactly the samples it already trained on (``resume``) and then see what an uninterrupted run sees.
     Each of ``world_size`` ranks takes every ``world_size``-th sample of the shuffled order (the tail
     that does not fill a step on every rank is dropped), so each sample is seen at most once per epoch.
     """
@@ -143,14 +143,16 @@ class ResumableSampler(Sampler):
     def __init__(self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, random_flip: bool = True):
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
         self.random_flip = random_flip
-        self.epoch, self._skip_epoch, self._skip = 0, -1, 0
+        self.epoch = 0
+        self._start: tuple[int, int] | None = None  # (epoch, samples to skip) of the next pass
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
     def resume(self, epoch: int, samples_done: int) -> None:
-        """In epoch ``epoch``, skip the first ``samples_done`` samples of this rank."""
-        self._skip_epoch, self._skip = epoch, samples_done
+        """The next pass is epoch ``epoch`` without its first ``samples_done`` samples (of this rank), whatever
+        ``set_epoch`` says in between: the loader, not Lightning's epoch counter, knows where the data stands."""
+        self._start = (epoch, samples_done)
 
     def _order(self) -> tuple[list[int], list[bool]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -161,39 +163,81 @@ class ResumableSampler(Sampler):
         return order[mine].tolist(), flips[mine].tolist()
 
     def __iter__(self):
+        skip = 0
+        if self._start is not None:
+            (self.epoch, skip), self._start = self._start, None
         order, flips = self._order()
-        skip = self._skip if self.epoch == self._skip_epoch else 0
-        self._skip_epoch, self._skip = -1, 0
         return iter(list(zip(order, flips))[skip:])
 
     def __len__(self) -> int:
         return self.num_samples // self.world_size
 
 
-def trained_position(trainer) -> tuple[int, int]:
-    """(epoch, batches this rank has trained on in it), from Lightning's own loop progress (checkpointed)."""
-    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+def trained_position(trainer) -> int | None:
+    """Batches this rank has trained on so far (Lightning's loop progress, checkpointed and only ever increasing);
+    None when the loader is not iterated by a fit."""
+    loop = getattr(trainer, "fit_loop", None)
+    return None if loop is None else int(loop.epoch_loop.batch_progress.total.processed)
 
 
 class StatefulLoader(DataLoader):
     """A DataLoader whose data position Lightning checkpoints: Lightning saves ``state_dict()`` of a stateful
     train loader with every checkpoint and hands it to ``load_state_dict()`` before iterating on resume.
 
-    The position is the epoch and the samples this rank has trained on in it (not batches, so it stays exact
-    when the batch size changes). ``position_fn`` returns ``(epoch, batches trained)``; ``resume(epoch,
-    samples)`` (overridden per data format) skips them.
+    The position is the data epoch and the samples of it this rank has trained on (samples, not batches, so it
+    stays exact when the batch size changes). The loader, not Lightning's epoch counter, decides which data epoch
+    a pass reads: a pass continues the data epoch until fewer than a batch of it is left. So a run stopped by
+    ``trainer.max_steps`` mid-epoch (Lightning counts that epoch as finished) and extended later continues that
+    epoch, exactly as an uninterrupted run does. ``position_fn`` returns the batches this rank has trained on so
+    far (:func:`trained_position`); ``resume(epoch, samples)`` (overridden per data format) starts a pass there.
     """
 
     def __init__(self, *args, position_fn=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.position_fn = position_fn
+        self._pass: tuple[int, int, int] | None = None  # (data epoch, samples done before the pass, batches then)
+        self._loaded: tuple[int, int] | None = None  # a checkpoint's position, for the next pass
+
+    def _batches(self) -> int | None:
+        return self.position_fn() if self.position_fn is not None else None
+
+    def position(self) -> tuple[int, int]:
+        """(data epoch, samples of it this rank has trained on)."""
+        if self._loaded is not None:
+            return self._loaded
+        if self._pass is None:
+            return 0, 0
+        epoch, done, mark = self._pass
+        batches = self._batches()
+        return epoch, done + (mark if batches is None else batches - mark) * int(self.batch_size)
 
     def state_dict(self) -> dict[str, int]:
-        epoch, batches = self.position_fn() if self.position_fn is not None else (0, 0)
-        return {"epoch": int(epoch), "samples": int(batches) * int(self.batch_size)}
+        epoch, samples = self.position()
+        return {"epoch": int(epoch), "samples": int(samples)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.resume(int(state["epoch"]), int(state["samples"]))
+        self._loaded = (int(state["epoch"]), int(state["samples"]))
+        if self._batches() is None:  # not in a fit (a test, a tool): the sampler takes the epoch from set_epoch
+            self.resume(*self._loaded)
+
+    def _samples_left(self, done: int) -> int | None:
+        try:
+            per_epoch = len(self.sampler)
+        except TypeError:  # a stream: unknown
+            return None
+        return per_epoch - done
+
+    def __iter__(self):
+        batches = self._batches()
+        if batches is not None:  # iterated by a fit: continue the data epoch, or start the next one
+            epoch, done = self.position()
+            left = self._samples_left(done)
+            enough = int(self.batch_size) if self.drop_last else 1
+            if (left is not None and left < enough) or (left is None and self._loaded is None and self._pass):
+                epoch, done = epoch + 1, 0
+            self._pass, self._loaded = (epoch, done, batches), None
+            self.resume(epoch, done)
+        return super().__iter__()
 
     def resume(self, epoch: int, samples: int) -> None:
         self.sampler.resume(epoch, samples)

@@ -8,6 +8,7 @@ normalised to [-1, 1]; captions are tokenised to the tokenizer's length (77 for 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
@@ -47,11 +48,27 @@ def check_folder(root: str | Path, caption_column: str = "text", image_column: s
 
 def read_metadata(root: Path, caption_column: str = "text", image_column: str = "file_name") -> list[tuple[str, str]]:
     path = next(root / m for m in METADATA_FILES if (root / m).is_file())
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is not part of the header
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} is not UTF-8 text: byte 0x{err.object[err.start]:02x} on line {line} cannot be decoded "
+            f"({err.reason}); save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.csv`)"
+        ) from None
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     else:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {n}: not a JSON object ({err.msg})") from None
+            if row is not None:
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}, line {n}: not a JSON object")
+                rows.append(row)
     columns = list(rows[0]) if rows else []
     for column, key in ((image_column, "data.image_column"), (caption_column, "data.caption_column")):
         if rows and column not in rows[0]:

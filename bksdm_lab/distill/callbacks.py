@@ -273,8 +273,9 @@ class DataQuality(pl.Callback):
 
 
 class ExportPipeline(pl.Callback):
-    """At the end of a successful fit, rank 0 saves the (EMA) student with the teacher's VAE, text encoder,
-    tokenizer and scheduler as a diffusers pipeline with a model card, and pushes it to the Hub if asked."""
+    """At the end of a successful fit that trained at least one optimizer step, rank 0 saves the (EMA) student with
+    the teacher's VAE, text encoder, tokenizer and scheduler as a diffusers pipeline with a model card, and pushes it
+    to the Hub if asked. A fit that trained nothing exports nothing (``exported`` stays empty)."""
 
     def __init__(self, out_dir: str, weights: str = "ema", hub: dict | None = None):
         if weights not in WEIGHTS:
@@ -283,10 +284,14 @@ class ExportPipeline(pl.Callback):
         if self.hub.get("push") and not self.hub.get("repo_id"):
             raise ValueError("hub.push=true needs hub.repo_id=<user>/<name>")
         self.exported: dict[str, str] = {}  # what was written: {"pipeline": path, "hub": url}
+        self._start_step: int | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        self._start_step = trainer.global_step  # after a resume: the checkpoint's step
 
     def on_train_end(self, trainer, module) -> None:
-        if not trainer.is_global_zero:
-            return
+        if not trainer.is_global_zero or trainer.global_step == self._start_step:
+            return  # nothing trained in this fit: the pipeline on disk (if any) is not replaced
         ema = find_ema(trainer)
         weights = "ema" if self.weights == "ema" and ema is not None else "student"
         unet = ema if weights == "ema" else module.student

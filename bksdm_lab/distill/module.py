@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from bksdm_lab.distill.checks import CheckpointError
 from bksdm_lab.distill.losses import KDInputs, KDLoss
 from bksdm_lab.models.taps import FeatureTaps
 from bksdm_lab.models.teachers import Teacher
@@ -205,6 +206,15 @@ class DistillModule(pl.LightningModule):
         meta = checkpoint.get("bksdm") or {}
         if meta.get("rng") is not None:
             self._rng, self._pending_rng_state = None, meta["rng"]
-        missing = sorted({f"student.{k}" for k in self.student.state_dict()} - set(checkpoint["state_dict"]))
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} student tensors, e.g. {missing[:5]}: wrong arch= for it?")
+        state = checkpoint["state_dict"]
+        expected = {f"student.{k}": v.shape for k, v in self.student.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        wrong = sorted(k for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape))
+        if missing or wrong:
+            arch = ((meta.get("config") or {}).get("arch") or {}).get("name", "unknown")
+            what = f"lacks {len(missing)} student tensors, e.g. {missing[:3]}" if missing else ""
+            what += ("; " if what else "") + (f"has {len(wrong)} of another shape, e.g. {wrong[:3]}" if wrong else "")
+            raise CheckpointError(
+                f"the checkpoint (a student of arch={arch}) does not fit this run's student: it {what}. Resume with "
+                f"the arch= and teacher= it was trained with"
+            )

@@ -59,8 +59,21 @@ def _publish(build, out: Path) -> Path:
     return out
 
 
-def build_demo_teacher(out: str | Path, configs: str = "demo", seed: int = 0) -> Path:
-    """Save a randomly initialised tiny SD pipeline (from shipped configs) as a diffusers folder."""
+DEMO_TEACHER = Path("demo") / "teacher"  # the demo teacher's place under the cache folder (paths.cache_dir)
+
+
+def build_demo_teacher(
+    out: str | Path, configs: str = "demo", seed: int = 0, cache_dir: str | Path | None = None
+) -> Path:
+    """Save a randomly initialised tiny SD pipeline (from shipped configs) as a diffusers folder, once.
+
+    With ``cache_dir`` (what ``teacher=demo`` passes) it is built only at ``<cache_dir>/demo/teacher``: any other
+    ``out`` (a mistyped ``teacher.pretrained=``) is never written, so loading it fails and says the folder is missing.
+    """
+    if cache_dir is not None:
+        home = (Path(cache_dir).expanduser() / DEMO_TEACHER).resolve()
+        if Path(out).expanduser().resolve() != home:
+            return Path(out).expanduser()
 
     def build(tmp: Path) -> None:
         cfg = shipped_configs(configs)

@@ -1,0 +1,121 @@
+"""A run folder holds one run. A new run never writes into a folder that holds another one unless asked
+(``overwrite=true``); a resumed run (``ckpt_path`` inside the folder) adds to it without rewriting what is there:
+its ``.hydra/`` record and ``train.log`` go to ``.resumes/<time>/``, and ``csv/metrics.csv`` is continued.
+
+Hydra writes ``<run dir>/.hydra/`` and opens ``<run dir>/train.log`` before the task function runs, so the guard is
+a Hydra callback: ``on_run_start`` / ``on_multirun_start`` run before either.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+# what a training run writes into its folder (the Hydra log is <job name>.log)
+RUN_FILES = (".hydra", "checkpoints", "pipeline", "csv", "samples", "tensorboard", "wandb", ".resumes", "FAILED")
+RESUMES = ".resumes"
+
+
+def run_files(run_dir: str | Path) -> list[str]:
+    """The names in ``run_dir`` that belong to a run (an empty or missing folder holds none)."""
+    run_dir = Path(run_dir)
+    return [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
+
+
+def resumes_here(ckpt_path, run_dir: str | Path) -> bool:
+    """``ckpt_path`` continues the run of ``run_dir`` (``last``, or a checkpoint in its ``checkpoints/``)."""
+    if ckpt_path in (None, ""):
+        return False
+    if str(ckpt_path) == "last":
+        return True
+    ckpt_dir = (Path(run_dir) / "checkpoints").resolve()
+    return Path(str(ckpt_path)).expanduser().resolve().parent == ckpt_dir
+
+
+def refusal(run_dir: Path, present: list[str], key: str = "hydra.run.dir") -> str:
+    return (
+        f"{key}={str(run_dir)!r} already holds a run ({', '.join(present)}): nothing there is overwritten unless "
+        f"asked. Choose another {key}, continue that run with ckpt_path=last, or replace it with overwrite=true"
+    )
+
+
+def _stamp(run_dir: Path) -> str:
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    n, name = 1, stamp
+    while (run_dir / RESUMES / name).exists():
+        n, name = n + 1, f"{stamp}_{n}"
+    return name
+
+
+class GuardRunDir(Callback):
+    """Refuse (exit 2, one line) to start a run into a folder holding another run, unless ``overwrite=true`` or
+    the run resumes that folder's checkpoint; a resume writes its Hydra record and log under ``.resumes/<time>/``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(str(config.hydra.run.dir))
+        present = run_files(run_dir)
+        if not present or config.get("overwrite"):
+            return
+        if not resumes_here(config.get("ckpt_path"), run_dir):
+            print(f"bksdm_lab.train: error: {refusal(run_dir, present)}", file=sys.stderr)
+            raise SystemExit(2)
+        record = f"{RESUMES}/{_stamp(run_dir)}"
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = f"{record}/.hydra"
+            handlers = OmegaConf.select(config, "hydra.job_logging.handlers", default=None)
+            if handlers is not None and "file" in handlers:
+                (run_dir / record).mkdir(parents=True, exist_ok=True)
+                handlers.file.filename = str(run_dir / record / f"{config.hydra.job.name}.log")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and run_files(p)] if sweep_dir.is_dir() else []
+        if not jobs or config.get("overwrite"):
+            return
+        if config.get("ckpt_path") in (None, ""):
+            print(
+                f"bksdm_lab.train: error: {refusal(sweep_dir, [p.name for p in jobs], 'hydra.sweep.dir')}",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+        # every job of a resumed sweep records its start beside its run's (the jobs' configs are composed again
+        # from these overrides)
+        record = f"{RESUMES}/{_stamp(sweep_dir)}"
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"hydra.output_subdir={record}/.hydra")
+
+
+class ContinuedCSVWriter(ExperimentWriter):
+    """``metrics.csv`` of a resumed run: the rows already there are kept and the new ones appended (Lightning's
+    writer deletes the file); a new column rewrites the header over all rows. ``hparams.yaml`` is kept as it was
+    (the resumed run's config is in its ``.resumes/<time>/.hydra/``)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = list(next(csv.reader(f), []))
+
+    def log_hparams(self, params: dict) -> None:
+        self.hparams.update(params)
+        if not os.path.isfile(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)):
+            super().log_hparams(params)
+
+
+def clear_run(run_dir: str | Path, keep: tuple[str, ...] = (".hydra",)) -> list[str]:
+    """``overwrite=true``: remove what an earlier run left in ``run_dir`` (not this run's ``.hydra/`` and log)."""
+    removed = []
+    for name in run_files(run_dir):
+        if name in keep:
+            continue
+        path = Path(run_dir) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(name)
+    return removed

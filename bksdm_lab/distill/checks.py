@@ -1,0 +1,215 @@
+"""The input checks of a training run that need no model: they run before the teacher loads (a minute at SD-v1.4
+size), and each problem is one line naming the key, the value and what is allowed.
+
+- config values: a table of ``(key pattern, rule)`` (:data:`RULES`), ``*`` standing for every child of a node;
+- the arguments of ``optimizer`` and ``lr_scheduler`` against the signature of their ``_target_``;
+- the checkpoint to resume: readable, a bksdm_lab checkpoint of this ``arch=``, with steps left to train;
+- the data: metadata columns and encoding, a latent cache's teacher and resolution, at least one batch per rank.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from bksdm_lab.data.common import DataError
+from bksdm_lab.data.folder import check_folder, read_metadata
+from bksdm_lab.data.latents import read_meta
+
+
+class CheckpointError(ValueError):
+    """The checkpoint to resume from cannot be used; the message says why in one line."""
+
+
+def _number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# (key pattern, test, what is allowed). A missing key (a callback turned off, another data format) is not checked.
+RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("loss.weights.*", lambda v: _number(v) and v >= 0, "a number >= 0 (0 turns the term off)"),
+    ("loss.terms.feat_kd.layer_weights.*", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("data.max_samples", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
+    ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("trainer.max_steps", lambda v: _integer(v) and (v >= 1 or v == -1), "an integer >= 1 (-1: max_epochs decides)"),
+    ("callbacks.ema.decay", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    ("callbacks.checkpoint.every_n_train_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+)
+
+
+_MISSING = object()
+
+
+def _expand(cfg: DictConfig, pattern: str) -> list[tuple[str, Any]]:
+    """``(key, value)`` of every key the pattern names (``a.b.*``: each child of ``a.b``, dict or list)."""
+    if not pattern.endswith(".*"):
+        node = OmegaConf.select(cfg, pattern, default=_MISSING)
+        return [] if node is _MISSING else [(pattern, node)]
+    parent = pattern[:-2]
+    node = OmegaConf.select(cfg, parent, default=None)
+    if isinstance(node, DictConfig):
+        return [(f"{parent}.{k}", node[k]) for k in node]
+    if isinstance(node, ListConfig):
+        return [(f"{parent}.{i}", v) for i, v in enumerate(node)]
+    return []
+
+
+def check_values(cfg: DictConfig) -> list[str]:
+    """One line per config value that breaks a rule of :data:`RULES`."""
+    return [
+        f"{key}={value} must be {allowed}"
+        for pattern, ok, allowed in RULES
+        for key, value in _expand(cfg, pattern)
+        if not ok(value)
+    ]
+
+
+def check_call_args(cfg: DictConfig, key: str, given_later: tuple[str, ...]) -> list[str]:
+    """The keys of a ``_partial_`` config (``optimizer``, ``lr_scheduler``) its ``_target_`` does not accept;
+    ``given_later`` are the arguments the module passes itself (the parameters, the optimizer)."""
+    node = OmegaConf.select(cfg, key, default=None)
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return []
+    try:
+        signature = inspect.signature(get_object(node._target_))
+    except Exception as err:  # noqa: BLE001 - an unknown target: say so in one line
+        return [f"{key}._target_={node._target_!r} cannot be imported: {err}"]
+    params = signature.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    accepted = [n for n, p in params.items() if n not in given_later and n != "self" and p.kind is not p.VAR_POSITIONAL]
+    unknown = [k for k in node if not str(k).startswith("_") and k not in params]
+    return [f"{key}.{k}: {node._target_} takes no argument {k!r}; it accepts: {', '.join(accepted)}" for k in unknown]
+
+
+# ---- the checkpoint to resume from -------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents without reading its tensors (memory-mapped), or a one-line CheckpointError."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated, foreign or corrupt file: one line, never an unsafe hint
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in first or "Weights only" in first:
+            first = "it holds objects other than tensors and plain data"
+        raise CheckpointError(
+            f"ckpt_path={str(path)!r} is not a readable checkpoint (truncated, or not written by bksdm_lab.train): "
+            f"{first}"
+        ) from None
+
+
+def check_resume(cfg: DictConfig, path: str | Path) -> list[str]:
+    """The checkpoint is readable, holds a student of this ``arch=`` and has steps left to train."""
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as err:
+        return [str(err)]
+    meta = ckpt.get("bksdm") if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or "state_dict" not in ckpt:
+        return [f"ckpt_path={str(path)!r} is not a bksdm_lab.train checkpoint (it has no student and run config)"]
+    problems = []
+    arch = ((meta.get("config") or {}).get("arch") or {}).get("name")
+    if arch is not None and arch != cfg.arch.name:
+        problems.append(
+            f"ckpt_path={str(path)!r} holds a student of arch={arch}, but this run asks for arch={cfg.arch.name}: "
+            f"resume with arch={arch}"
+        )
+    step, max_steps = int(ckpt.get("global_step", 0)), int(cfg.trainer.get("max_steps", -1))
+    if max_steps != -1 and step >= max_steps:
+        problems.append(
+            f"ckpt_path={str(path)!r} is at step {step}, and trainer.max_steps={max_steps}: nothing left to train; "
+            f"raise trainer.max_steps to continue the run"
+        )
+    return problems
+
+
+# ---- the data -----------------------------------------------------------------------------------------------------
+def world_size(cfg: DictConfig) -> int:
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1) or 1
+    if isinstance(devices, int) and devices > 0:
+        return devices * int(nodes)
+    if isinstance(devices, (list, ListConfig)):
+        return len(devices) * int(nodes)
+    return int(nodes)  # "auto", -1: known once the accelerator is up; at least this many
+
+
+def check_batches(num_samples: int | None, cfg: DictConfig, what: str) -> list[str]:
+    """Every rank gets at least one micro-batch per epoch (the loader drops a last incomplete one)."""
+    if num_samples is None:
+        return []
+    world, batch = world_size(cfg), int(cfg.data.batch_size)
+    if num_samples // world >= batch:
+        return []
+    ranks = f" on each of {world} ranks" if world > 1 else ""
+    return [
+        f"{what} has {num_samples} samples, fewer than one micro-batch (data.batch_size={batch}){ranks}: "
+        f"the run would train 0 steps. Lower data.batch_size or use more data"
+    ]
+
+
+def uses_cached_latents(data_cfg: DictConfig) -> bool:
+    return str(data_cfg.get("_target_", "")).endswith("LatentDataModule")
+
+
+def check_data(cfg: DictConfig) -> list[str]:
+    """The data folder and its metadata (columns, encoding), or the latent cache (complete, made with this teacher
+    at this resolution), holds at least one micro-batch per rank. Streamed formats are checked when read."""
+    data = cfg.data
+    try:
+        if uses_cached_latents(data):
+            meta = read_meta(data.root)
+            problems = check_cache_teacher(meta, cfg)
+            count = sum(int(s["count"]) for s in meta.get("shards", []))
+        elif data.get("synthetic") and not Path(str(data.root)).expanduser().exists():
+            problems, count = [], int(data.synthetic.num_images)  # written by the demo data module
+        elif "root" in data:
+            root = check_folder(data.root, data.caption_column, data.image_column)
+            problems, count = [], len(read_metadata(root, data.caption_column, data.image_column))
+        else:
+            return []
+    except DataError as err:
+        return [str(err)]
+    if data.get("max_samples"):
+        count = min(count, int(data.max_samples))
+    return problems + check_batches(count, cfg, f"data.root={str(data.root)!r}")
+
+
+def same_source(a: str, b: str) -> bool:
+    """Two teacher sources (hub ids or local folders; ``~`` and relative paths as written) name the same teacher."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_cache_teacher(meta: dict, cfg: DictConfig) -> list[str]:
+    """A latent cache trains only the teacher (VAE latents, tokenizer ids) and resolution it was made with."""
+    root, teacher = str(cfg.data.root), cfg.teacher
+    made = (meta.get("teacher"), meta.get("teacher_source"))
+    if made[0] != teacher.name or (made[1] is not None and not same_source(made[1], str(teacher.pretrained))):
+        return [
+            f"data.root={root!r} is a latent cache made with teacher {made[0]!r} ({made[1]}), but this run's teacher "
+            f"is {teacher.name!r} ({teacher.pretrained}): use teacher={made[0]} (and its teacher.pretrained), or "
+            f"prepare a cache for this teacher: `python -m bksdm_lab.prepare teacher={teacher.name} out=<new folder>`"
+        ]
+    resolution = cfg.data.get("resolution")
+    if resolution is not None and int(meta.get("resolution", resolution)) != int(resolution):
+        return [
+            f"data.root={root!r} is a latent cache made at {meta['resolution']} px, but the teacher trains at "
+            f"{resolution} px (data.resolution): prepare it again for this teacher"
+        ]
+    return []
