@@ -116,16 +116,26 @@ def train_in_process(cache_dir: Path, run_dir: Path, *overrides: str):
 
 def run_app(main, argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """A Hydra app's `main()` in-process as its command line would run it (`sys.argv`): (exit code, stdout, stderr)."""
+    import logging
+
+    from hydra.core.hydra_config import HydraConfig
+
     monkeypatch.setattr(sys, "argv", [main.__module__, *map(str, argv)])
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         main()
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
-        from hydra.core.hydra_config import HydraConfig
-
         HydraConfig.instance().cfg = None
+        # Hydra's job logging points the root logger at this test's captured stdout and a file in the run folder:
+        # undo that, or later tests' log records go to closed streams
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
     out, err = capsys.readouterr()
     return code, out, err
 
