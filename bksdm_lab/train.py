@@ -60,14 +60,13 @@ def check_inputs(cfg: DictConfig, ckpt_path: str | None) -> None:
         problems.append("hub.push=true needs hub.repo_id=<user>/<name>")
     if ckpt_path is not None:
         problems += checks.check_resume(cfg, ckpt_path)
-    if not problems:  # the data and the teacher only for a config that can run (their checks read files)
-        problems += checks.check_data(cfg)
-        if cfg.teacher.get("build_if_missing"):
-            demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
-        try:
-            probe_teacher(cfg.teacher)
-        except TeacherLoadError as err:
-            problems.append(str(err))
+    problems += checks.check_data(cfg)
+    if cfg.teacher.get("build_if_missing"):
+        demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
+    try:
+        probe_teacher(cfg.teacher)
+    except TeacherLoadError as err:
+        problems.append(str(err))
     if problems:
         raise InputError("\n".join(problems))
 
@@ -123,7 +122,7 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
     check_inputs(cfg, ckpt_path)
-    if cfg.overwrite and ckpt_path is None and (removed := rundir.clear_run(out_dir)):
+    if cfg.overwrite and not rundir.resumes_here(ckpt_path, out_dir) and (removed := rundir.clear_run(out_dir)):
         log.info("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
 
     cached = checks.uses_cached_latents(cfg.data)

@@ -29,7 +29,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from bksdm_lab import train as train_app
-from bksdm_lab.common.rundir import GuardRunDir
 from bksdm_lab.data.common import ResumableSampler
 from bksdm_lab.tools.demo import make_synthetic_dataset
 
@@ -386,6 +385,8 @@ def test_a_run_folder_holding_a_run_is_never_overwritten_unless_asked(cli, tmp_p
 def test_the_guard_refuses_a_checkpoint_of_another_run_into_a_run_folder(tmp_path, capsys):
     from omegaconf import OmegaConf
 
+    from bksdm_lab.common.rundir import GuardRunDir
+
     run_dir = tmp_path / "run"
     (run_dir / "pipeline").mkdir(parents=True)
     config = OmegaConf.create(
@@ -396,6 +397,17 @@ def test_the_guard_refuses_a_checkpoint_of_another_run_into_a_run_folder(tmp_pat
         GuardRunDir().on_run_start(config)
     assert stop.value.code == 2 and "already holds a run (pipeline)" in capsys.readouterr().err
     GuardRunDir().on_run_start(OmegaConf.merge(config, {"hydra": {"run": {"dir": str(tmp_path / "empty")}}}))
+
+    # a sweep folder holding jobs: refused; resumed, every job's record goes beside its run's
+    (tmp_path / "sweep" / "0_lr=1" / "checkpoints").mkdir(parents=True)
+    sweep = OmegaConf.create({"ckpt_path": None, "hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}})
+    with pytest.raises(SystemExit) as stop:
+        GuardRunDir().on_multirun_start(sweep)
+    assert stop.value.code == 2 and "hydra.sweep.dir=" in capsys.readouterr().err
+    resumed = OmegaConf.merge(sweep, {"ckpt_path": "last", "hydra": {"overrides": {"hydra": []}}})
+    GuardRunDir().on_multirun_start(resumed)
+    (override,) = resumed.hydra.overrides.hydra
+    assert override.startswith("hydra.output_subdir=.resumes/") and override.endswith("/.hydra")
 
 
 # ---- 7: Ctrl-C saves a checkpoint at a step boundary and stops non-zero ----------------------------------------

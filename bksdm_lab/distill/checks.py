@@ -149,11 +149,9 @@ def world_size(cfg: DictConfig) -> int:
 
 def check_batches(num_samples: int | None, cfg: DictConfig, what: str) -> list[str]:
     """Every rank gets at least one micro-batch per epoch (the loader drops a last incomplete one)."""
-    if num_samples is None:
-        return []
-    world, batch = world_size(cfg), int(cfg.data.batch_size)
-    if num_samples // world >= batch:
-        return []
+    world, batch = world_size(cfg), cfg.data.get("batch_size")
+    if num_samples is None or not _integer(batch) or batch < 1 or num_samples // world >= batch:
+        return []  # unknown (a stream), a batch size RULES already refuses, or enough
     ranks = f" on each of {world} ranks" if world > 1 else ""
     return [
         f"{what} has {num_samples} samples, fewer than one micro-batch (data.batch_size={batch}){ranks}: "
