@@ -60,13 +60,13 @@ def check_inputs(cfg: DictConfig, ckpt_path: str | None) -> None:
         problems.append("hub.push=true needs hub.repo_id=<user>/<name>")
     if ckpt_path is not None:
         problems += checks.check_resume(cfg, ckpt_path)
-    problems += checks.check_data(cfg)
     if cfg.teacher.get("build_if_missing"):
         demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
     try:
         probe_teacher(cfg.teacher)
     except TeacherLoadError as err:
         problems.append(str(err))
+    problems += checks.check_data(cfg)
     if problems:
         raise InputError("\n".join(problems))
 
