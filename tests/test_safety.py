@@ -220,9 +220,13 @@ def test_truncated_and_foreign_checkpoints_are_one_line_without_an_unsafe_hint(r
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     text.write_text("not a checkpoint\n")
     torch.save({"state_dict": {}, "model": pl.Callback()}, pickled)  # arbitrary objects: never unpickled
-    for path in (truncated, text, pickled):
+    for path, why in (
+        (truncated, "not a complete PyTorch checkpoint archive"),
+        (text, "not a complete PyTorch checkpoint archive"),
+        (pickled, "it holds objects other than tensors and plain data"),
+    ):
         (line,) = refused(run, tmp_path, capsys, f"ckpt_path={path}")
-        assert f"ckpt_path='{path}' is not a readable checkpoint" in line
+        assert f"ckpt_path='{path}' is not a readable checkpoint" in line and line.endswith(why)
 
 
 def test_a_finished_checkpoint_with_nothing_left_to_train_is_refused(run, tmp_path, capsys, no_teacher):
@@ -341,7 +345,9 @@ def cli(monkeypatch, cache_dir, demo_teacher_dir, shapes):
 def test_a_run_folder_holding_a_run_is_never_overwritten_unless_asked(cli, tmp_path, capsys):
     run_dir = tmp_path / "run"
     at = f"hydra.run.dir={run_dir}"
-    assert cli(at, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1") == 0
+    assert cli(at, "trainer.max_steps=0") == 2  # a start refused by its checks leaves only Hydra's record ...
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]
+    assert cli(at, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1") == 0  # ... so the fix may rerun
     first = snapshot(run_dir)
     assert {".hydra/config.yaml", "checkpoints/last.ckpt", "csv/metrics.csv"} <= set(first)
     capsys.readouterr()

@@ -19,15 +19,18 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
-# what a training run writes into its folder (the Hydra log is <job name>.log)
-RUN_FILES = (".hydra", "checkpoints", "pipeline", "csv", "samples", "tensorboard", "wandb", ".resumes", "FAILED")
+# what a training run writes into its folder (the Hydra log is <job name>.log); RESULTS make it hold a run (a start
+# that failed its checks leaves only Hydra's record, .hydra/, which the next start may rewrite)
+RESULTS = ("checkpoints", "pipeline", "csv", "samples", "tensorboard", "wandb")
+RUN_FILES = (".hydra", *RESULTS, ".resumes", "FAILED")
 RESUMES = ".resumes"
 
 
 def run_files(run_dir: str | Path) -> list[str]:
-    """The names in ``run_dir`` that belong to a run (an empty or missing folder holds none)."""
+    """The names in ``run_dir`` that belong to a run, if it holds one (results), else none."""
     run_dir = Path(run_dir)
-    return [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
+    present = [name for name in RUN_FILES if (run_dir / name).exists()] if run_dir.is_dir() else []
+    return present if any(name in RESULTS for name in present) else []
 
 
 def resumes_here(ckpt_path, run_dir: str | Path) -> bool:
@@ -112,7 +115,9 @@ class ContinuedCSVWriter(ExperimentWriter):
 def clear_run(run_dir: str | Path, keep: tuple[str, ...] = (".hydra",)) -> list[str]:
     """``overwrite=true``: remove what an earlier run left in ``run_dir`` (not this run's ``.hydra/`` and log)."""
     removed = []
-    for name in run_files(run_dir):
+    for name in RUN_FILES if Path(run_dir).is_dir() else ():
+        if not (Path(run_dir) / name).exists():
+            continue
         if name in keep:
             continue
         path = Path(run_dir) / name

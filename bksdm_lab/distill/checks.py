@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,17 +100,20 @@ def check_call_args(cfg: DictConfig, key: str, given_later: tuple[str, ...]) -> 
 
 # ---- the checkpoint to resume from -------------------------------------------------------------------------------
 def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents without reading its tensors (memory-mapped), or a one-line CheckpointError."""
+    """A checkpoint's contents without reading its tensors (memory-mapped), or a one-line CheckpointError.
+
+    Only tensors and plain data are unpickled (``weights_only``); a file holding anything else is refused, and no
+    message ever suggests loading it unsafely."""
+    unreadable = f"ckpt_path={str(path)!r} is not a readable checkpoint (truncated, or not written by bksdm_lab.train)"
+    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive; a truncated one has lost its directory
+        raise CheckpointError(f"{unreadable}: not a complete PyTorch checkpoint archive")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a truncated, foreign or corrupt file: one line, never an unsafe hint
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file: one line, never an unsafe hint
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in first or "Weights only" in first:
+        if "weights_only" in first.lower() or "weights only" in first.lower():
             first = "it holds objects other than tensors and plain data"
-        raise CheckpointError(
-            f"ckpt_path={str(path)!r} is not a readable checkpoint (truncated, or not written by bksdm_lab.train): "
-            f"{first}"
-        ) from None
+        raise CheckpointError(f"{unreadable}: {first}") from None
 
 
 def check_resume(cfg: DictConfig, path: str | Path) -> list[str]:
