@@ -149,6 +149,7 @@ def logged(cache_dir, tmp_path_factory) -> dict[str, list]:
     args = [
         "experiment=demo",
         f"data.root={data}",
+        "~data.synthetic",  # a plain image folder: not the demo's 256-image set
         "data.max_skipped_fraction=0.5",
         "trainer.max_steps=4",
         "trainer.log_every_n_steps=1",
