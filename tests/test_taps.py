@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from conftest import compose_train_cfg
+from conftest import arch_cfg, compose_train_cfg
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from test_module import make_batch, make_module
@@ -238,3 +238,76 @@ def test_fsdp_wraps_the_student_blocks_only_and_taps_fire(module, plain, fsdp_cf
     assert sum(v.numel() for v in checkpoint["state_dict"].values()) == TINY_STUDENT_PARAMS  # the U-Net has no buffers
     optimizer = module.configure_optimizers()  # over the wrapped student's original parameters
     assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == TINY_STUDENT_PARAMS
+
+
+@pytest.mark.slow
+def test_taps_fire_through_torch_compile_inductor(module, plain, tmp_path, monkeypatch):
+    """The default backend: generated C++ compiled by the C compiler (about 4 minutes cold on 2 CPU cores)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # cold, and this test's own
+    torch._dynamo.reset()
+    inputs, out, reference, teacher_features = plain
+    compiled = torch.compile(module.student)
+    with torch.no_grad():
+        compiled_out = compiled(*inputs).sample
+    assert_same_features(module, module.student_taps.pop(), reference, teacher_features, atol=1e-5)
+    torch.testing.assert_close(compiled_out, out, rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def _fsdp_rank(rank: int, port: int, teacher_dir: str, policy_classes: list[str]) -> None:
+    """One of 2 gloo ranks: the student FULL_SHARD-wrapped as trainer=fsdp configures it; taps vs the plain forward."""
+    import importlib
+
+    from omegaconf import OmegaConf
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from bksdm_lab.models.students import init_student_from_teacher
+    from bksdm_lab.models.taps import FeatureTaps
+    from bksdm_lab.models.teachers import load_teacher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        teacher = load_teacher(OmegaConf.create({"name": "demo", "pretrained": teacher_dir}))
+        arch = arch_cfg("tiny")
+        student = init_student_from_teacher(teacher.unet, arch)
+        taps = FeatureTaps(student, [s for _, s in arch["feature_pairs"]])
+        inputs = unet_inputs(student)
+        with torch.no_grad():
+            out = student(*inputs).sample
+        reference = taps.pop()
+        classes = {getattr(importlib.import_module(p.rpartition(".")[0]), p.rpartition(".")[2]) for p in policy_classes}
+        wrapped = FSDP(
+            student,
+            auto_wrap_policy=ModuleWrapPolicy(classes),
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            use_orig_params=True,
+            device_id=torch.device("cpu"),
+        )
+        local = sum(p.numel() for p in wrapped.parameters())
+        assert local < TINY_STUDENT_PARAMS, local  # this rank holds its shard only
+        for _ in range(2):
+            sharded_out = wrapped(*inputs).sample
+            features = taps.pop()
+            assert features.keys() == reference.keys()
+            for name, value in reference.items():
+                torch.testing.assert_close(features[name].detach(), value, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(sharded_out.detach(), out, rtol=0, atol=1e-6)
+            sharded_out.mean().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_taps_fire_through_fsdp_sharded_on_two_ranks(demo_teacher_dir, fsdp_cfg):
+    """FULL_SHARD over 2 gloo processes (torch FSDP with device_id=cpu, as Lightning cannot on CPU): every forward
+    gathers and frees each unit's parameters, and the taps still hold the plain forward's features."""
+    import torch.multiprocessing as mp
+
+    classes = [c.path for c in fsdp_cfg.trainer.strategy.auto_wrap_policy.module_classes]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(port, str(demo_teacher_dir), classes), nprocs=2, join=True)
