@@ -79,7 +79,17 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def resolve_ckpt_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to resume: ``ckpt_path`` (``last``: ``<run dir>/checkpoints/last.ckpt``), or, when it is unset
+    and SLURM has requeued this job (after a time-out or a pre-emption; the same job runs again in the same run
+    folder), the run folder's newest checkpoint (:func:`bksdm_lab.common.rundir.requeue_checkpoint`)."""
     if cfg.ckpt_path in (None, ""):
+        requeued = rundir.requeue_checkpoint(out_dir)
+        if requeued is not None:
+            log.info(
+                "SLURM requeued this job (SLURM_RESTART_COUNT=%d): resuming from %s", rundir.slurm_restarts(), requeued
+            )
+            print(f"bksdm_lab: requeued job: resuming from {requeued}", file=sys.stderr, flush=True)
+            return str(requeued)
         return None
     if cfg.ckpt_path == "last":
         path = out_dir / "checkpoints" / "last.ckpt"

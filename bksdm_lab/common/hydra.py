@@ -1,4 +1,4 @@
-"""Hydra callbacks shared by the commands: secret redaction and multirun failure reporting."""
+"""Hydra callbacks shared by the commands: secret redaction, multirun failure reporting, stored sweeper studies."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from bksdm_lab.common.secrets import redact_override, scrub_hydra_dir
 
@@ -36,9 +36,42 @@ class SweepFailures(Callback):
 
 
 class SweepStorage(Callback):
-    """Before a multirun: create the folder of a SQLite sweeper storage (SQLite creates the file, not its folder)."""
+    """Before a multirun with a stored study (``hydra.sweeper.storage``, as ``hparams_search`` sets): create the folder
+    of a SQLite storage (SQLite creates the file, not its folder), and make ``hydra.sweeper.n_trials`` the study's
+    total. Hydra's Optuna sweeper runs ``n_trials`` new trials on every start, so the same command run again would add
+    as many again; here it runs only the trials the study lacks (finished ones count: complete or pruned; a failed
+    or interrupted trial is run again), so a search stopped half-way is resumed by its own command."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        storage = str(config.hydra.sweeper.get("storage") or "")
+        sweeper = config.hydra.sweeper
+        storage = str(sweeper.get("storage") or "")
         if storage.startswith("sqlite:///"):
             Path(storage[len("sqlite:///") :]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if not storage or "optuna" not in str(sweeper.get("_target_", "")) or sweeper.get("n_trials") is None:
+            return
+        done = finished_trials(storage, str(sweeper.study_name))
+        if not done:
+            return
+        total = int(sweeper.n_trials)
+        left = max(0, total - done)
+        print(
+            f"bksdm_lab: the study {sweeper.study_name!r} ({storage}) holds {done} finished trial(s): "
+            f"{f'running {left} more' if left else 'nothing left to run'} (hydra.sweeper.n_trials={total} in all)",
+            file=sys.stderr,
+            flush=True,
+        )
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweeper.n_trials = left
+
+
+def finished_trials(storage: str, study_name: str) -> int:
+    """Complete or pruned trials of an Optuna study (0 when it does not exist yet)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # no such study in this storage yet
+        return 0
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))

@@ -34,13 +34,37 @@ def run_files(run_dir: str | Path) -> list[str]:
 
 
 def resumes_here(ckpt_path, run_dir: str | Path) -> bool:
-    """``ckpt_path`` continues the run of ``run_dir`` (``last``, or a checkpoint in its ``checkpoints/``)."""
+    """``ckpt_path`` continues the run of ``run_dir`` (``last``, a checkpoint in its ``checkpoints/``, or the
+    ``hpc_ckpt_<n>.ckpt`` Lightning's SLURM requeue handler saves in it)."""
     if ckpt_path in (None, ""):
         return False
     if str(ckpt_path) == "last":
         return True
-    ckpt_dir = (Path(run_dir) / "checkpoints").resolve()
-    return Path(str(ckpt_path)).expanduser().resolve().parent == ckpt_dir
+    path = Path(str(ckpt_path)).expanduser().resolve()
+    if path.parent == Path(run_dir).resolve() and path.name.startswith("hpc_ckpt_"):
+        return True
+    return path.parent == (Path(run_dir) / "checkpoints").resolve()
+
+
+def slurm_restarts() -> int:
+    """How often SLURM has restarted this job: ``SLURM_RESTART_COUNT``, which SLURM sets in a job requeued after a
+    node failure, a pre-emption or an explicit ``scontrol requeue``. The latter is how submitit (hence Hydra's
+    submitit launcher, whose ``checkpoint()`` resubmits the same job with the same overrides) and Lightning's own
+    SLURM handler requeue a job that is about to time out. 0 outside SLURM or on a first start."""
+    try:
+        return max(0, int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+    except ValueError:
+        return 0
+
+
+def requeue_checkpoint(run_dir: str | Path) -> Path | None:
+    """In a requeued SLURM job, the newest checkpoint of the run in ``run_dir`` to continue: ``checkpoints/last.ckpt``,
+    or a newer ``hpc_ckpt_<n>.ckpt`` written by Lightning's SLURM handler when the requeue signal came; else None."""
+    if not slurm_restarts():
+        return None
+    run_dir = Path(run_dir)
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
 def refusal(run_dir: Path, present: list[str], key: str = "hydra.run.dir") -> str:
@@ -67,7 +91,8 @@ class GuardRunDir(Callback):
         present = run_files(run_dir)
         if not present or config.get("overwrite"):
             return
-        if not resumes_here(config.get("ckpt_path"), run_dir):
+        requeued = config.get("ckpt_path") in (None, "") and requeue_checkpoint(run_dir) is not None
+        if not requeued and not resumes_here(config.get("ckpt_path"), run_dir):
             print(f"bksdm_lab.train: error: {refusal(run_dir, present)}", file=sys.stderr)
             raise SystemExit(2)
         record = f"{RESUMES}/{_stamp(run_dir)}"
@@ -82,6 +107,14 @@ class GuardRunDir(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and run_files(p)] if sweep_dir.is_dir() else []
         if not jobs or config.get("overwrite"):
+            return
+        if config.get("ckpt_path") in (None, "") and OmegaConf.select(config, "hydra.sweeper.storage", default=None):
+            # a sweeper continuing a stored study (Optuna's SQLite, hparams_search): its new trials are new jobs, each
+            # in a new folder beside the earlier ones (its job numbers start at 0 again), never in one of theirs
+            subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]
+            prefix = f"continued_{_stamp(sweep_dir)}"
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.overrides.hydra.append(f"hydra.sweep.subdir='{prefix}_{subdir}'")
             return
         if config.get("ckpt_path") in (None, ""):
             print(
@@ -123,4 +156,7 @@ def clear_run(run_dir: str | Path, keep: tuple[str, ...] = (".hydra",)) -> list[
         path = Path(run_dir) / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         removed.append(name)
+    for path in sorted(Path(run_dir).glob("hpc_ckpt_*.ckpt")):  # on SLURM Lightning would resume from these
+        path.unlink()
+        removed.append(path.name)
     return removed

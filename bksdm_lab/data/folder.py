@@ -25,6 +25,7 @@ from bksdm_lab.data.common import (
     load_image,
     resumable_loader,
 )
+from bksdm_lab.data.split import TrainPart, check_val_samples, held_out_loader
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class FolderDataModule(pl.LightningDataModule):
         caption_column: str = "text",
         image_column: str = "file_name",
         max_samples: int | None = None,
+        val_samples: int = 0,
         seed: int = 0,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
@@ -162,6 +164,11 @@ class FolderDataModule(pl.LightningDataModule):
             max_pixels,
         )
         self.batch_size, self.num_workers = batch_size, num_workers
+        # the last val_samples samples are held out: never trained on, served by val_dataloader
+        self.val_samples = check_val_samples(val_samples, len(self.dataset), f"data.root={str(root)!r}")
 
     def train_dataloader(self) -> DataLoader:
-        return resumable_loader(self, self.dataset, collate)
+        return resumable_loader(self, TrainPart(self.dataset, len(self.dataset) - self.val_samples), collate)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return held_out_loader(self, self.dataset, collate, self.val_samples)

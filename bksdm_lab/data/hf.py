@@ -30,6 +30,7 @@ from bksdm_lab.data.common import (
     load_image,
     resumable_loader,
 )
+from bksdm_lab.data.split import TrainPart, check_val_samples, held_out_loader
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class HFDataModule(pl.LightningDataModule):
         caption_column: str = "text",
         random_flip: bool = True,
         max_samples: int | None = None,
+        val_samples: int = 0,
         seed: int = 0,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
@@ -173,6 +175,12 @@ class HFDataModule(pl.LightningDataModule):
             max_pixels=max_pixels,
         )
         self.batch_size, self.num_workers = batch_size, num_workers
+        # the last val_samples samples are held out: never trained on, served by val_dataloader
+        self.val_samples = check_val_samples(val_samples, len(self.dataset), f"data.path={path!r}")
 
     def train_dataloader(self):
-        return resumable_loader(self, self.dataset, collate, random_flip=self.random_flip)
+        train = TrainPart(self.dataset, len(self.dataset) - self.val_samples)
+        return resumable_loader(self, train, collate, random_flip=self.random_flip)
+
+    def val_dataloader(self):
+        return held_out_loader(self, self.dataset, collate, self.val_samples)

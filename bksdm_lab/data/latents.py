@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bksdm_lab.data.common import DataError, resumable_loader
+from bksdm_lab.data.split import TrainPart, check_val_samples, held_out_loader
 
 META = "meta.json"
 
@@ -91,6 +92,7 @@ class LatentDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         random_flip: bool = True,
         seed: int = 0,
+        val_samples: int = 0,
         tokenizer=None,
         resolution: int | None = None,
         max_skipped_fraction: float | None = 0.05,
@@ -106,7 +108,14 @@ class LatentDataModule(pl.LightningDataModule):
                 f"{resolution} px: prepare it again for this teacher"
             )
         self.batch_size, self.num_workers, self.random_flip, self.seed = batch_size, num_workers, random_flip, seed
+        # the last val_samples samples are held out: never trained on, served by val_dataloader
+        self.val_samples = check_val_samples(val_samples, len(self.dataset), f"the latent cache {root}")
 
     def train_dataloader(self) -> DataLoader:
         collate_fn = partial(collate_latents, scaling_factor=self.dataset.scaling_factor)
-        return resumable_loader(self, self.dataset, collate_fn, random_flip=self.random_flip)
+        train = TrainPart(self.dataset, len(self.dataset) - self.val_samples)
+        return resumable_loader(self, train, collate_fn, random_flip=self.random_flip)
+
+    def val_dataloader(self) -> DataLoader | list:
+        collate_fn = partial(collate_latents, scaling_factor=self.dataset.scaling_factor)
+        return held_out_loader(self, self.dataset, collate_fn, self.val_samples)

@@ -46,6 +46,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("data.max_samples", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
+    ("data.val_samples", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no held-out set)"),
     ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("trainer.max_steps", lambda v: _integer(v) and (v >= 1 or v == -1), "an integer >= 1 (-1: max_epochs decides)"),
     ("callbacks.ema.decay", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
@@ -171,6 +172,15 @@ def check_data(cfg: DictConfig) -> list[str]:
     """The data folder and its metadata (columns, encoding), or the latent cache (complete, made with this teacher
     at this resolution), holds at least one micro-batch per rank. Streamed formats are checked when read."""
     data = cfg.data
+    val = data.get("val_samples", 0)
+    val = int(val) if _integer(val) and val > 0 else 0  # a bad value: RULES says so
+    metric = str(cfg.get("optimized_metric") or "")
+    if metric.startswith("val/") and not val:
+        return [
+            f"optimized_metric={metric} is the held-out loss, but data.val_samples="
+            f"{data.get('val_samples', '(absent: this data format holds nothing out)')}: hold out samples "
+            f"(e.g. data.val_samples=256), or optimize another metric (optimized_metric=train/loss)"
+        ]
     try:
         if uses_cached_latents(data):
             meta = read_meta(data.root)
@@ -182,12 +192,24 @@ def check_data(cfg: DictConfig) -> list[str]:
             root = check_folder(data.root, data.caption_column, data.image_column)
             problems, count = [], len(read_metadata(root, data.caption_column, data.image_column))
         else:
+            if val:  # a stream (data=webdataset) has no "last N samples" to hold out
+                return [
+                    f"data.val_samples={val}: {data.get('_target_', 'this data format')} streams its samples and "
+                    "holds none out; use data=folder, data=hf or data=latents for a held-out loss, or "
+                    "data.val_samples=0 with optimized_metric=train/loss"
+                ]
             return []
     except DataError as err:
         return [str(err)]
     if data.get("max_samples"):
         count = min(count, int(data.max_samples))
-    return problems + check_batches(count, cfg, f"data.root={str(data.root)!r}")
+    what = f"data.root={str(data.root)!r}"
+    whole = check_batches(count, cfg, what)
+    if not val or whole:  # nothing held out, or too small even with nothing held out: say that
+        return problems + whole
+    if val >= count:
+        return problems + [f"data.val_samples={val} holds out all {count} samples: nothing is left to train on"]
+    return problems + check_batches(count - val, cfg, f"{what} without its {val} held-out samples (data.val_samples)")
 
 
 def same_source(a: str, b: str) -> bool:
