@@ -56,6 +56,7 @@ def check_inputs(cfg: DictConfig, ckpt_path: str | None) -> None:
     problems = checks.check_values(cfg)
     problems += checks.check_call_args(cfg, "optimizer", given_later=("params",))
     problems += checks.check_call_args(cfg, "lr_scheduler", given_later=("optimizer",))
+    problems += checks.check_global_batch(cfg) + checks.check_strategy(cfg)
     if cfg.hub.push and not cfg.hub.repo_id:
         problems.append("hub.push=true needs hub.repo_id=<user>/<name>")
     if ckpt_path is not None:
@@ -132,7 +133,8 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
     check_inputs(cfg, ckpt_path)
-    if cfg.overwrite and not rundir.resumes_here(ckpt_path, out_dir) and (removed := rundir.clear_run(out_dir)):
+    clear = cfg.overwrite and rundir.launched_rank() == 0 and not rundir.resumes_here(ckpt_path, out_dir)
+    if clear and (removed := rundir.clear_run(out_dir)):
         log.info("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
 
     cached = checks.uses_cached_latents(cfg.data)
@@ -150,6 +152,7 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(interrupt := StopOnInterrupt(out_dir))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    set_accumulation(trainer, datamodule)
 
     summary = parameter_summary(module, teacher, student, cfg)
     for logger in loggers:
@@ -171,6 +174,25 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
 
         wandb.finish(exit_code=exit_code)  # failed or interrupted runs are marked failed; the next job starts clean
     return {**summary, **outputs(trainer, out_dir)}, trainer
+
+
+def set_accumulation(trainer: pl.Trainer, datamodule) -> None:
+    """``data.global_batch_size`` (when set) decides the accumulation from the micro-batch and the world size."""
+    global_batch = getattr(datamodule, "global_batch_size", None)
+    if global_batch:
+        try:
+            trainer.accumulate_grad_batches = checks.accumulation(
+                global_batch, datamodule.batch_size, trainer.world_size
+            )
+        except ValueError as err:
+            raise InputError(str(err)) from None
+    log.info(
+        "global batch %d = micro-batch %d x accumulation %d x %d device(s)",
+        datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
+        datamodule.batch_size,
+        trainer.accumulate_grad_batches,
+        trainer.world_size,
+    )
 
 
 def outputs(trainer: pl.Trainer, out_dir: Path) -> dict:

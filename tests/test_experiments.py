@@ -185,7 +185,8 @@ def test_paper_row_composes_to_what_it_promises(row, monkeypatch):
     assert cfg.experiment_name == row["W&B group"].strip("`")
     # the paper's recipe: 50K steps of 256 images (v2: 128), AdamW 5e-5, fp16 mixed precision
     assert cfg.trainer.max_steps == 50_000
-    assert cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == (128 if v2 else 256)
+    assert cfg.data.global_batch_size == (128 if v2 else 256)  # accumulation derived from it and the devices
+    assert cfg.data.global_batch_size % cfg.data.batch_size == 0
     assert cfg.optimizer.lr == 5e-5 and cfg.trainer.precision == "16-mixed"
     expected = ABLATIONS[row_ablation(row) or "full recipe"]
     assert {k: OmegaConf.select(cfg, k) for k in expected} == expected

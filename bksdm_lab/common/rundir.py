@@ -26,6 +26,16 @@ RUN_FILES = (".hydra", *RESULTS, ".resumes", "FAILED")
 RESUMES = ".resumes"
 
 
+def launched_rank() -> int:
+    """This process's rank when a launcher started it (Lightning's DDP children, torchrun, SLURM tasks), else 0.
+    Only rank 0 guards, clears or records a run folder; the other ranks join the run rank 0 started."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
 def run_files(run_dir: str | Path) -> list[str]:
     """The names in ``run_dir`` that belong to a run, if it holds one (results), else none."""
     run_dir = Path(run_dir)
@@ -87,6 +97,8 @@ class GuardRunDir(Callback):
     the run resumes that folder's checkpoint; a resume writes its Hydra record and log under ``.resumes/<time>/``."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if launched_rank() > 0:
+            return
         run_dir = Path(str(config.hydra.run.dir))
         present = run_files(run_dir)
         if not present or config.get("overwrite"):

@@ -351,10 +351,12 @@ class WebDatasetDataModule(pl.LightningDataModule):
         timeout: float = 60.0,
         max_skipped_fraction: float | None = 0.05,
         skip_check_after: int = 1000,
+        global_batch_size: int | None = None,
     ):
         super().__init__()
         # read by the DataQuality callback: stop when more than this fraction of the samples read is unusable
         self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
+        self.global_batch_size = global_batch_size  # images per optimizer step, all ranks: sets the accumulation
         self.dataset = WebDatasetShards(
             shards,
             tokenizer,

@@ -44,6 +44,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data.global_batch_size", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("data.max_samples", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     ("data.val_samples", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no held-out set)"),
@@ -150,6 +151,39 @@ def world_size(cfg: DictConfig) -> int:
     if isinstance(devices, (list, ListConfig)):
         return len(devices) * int(nodes)
     return int(nodes)  # "auto", -1: known once the accelerator is up; at least this many
+
+
+def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per optimizer step so that ``micro_batch x accumulation x world == global_batch``."""
+    if global_batch % (micro_batch * world):
+        raise ValueError(
+            f"data.global_batch_size={global_batch} is not a multiple of data.batch_size={micro_batch} x {world} "
+            f"device(s) = {micro_batch * world}: choose a global batch, micro-batch and device count that divide"
+        )
+    return global_batch // (micro_batch * world)
+
+
+def check_strategy(cfg: DictConfig) -> list[str]:
+    """Lightning's FSDP strategy needs GPUs: say so before loading rather than when the trainer is built."""
+    strategy = cfg.trainer.get("strategy")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
+    if "fsdp" in target.lower() and str(cfg.trainer.get("accelerator", "auto")) == "cpu":
+        return ["trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses accelerator=cpu): use trainer=ddp on CPU"]
+    return []
+
+
+def check_global_batch(cfg: DictConfig) -> list[str]:
+    """The global batch divides over the micro-batch and the devices (when the device count is in the config)."""
+    global_batch, micro = cfg.data.get("global_batch_size"), cfg.data.get("batch_size")
+    devices = cfg.trainer.get("devices", 1)
+    known = (_integer(devices) and devices > 0) or isinstance(devices, (list, ListConfig))
+    if not (_integer(global_batch) and global_batch >= 1 and _integer(micro) and micro >= 1 and known):
+        return []  # off, a value RULES refuses, or a device count known only once the accelerator is up
+    try:
+        accumulation(global_batch, micro, world_size(cfg))
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def check_batches(num_samples: int | None, cfg: DictConfig, what: str) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from bksdm_lab.distill.checks import CheckpointError
 from bksdm_lab.distill.losses import KDInputs, KDLoss
@@ -17,6 +19,19 @@ FROZEN = ("teacher_unet", "vae", "text_encoder")
 FROZEN_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 CHECKPOINTED = ("student.", "ema_student.")  # ema_student.*: written by the EMA callback
 NONFINITE_POLICIES = ("skip", "stop")
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """A 63-bit seed from (run seed, optimizer step, sample index): independent streams per sample and step."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def random_timesteps(num_steps: int, batch: int, generators, device) -> torch.Tensor:
+    """Uniform timesteps in [0, num_steps): one draw per sample from its own generator (or one generator)."""
+    if isinstance(generators, list):
+        return torch.cat([torch.randint(0, num_steps, (1,), generator=g, device=device) for g in generators]).long()
+    return torch.randint(0, num_steps, (batch,), generator=generators, device=device).long()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -61,8 +76,7 @@ class DistillModule(pl.LightningModule):
         self.nonfinite = nonfinite
         self.seed = seed
         self.run_config = dict(run_config or {})  # stored in checkpoints, so export can rebuild the teacher
-        self._rng: torch.Generator | None = None  # noise and timesteps: its state is checkpointed
-        self._pending_rng_state: torch.Tensor | None = None
+        self._rng: torch.Generator | None = None  # for batches without sample indices only (see sample_generators)
         pairs = loss.feature_pairs
         # Hooks on the unwrapped modules: later DDP / torch.compile wrappers cannot rename them away.
         self.student_taps = FeatureTaps(self.student, [s for _, s in pairs]) if pairs else None
@@ -82,13 +96,25 @@ class DistillModule(pl.LightningModule):
 
     @property
     def rng(self) -> torch.Generator:
-        """The generator of the diffusion noise, timesteps and VAE posterior samples (checkpointed)."""
+        """One generator seeded with ``seed``, for batches that carry no sample indices (hand-made batches)."""
         if self._rng is None or self._rng.device != self.device:
             self._rng = torch.Generator(device=self.device).manual_seed(self.seed)
-            if self._pending_rng_state is not None:
-                self._rng.set_state(self._pending_rng_state)
-                self._pending_rng_state = None
         return self._rng
+
+    def sample_generators(self, batch: dict, step: int | None = None) -> list[torch.Generator] | torch.Generator:
+        """A generator per sample, seeded by (seed, optimizer step, sample index): the VAE posterior sample, the
+        noise and the timestep of a sample are a function of what it is and when it is trained, not of the rank,
+        the micro-batch split or the world size. So every rank draws its own noise (its samples differ), a
+        resumed or extended run draws what an uninterrupted one draws (nothing to checkpoint), and N ranks equal
+        one process holding the same global batch. ``step`` defaults to the current optimizer step; a fixed one
+        gives fixed draws (validation). Batches without ``index`` fall back to :attr:`rng`."""
+        if "index" not in batch:
+            return self.rng
+        step = self.global_step if step is None else step
+        return [
+            torch.Generator(device=self.device).manual_seed(sample_seed(self.seed, step, int(i)))
+            for i in batch["index"].tolist()
+        ]
 
     def setup(self, stage: str) -> None:
         dtype = FROZEN_DTYPES.get(str(self.trainer.precision))
@@ -98,28 +124,34 @@ class DistillModule(pl.LightningModule):
 
     # ---- the loss -----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, batch: dict[str, torch.Tensor], generators=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (sampled from the VAE posterior, scaled) and text conditioning of a batch.
 
         A batch of cached latents (``latent_mean``, ``latent_std``: the VAE posterior, precomputed by
         ``bksdm_lab.prepare``) is sampled the same way, with no VAE.
         """
+        generators = self.rng if generators is None else generators
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].float(), batch["latent_std"].float()
-            eps = torch.randn(mean.shape, generator=self.rng, device=mean.device, dtype=mean.dtype)
+            eps = randn_tensor(mean.shape, generator=generators, device=mean.device, dtype=mean.dtype)
             latents = (mean + std * eps) * batch["scaling_factor"][0]
         else:
             pixels = batch["pixel_values"].to(self.vae.dtype)
             posterior = self.vae.encode(pixels).latent_dist
-            latents = posterior.sample(generator=self.rng) * self.vae.config.scaling_factor
+            latents = posterior.sample(generator=generators) * self.vae.config.scaling_factor
         cond = self.text_encoder(batch["input_ids"])[0]
         return latents.float(), cond
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        latents, cond = self.encode(batch)
-        noise = torch.randn(latents.shape, generator=self.rng, device=latents.device, dtype=latents.dtype)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (latents.shape[0],), generator=self.rng, device=latents.device).long()
+    def compute_loss(
+        self, batch: dict[str, torch.Tensor], step: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted KD loss and its parts; the random draws come from :meth:`sample_generators` (``step``)."""
+        generators = self.sample_generators(batch, step)
+        latents, cond = self.encode(batch, generators)
+        noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=latents.dtype)
+        t = random_timesteps(
+            self.noise_scheduler.config.num_train_timesteps, latents.shape[0], generators, latents.device
+        )
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, t)
@@ -178,6 +210,24 @@ class DistillModule(pl.LightningModule):
         self.trainer.save_checkpoint(path)
         return path
 
+    # ---- the held-out loss (data.val_samples) -------------------------------------------------
+    VALIDATION_KEY = -1  # the "step" of the held-out draws: fixed, and never a training step
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """The KD loss of held-out samples (``val/loss``, ``val/loss_<part>``), what ``hparams_search`` minimises.
+        Their VAE posterior samples, noise and timesteps are drawn from per-sample generators keyed by
+        (seed, :attr:`VALIDATION_KEY`, sample index), so every evaluation, of any run with this seed, sees the
+        same inputs, and the training draws are untouched. Averaged over all held-out samples of all ranks."""
+        if "input_ids" not in batch:  # every sample of this batch was unusable
+            return None
+        with torch.no_grad():
+            total, parts = self.compute_loss(batch, step=self.VALIDATION_KEY)
+        bs = batch["input_ids"].shape[0]
+        self.log("val/loss", total, batch_size=bs, sync_dist=True, prog_bar=True)
+        for name, value in parts.items():
+            self.log(f"val/loss_{name}", value, batch_size=bs, sync_dist=True)
+        return total
+
     # ---- optimisation -------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
         self.log("train/lr", optimizer.param_groups[0]["lr"])
@@ -198,14 +248,11 @@ class DistillModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(CHECKPOINTED)}
         checkpoint["bksdm"] = {
             "config": self.run_config,
-            "rng": self.rng.get_state(),
             "ema": any(k.startswith("ema_student.") for k in checkpoint["state_dict"]),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("bksdm") or {}
-        if meta.get("rng") is not None:
-            self._rng, self._pending_rng_state = None, meta["rng"]
         state = checkpoint["state_dict"]
         expected = {f"student.{k}": v.shape for k, v in self.student.state_dict().items()}
         missing = sorted(set(expected) - set(state))
