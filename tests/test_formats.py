@@ -280,6 +280,7 @@ def train(cache_dir, tmp_path, *data_args):
             "experiment=demo",
             *data_args,
             "data.batch_size=8",
+            "data.global_batch_size=16",  # the demo's 8 x 2 accumulation (these formats default to the paper's 256)
             "data.num_workers=2",
             "data.max_skipped_fraction=0.5",
             "trainer.max_steps=2",
