@@ -1,4 +1,5 @@
-"""The real `python -m bksdm_lab.train` commands, in subprocesses, offline."""
+"""`python -m bksdm_lab.train`: the demo, a multirun and one error case as real processes (slow), the other error
+cases in-process."""
 
 import csv
 import json
@@ -82,7 +83,12 @@ def test_demo_trains_on_its_own_256_images(demo_run, cache_dir):
     readme = json.loads((cache_dir / "demo" / "data" / "README.json").read_text())
     assert (readme["num_images"], readme["size"], readme["seed"]) == (256, 80, 0)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["epoch"] == 12  # 256 images / (8 x 2 accumulation) = 16 steps an epoch; 200 steps = 12.5 epochs
+    config = ckpt["bksdm"]["config"]  # the run's resolved config
+    assert config["data"]["root"] == str(cache_dir / "demo" / "data")
+    # 200 steps of 8 x 2 images over the 256 (less any held out for validation): 12.5 epochs, not 100 of 32 images
+    per_step = config["data"]["batch_size"] * config["trainer"]["accumulate_grad_batches"]
+    trained_on = 256 - (config["data"].get("val_samples") or 0)
+    assert ckpt["global_step"] == 200 and ckpt["epoch"] == 200 * per_step // trained_on
 
 
 @pytest.mark.slow
