@@ -69,7 +69,7 @@ def ckpt(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_demo_on_two_ranks_writes_one_run(cache_dir, tmp_path):
     run = tmp_path / "run"
-    args = ["experiment=demo", *DDP, "trainer.max_steps=4", "data.global_batch_size=16"]
+    args = ["experiment=demo", *DDP, "trainer.max_steps=4", "data.global_batch_size=16", "trainer.log_every_n_steps=1"]
     proc = ok(train([*args, "callbacks.samples.prompts=[]", f"hydra.run.dir={run}"], cache_dir, tmp_path))
     assert "global batch 16 = micro-batch 8 x accumulation 1 x 2 device(s)" in proc.stdout + proc.stderr
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per rank
