@@ -5,10 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import CONF
-from hydra import compose, initialize_config_dir
+from conftest import compose_train_cfg
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from bksdm_lab import train as train_app
 from bksdm_lab.distill.callbacks import Throughput, usable_samples
@@ -21,15 +19,7 @@ def compose_train(tmp_path, monkeypatch, cache_dir, demo_teacher_dir):
     run_dir = tmp_path / "run"
 
     def make(*overrides):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                config_name="train", overrides=[f"hydra.run.dir={run_dir}", *overrides], return_hydra_config=True
-            )
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_train_cfg(run_dir, *overrides)
 
     yield make
     HydraConfig.instance().cfg = None

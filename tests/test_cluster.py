@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import CONF, PYTHON, subprocess_env
+from conftest import CONF, PYTHON, compose_train_cfg, subprocess_env
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
@@ -60,17 +60,7 @@ def compose_run(monkeypatch, cache_dir, demo_teacher_dir, shapes):
     monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
 
     def make(run_dir: Path, *overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                config_name="train",
-                overrides=[*base(overrides, shapes), f"hydra.run.dir={run_dir}", *overrides],
-                return_hydra_config=True,
-            )
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_train_cfg(run_dir, *base(overrides, shapes), *overrides)
 
     yield make
     HydraConfig.instance().cfg = None

@@ -8,11 +8,8 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import CONF, arch_cfg
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from conftest import arch_cfg
 from hydra.utils import instantiate
-from omegaconf import open_dict
 from test_module import make_batch
 
 from bksdm_lab import train as train_app
@@ -22,28 +19,6 @@ from bksdm_lab.distill.callbacks import EMA, DataQuality
 from bksdm_lab.distill.losses import KDLoss, OutputKD, TaskLoss
 from bksdm_lab.distill.module import DistillModule
 from bksdm_lab.models.students import init_student_from_teacher
-
-
-@pytest.fixture()
-def compose_train(tmp_path, monkeypatch, cache_dir, demo_teacher_dir):
-    """Compose conf/train.yaml as `python -m bksdm_lab.train` would, into this test's own run dir."""
-    monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
-
-    def make(*overrides):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                config_name="train",
-                overrides=[f"hydra.run.dir={tmp_path / 'run'}", *overrides],
-                return_hydra_config=True,
-            )
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
-
-    yield make
-    HydraConfig.instance().cfg = None
 
 
 def test_the_module_is_built_from_its_config_group(compose_train, teacher):

@@ -22,11 +22,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import wandb_offline
-from conftest import CONF, PYTHON, subprocess_env
-from hydra import compose, initialize_config_dir
+from conftest import PYTHON, compose_train_cfg, subprocess_env
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from bksdm_lab import train as train_app
 from bksdm_lab.data.common import ResumableSampler
@@ -63,17 +61,7 @@ def compose_run(monkeypatch, cache_dir, demo_teacher_dir, shapes):
     monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
 
     def make(run_dir: Path, *overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(
-                config_name="train",
-                overrides=[*base(overrides), f"data.root={shapes}", f"hydra.run.dir={run_dir}", *overrides],
-                return_hydra_config=True,
-            )
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_train_cfg(run_dir, *base(overrides), f"data.root={shapes}", *overrides)
 
     yield make
     HydraConfig.instance().cfg = None

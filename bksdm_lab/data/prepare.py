@@ -111,9 +111,8 @@ def prepare(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if cfg.teacher.get("build_if_missing"):
-        demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs)
-    if cfg.data.get("synthetic"):
-        demo.make_synthetic_dataset(cfg.data.root, **cfg.data.synthetic)
+        # only at the demo's own cache place, as train does: a mistyped teacher.pretrained= is never built
+        demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
     teacher = load_teacher(cfg.teacher)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = teacher.vae.to(device, torch.float16 if device.type == "cuda" else torch.float32)
