@@ -19,11 +19,19 @@ import torch.nn.functional as F
 
 @dataclass
 class KDInputs:
+    """What a loss term may use: the predictions, the target, the tapped features, and the noising of this step
+    (``noisy`` latents, ``timesteps``, the scheduler's ``alphas_cumprod`` and ``prediction_type``: enough to turn a
+    prediction into the predicted clean latents x0)."""
+
     student_out: torch.Tensor
     target: torch.Tensor
     teacher_out: torch.Tensor | None = None
     student_features: Mapping[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    noisy: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    alphas_cumprod: torch.Tensor | None = None
+    prediction_type: str = "epsilon"
 
 
 class LossTerm(torch.nn.Module):

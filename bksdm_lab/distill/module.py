@@ -173,6 +173,10 @@ class DistillModule(pl.LightningModule):
             teacher_out=teacher_out,
             student_features=self.student_taps.pop() if self.student_taps else {},
             teacher_features=self.teacher_taps.pop() if self.teacher_taps else {},
+            noisy=noisy,
+            timesteps=t,
+            alphas_cumprod=self.noise_scheduler.alphas_cumprod,
+            prediction_type=self.noise_scheduler.config.prediction_type,
         )
         return self.loss(inputs)
 
@@ -196,9 +200,9 @@ class DistillModule(pl.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
             self.log(f"train/loss_{name}", value, batch_size=bs)
-        feat = self.loss.terms["feat_kd"] if "feat_kd" in self.loss.active else None
-        for layer, value in getattr(feat, "last_layer_losses", {}).items():
-            self.log(f"train/feat_kd/{layer}", value, batch_size=bs)
+        for name in self.loss.active:  # per-layer values of feature terms: train/<term>/<student module>
+            for layer, value in getattr(self.loss.terms[name], "last_layer_losses", {}).items():
+                self.log(f"train/{name}/{layer}", value, batch_size=bs)
         return total
 
     def save_last_good_state(self) -> str | None:
