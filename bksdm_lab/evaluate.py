@@ -6,6 +6,9 @@
     python -m bksdm_lab.evaluate -m pipeline=EXPORT_DIR sampling.guidance=5,7.5,9   # one job (folder) per value
     python -m bksdm_lab.evaluate stats images=coco/val2014 out=val2014_256.npz     # real-image statistics
 
+Several processes (``torchrun --nproc_per_node N -m bksdm_lab.evaluate ...``) split the prompts; rank 0 scores
+once all images are written. Alone, it scores each finished batch in a background thread (``overlap=true``).
+
 Config: conf/evaluate.yaml (+ the ``sampling``, ``teacher`` and ``paths`` groups) and, for ``stats``,
 conf/evaluate_stats.yaml; ``--help`` lists them. Generation is resumable (rerun with the same ``out=``);
 ``results.json`` holds the numbers and the settings, the console shows them beside the paper's for the same
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,18 @@ from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
 from bksdm_lab.evaluation import sampling as gen
-from bksdm_lab.evaluation.app import guarded, run_dir
-from bksdm_lab.evaluation.evaluate import EvaluationError, comparability_notes, compute_stats, evaluate, format_table
+from bksdm_lab.evaluation.app import LaunchError, Processes, guarded, run_dir
+from bksdm_lab.evaluation.evaluate import (
+    BackgroundScorer,
+    EvaluationError,
+    Scorer,
+    comparability_notes,
+    compute_stats,
+    format_table,
+    generated_paths,
+    results_of,
+    score_images,
+)
 from bksdm_lab.evaluation.metrics import (
     FeatureStats,
     MissingEvalDependency,
@@ -68,52 +82,108 @@ def check_ref_stats(cfg: DictConfig, extractor: torch.nn.Module) -> None:
         )
 
 
-def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
-    """Generate (if a model is given) into the run folder, score, report; returns the ``results.json`` record."""
-    out_dir = run_dir(cfg)
+def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
+    """Generate (if a model is given) into the run folder, score, report; returns the ``results.json`` record (on
+    rank 0; other processes of a torchrun launch generate their share and return None)."""
+    gen.check_sampling(cfg.sampling)
+    if not isinstance(cfg.get("overlap"), bool):
+        raise EvaluationError(f"overlap={cfg.get('overlap')!r} is not one of [true, false]")
+    procs = Processes()
+    try:
+        return _run_evaluation(cfg, procs)
+    finally:
+        procs.close()
+
+
+def _run_evaluation(cfg: DictConfig, procs: Processes) -> dict[str, Any] | None:
+    wall_start = time.perf_counter()
+    out_dir = Path(procs.broadcast(str(run_dir(cfg))))  # rank 0's folder (a default out= has the time in it)
     has_source = any(cfg.get(k) for k in ("pipeline", "unet", "checkpoint"))
     metadata = prompt_metadata(cfg)
+    device = gen.config_device(cfg, procs.local_rank)
+    # one process: score each finished batch beside the generation; several: rank 0 scores once all are written
+    overlap = bool(cfg.overlap and has_source and procs.world_size == 1)
     try:
         if cfg.ref_stats and not Path(cfg.ref_stats).is_file():
             raise FileNotFoundError(f"ref_stats={cfg.ref_stats!r} does not exist")
         check_available(cfg.feature_extractor, cfg.clip)
         prompts = gen.read_prompts(gen.prompt_list(cfg), cfg.get("prompts_file"), metadata, cfg.get("num_prompts"))
-        extractor = extractor_from_spec(cfg.feature_extractor)  # on the CPU until the pipeline is gone
+        extractor = extractor_from_spec(cfg.feature_extractor)  # on the CPU until needed
         if cfg.ref_stats:
             check_ref_stats(cfg, extractor)
         generation: dict[str, Any] = {}
-        model = None
+        model, clip, scores = None, None, None
         if has_source:
-            pipe, model = gen.pipeline_from_config(cfg)
-            result = gen.generate_from_config(cfg, pipe, model, prompts, out_dir)
-            print(f"bksdm_lab.evaluate: {gen.summary(result)}", flush=True)
-            generation = gen.result_record(result)
+            pipe, model = gen.pipeline_from_config(cfg, device=device)
+            scorer = None
+            if overlap:
+                extractor = extractor.to(device)
+                clip = None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
+                scorer = BackgroundScorer(
+                    Scorer(
+                        prompts,
+                        feature_extractor=extractor,
+                        clip_model=clip,
+                        resize=cfg.eval_resolution or None,
+                        batch_size=cfg.eval_batch_size,
+                        is_splits=cfg.is_splits,
+                        progress=cfg.progress,
+                        total=len(prompts),
+                    ),
+                    len(prompts),
+                    device,
+                )
+            try:
+                result = gen.generate_from_config(
+                    cfg, pipe, model, prompts, out_dir, procs.rank, procs.world_size, sink=scorer
+                )
+            except BaseException:
+                if scorer is not None:
+                    scorer.abort()
+                raise
+            records = procs.gather(gen.result_record(result))  # also waits for every process's images
             del pipe
+            if not procs.main:
+                return None
+            generation = gen.combine_records(records)
+            if procs.world_size > 1:
+                gen.write_grid(out_dir, len(prompts), cfg.get("grid", 16))
+            print(f"bksdm_lab.evaluate: {gen.summary(generation, out_dir)}", flush=True)
+            if scorer is not None:
+                scores = scorer.close()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         else:
+            if not procs.main:
+                return None
             manifest = out_dir / gen.MANIFEST
             if manifest.is_file():
                 generation = json.loads(manifest.read_text()).get("settings", {})
                 model = generation.get("model")
-        device = _device(cfg.device)
-        extractor = extractor.to(device)
-        clip = None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
-        results = evaluate(
-            out_dir,
-            prompts,
-            feature_extractor=extractor,
-            clip_model=clip,
+        if scores is None:
+            extractor = extractor.to(device)
+            clip = None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
+            scores = score_images(
+                generated_paths(out_dir, len(prompts)),
+                prompts,
+                feature_extractor=extractor,
+                clip_model=clip,
+                resize=cfg.eval_resolution or None,
+                batch_size=cfg.eval_batch_size,
+                progress=cfg.progress,
+            )
+        results = results_of(
+            scores,
             ref_stats=cfg.ref_stats,
-            resize=cfg.eval_resolution or None,
-            batch_size=cfg.eval_batch_size,
             is_splits=cfg.is_splits,
-            progress=cfg.progress,
             stats_out=out_dir / "generated_stats.npz",
+            overlapped=overlap,
         )
     except FileNotFoundError as err:
         hint = "" if has_source else " (no pipeline given: only images already in out= are scored)"
         raise FileNotFoundError(f"{err}{hint}") from None
+    print(f"bksdm_lab.evaluate: {scoring_summary(results['scoring'])}", flush=True)
+    results["wall_seconds"] = time.perf_counter() - wall_start
 
     results = {
         "model": model,
@@ -143,6 +213,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         wandb_dir = log_results(results, out_dir, cfg.wandb_project, cfg.wandb_name or out_dir.name)
         print(f"bksdm_lab.evaluate: logged to W&B ({wandb_dir})")
     return results
+
+
+def scoring_summary(scoring: dict[str, Any]) -> str:
+    rate = f" ({scoring['images_per_s']:.3g} images/s)" if scoring.get("images_per_s") else ""
+    where = ", beside the generation" if scoring.get("overlapped") else ""
+    return f"scored {scoring['images']} images in {scoring['seconds']:.1f} s{rate}{where}"
 
 
 def run_stats(cfg: DictConfig) -> Path:
@@ -178,6 +254,7 @@ def errors() -> tuple[type[BaseException], ...]:
         MissingEvalDependency,
         FileNotFoundError,
         ValueError,
+        LaunchError,
     )
 
 

@@ -5,6 +5,10 @@
     python -m bksdm_lab.generate teacher=sd14 unet=EXPORT_DIR prompts_file=p.txt
     python -m bksdm_lab.generate checkpoint=outputs/<run>/checkpoints/last.ckpt prompt="a red circle"
 
+Several processes split the prompts (prompt ``i`` goes to rank ``i % world size``; the same images as one process):
+
+    torchrun --nproc_per_node 8 -m bksdm_lab.generate pipeline=... metadata=... out=DIR
+
 Config: conf/generate.yaml (+ the ``sampling``, ``teacher`` and ``paths`` groups); ``--help`` lists it. The logic
 is :mod:`bksdm_lab.evaluation.sampling`.
 """
@@ -12,6 +16,7 @@ is :mod:`bksdm_lab.evaluation.sampling`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -19,25 +24,36 @@ from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
 from bksdm_lab.evaluation import sampling as gen
-from bksdm_lab.evaluation.app import guarded, run_dir
+from bksdm_lab.evaluation.app import LaunchError, Processes, guarded, run_dir
 
 
-def generate(cfg: DictConfig) -> dict[str, Any]:
-    """Generate into the run folder; write and return its ``results.json`` record."""
-    out = run_dir(cfg)
-    prompts = gen.prompts_from_config(cfg)
-    pipe, model = gen.pipeline_from_config(cfg)
-    result = gen.generate_from_config(cfg, pipe, model, prompts, out)
-    record = {"model": model, "num_prompts": len(prompts), "out_dir": str(out), "generation": gen.result_record(result)}
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"bksdm_lab.generate: {gen.summary(result)}")
-    return record
+def generate(cfg: DictConfig) -> dict[str, Any] | None:
+    """Generate into the run folder; write and return its ``results.json`` record (rank 0; other ranks: None)."""
+    gen.check_sampling(cfg.sampling)
+    procs = Processes()
+    try:
+        out = Path(procs.broadcast(str(run_dir(cfg))))  # rank 0's folder (a default out= has the time in it)
+        prompts = gen.prompts_from_config(cfg)
+        pipe, model = gen.pipeline_from_config(cfg, device=gen.config_device(cfg, procs.local_rank))
+        result = gen.generate_from_config(cfg, pipe, model, prompts, out, procs.rank, procs.world_size)
+        records = procs.gather(gen.result_record(result))  # also waits for every process's images
+        if not procs.main:
+            return None
+        if procs.world_size > 1:
+            gen.write_grid(out, len(prompts), cfg.get("grid", 16))
+        generation = gen.combine_records(records)
+        record = {"model": model, "num_prompts": len(prompts), "out_dir": str(out), "generation": generation}
+        (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"bksdm_lab.generate: {gen.summary(generation, out)}")
+        return record
+    finally:
+        procs.close()
 
 
 def errors() -> tuple[type[BaseException], ...]:
     from bksdm_lab.models.export import ExportError
 
-    return (gen.GenerationError, gen.TeacherLoadError, ExportError, FileNotFoundError)
+    return (gen.GenerationError, gen.TeacherLoadError, ExportError, FileNotFoundError, LaunchError)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")

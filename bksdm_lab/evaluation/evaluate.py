@@ -15,6 +15,10 @@ numbers mean nothing.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,6 +97,174 @@ def image_batches(paths: Sequence[Path], resize: int | None, batch_size: int) ->
 
 
 # ---- scoring -----------------------------------------------------------------------------------------
+class Scorer:
+    """FID/IS/KID (:class:`ImageMetrics`) and CLIP score fed one generated image at a time, in prompt order.
+
+    Images (PIL, or paths read here) are squashed to ``resize`` and scored in batches of ``batch_size``, cut where
+    the image size changes: the same batches as :func:`image_batches` over the same images, so feeding images as they
+    are generated (:class:`BackgroundScorer`) gives the numbers of scoring them from disk afterwards. ``seconds``: the
+    time spent in here (reading, resizing, the metric models), for the scoring rate.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] | None = None,
+        *,
+        feature_extractor: torch.nn.Module | None = None,
+        clip_model=None,
+        resize: int | None = 256,
+        batch_size: int = 50,
+        ref_stats: str | Path | FeatureStats | tuple | None = None,
+        real_paths: Sequence[Path] = (),
+        is_splits: int = 10,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        progress: bool = False,
+        total: int | None = None,
+    ):
+        from tqdm.auto import tqdm
+
+        if (ref_stats is not None or real_paths) and feature_extractor is None:
+            raise EvaluationError("FID and KID need a feature extractor")
+        self.prompts, self.clip_model, self.resize, self.batch_size = prompts, clip_model, resize, batch_size
+        self.metrics: ImageMetrics | None = None
+        if feature_extractor is not None:
+            self.metrics = ImageMetrics(
+                feature_extractor,
+                kid=bool(real_paths),
+                is_splits=is_splits,
+                kid_subsets=kid_subsets,
+                kid_subset_size=kid_subset_size,
+            )
+            if ref_stats is not None:
+                try:
+                    self.metrics.load_reference(ref_stats)
+                except ValueError as err:
+                    raise EvaluationError(str(err)) from err
+        self.count, self.seconds = 0, 0.0
+        self._batch: list[Image.Image] = []
+        self._sims: list[torch.Tensor] = []
+        self.bar = tqdm(total=(total or 0) + len(real_paths), unit="img", desc="score", disable=not progress)
+        start = time.perf_counter()
+        for batch in image_batches(real_paths, resize, batch_size):
+            self.metrics.update(to_uint8_batch(batch), real=True)
+            self.bar.update(len(batch))
+        self.seconds += time.perf_counter() - start
+
+    def add(self, image: Image.Image | str | Path) -> None:
+        """The next image (of prompt ``count``)."""
+        start = time.perf_counter()
+        if isinstance(image, (str, Path)):
+            with Image.open(image) as im:
+                image = resize_image(im, self.resize)
+        else:
+            image = resize_image(image, self.resize)
+        if self._batch and (len(self._batch) == self.batch_size or image.size != self._batch[0].size):
+            self._flush()
+        self._batch.append(image)
+        self.count += 1
+        self.seconds += time.perf_counter() - start
+
+    def _flush(self) -> None:
+        batch, first = self._batch, self.count - len(self._batch)
+        self._batch = []
+        if not batch:
+            return
+        if self.metrics is not None:
+            self.metrics.update(to_uint8_batch(batch), real=False)
+        if self.clip_model is not None:
+            if self.prompts is None or len(self.prompts) < self.count:
+                raise EvaluationError("the CLIP score needs one prompt per image")
+            texts = list(self.prompts[first : first + len(batch)])
+            self._sims.append(
+                cosine_similarities(self.clip_model.encode_images(batch), self.clip_model.encode_texts(texts))
+            )
+        self.bar.update(len(batch))
+
+    def finish(self) -> dict[str, Any]:
+        """The scores (see :func:`score_images`)."""
+        start = time.perf_counter()
+        self._flush()
+        scores = self.metrics.compute() if self.metrics is not None else {}
+        self.seconds += time.perf_counter() - start
+        self.bar.close()
+        return {
+            "stats": self.metrics.generated_stats() if self.metrics is not None else None,
+            "logits": self.metrics.logits() if self.metrics is not None else None,
+            "clip": torch.cat(self._sims) if self._sims else None,
+            "metrics": self.metrics,
+            **{k: scores.get(k) for k in ("fid", "is", "is_std", "kid", "kid_std")},
+            "scored": self.count,
+            "seconds": self.seconds,
+        }
+
+
+class BackgroundScorer:
+    """A :class:`Scorer` in a thread of its own: the generation's ``sink`` (see
+    :func:`bksdm_lab.evaluation.sampling.generate_images`) hands it ``(indices, images or paths)``, in any order; it
+    scores them in prompt order ``0..num-1`` while the next batch generates. On CUDA its work goes to a stream of its
+    own so the metric models' kernels can run beside the pipeline's. ``close()`` returns the scores."""
+
+    def __init__(self, scorer: Scorer, num: int, device: torch.device | None = None, max_pending: int = 4):
+        self.scorer, self.num = scorer, num
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.scores: dict[str, Any] | None = None
+        self.device = device
+        self.thread = threading.Thread(target=self._run, name="scorer", daemon=True)
+        self.thread.start()
+
+    def __call__(self, indices: Sequence[int], items: Sequence) -> None:
+        if self.error is not None:
+            raise EvaluationError(f"scoring failed: {type(self.error).__name__}: {self.error}") from self.error
+        self.queue.put(list(zip(indices, items)))
+
+    def _run(self) -> None:
+        stream = None
+        if self.device is not None and self.device.type == "cuda":
+            stream = torch.cuda.Stream(self.device)
+        pending: dict[int, Any] = {}
+        done = False
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while not done:
+                item = self.queue.get()
+                if item is None:
+                    done = True
+                elif self.error is None:
+                    try:
+                        pending.update(item)
+                        while self.scorer.count in pending:
+                            self.scorer.add(pending.pop(self.scorer.count))
+                    except BaseException as err:  # kept for the producer; the queue is still drained
+                        self.error = err
+            if self.error is None:
+                try:
+                    if self.scorer.count != self.num:
+                        missing = sorted(set(range(self.scorer.count, self.num)) - set(pending))
+                        raise EvaluationError(
+                            f"{len(missing)} of {self.num} images never came, e.g. prompt {missing[0]}"
+                        )
+                    self.scores = self.scorer.finish()
+                except BaseException as err:
+                    self.error = err
+            if stream is not None:
+                stream.synchronize()
+
+    def close(self) -> dict[str, Any]:
+        """Wait for the last images to be scored; the scores (an error of the thread is raised here)."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.scores
+
+    def abort(self) -> None:
+        """Stop without scores (the generation failed)."""
+        self.error = self.error or EvaluationError("aborted")
+        self.queue.put(None)
+        self.thread.join()
+
+
 def score_images(
     paths: Sequence[Path],
     prompts: Sequence[str] | None = None,
@@ -111,58 +283,36 @@ def score_images(
     """One pass over the images with torchmetrics' FID, IS and KID (:class:`ImageMetrics`) and the CLIP score.
 
     Returns ``stats`` (:class:`FeatureStats` of the pool features), ``logits`` (for IS, if the extractor gives
-    them), ``clip`` (per-image cosine similarity with its prompt), ``metrics`` (the :class:`ImageMetrics`) and the
+    them), ``clip`` (per-image cosine similarity with its prompt), ``metrics`` (the :class:`ImageMetrics`), the
     scores ``fid`` (against ``ref_stats``, an ``.npz`` / FeatureStats / ``(mu, sigma[, n])``, else against
-    ``real_images``), ``is``/``is_std`` and ``kid``/``kid_std``; ``None`` where not computable. KID needs the real
-    features themselves, so it is computed only with ``real_images`` (a folder or a list of paths, resized like the
-    generated ones); with both, FID uses ``ref_stats`` and the real images serve KID only.
+    ``real_images``), ``is``/``is_std`` and ``kid``/``kid_std`` (``None`` where not computable), and ``scored`` /
+    ``seconds`` (the scoring rate). KID needs the real features themselves, so it is computed only with
+    ``real_images`` (a folder or a list of paths, resized like the generated ones); with both, FID uses
+    ``ref_stats`` and the real images serve KID only.
     """
-    from tqdm.auto import tqdm
-
     if clip_model is not None and (prompts is None or len(prompts) != len(paths)):
         raise EvaluationError("the CLIP score needs one prompt per image")
     real_paths: list[Path] = []
     if real_images is not None:
         is_folder = isinstance(real_images, (str, Path))
         real_paths = list_images(real_images) if is_folder else [Path(p) for p in real_images]
-    if (ref_stats is not None or real_paths) and feature_extractor is None:
-        raise EvaluationError("FID and KID need a feature extractor")
-    image_metrics = None
-    if feature_extractor is not None:
-        image_metrics = ImageMetrics(
-            feature_extractor,
-            kid=bool(real_paths),
-            is_splits=is_splits,
-            kid_subsets=kid_subsets,
-            kid_subset_size=kid_subset_size,
-        )
-        if ref_stats is not None:
-            try:
-                image_metrics.load_reference(ref_stats)
-            except ValueError as err:
-                raise EvaluationError(str(err)) from err
-    sims, start = [], 0
-    bar = tqdm(total=len(paths) + len(real_paths), unit="img", desc="score", disable=not progress)
-    for batch in image_batches(real_paths, resize, batch_size):
-        image_metrics.update(to_uint8_batch(batch), real=True)
-        bar.update(len(batch))
-    for batch in image_batches(paths, resize, batch_size):
-        if image_metrics is not None:
-            image_metrics.update(to_uint8_batch(batch), real=False)
-        if clip_model is not None:
-            texts = list(prompts[start : start + len(batch)])
-            sims.append(cosine_similarities(clip_model.encode_images(batch), clip_model.encode_texts(texts)))
-        start += len(batch)
-        bar.update(len(batch))
-    bar.close()
-    scores = image_metrics.compute() if image_metrics is not None else {}
-    return {
-        "stats": image_metrics.generated_stats() if image_metrics is not None else None,
-        "logits": image_metrics.logits() if image_metrics is not None else None,
-        "clip": torch.cat(sims) if sims else None,
-        "metrics": image_metrics,
-        **{k: scores.get(k) for k in ("fid", "is", "is_std", "kid", "kid_std")},
-    }
+    scorer = Scorer(
+        prompts,
+        feature_extractor=feature_extractor,
+        clip_model=clip_model,
+        resize=resize,
+        batch_size=batch_size,
+        ref_stats=ref_stats,
+        real_paths=real_paths,
+        is_splits=is_splits,
+        kid_subsets=kid_subsets,
+        kid_subset_size=kid_subset_size,
+        progress=progress,
+        total=len(paths),
+    )
+    for path in paths:
+        scorer.add(path)
+    return scorer.finish()
 
 
 def evaluate(
@@ -196,7 +346,21 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
     )
-    results: dict[str, Any] = {"num_images": len(paths), "fid": None, "is": None, "is_std": None, "clip_score": None}
+    return results_of(scores, ref_stats=ref_stats, is_splits=is_splits, stats_out=stats_out)
+
+
+def results_of(
+    scores: dict[str, Any],
+    *,
+    ref_stats: str | Path | tuple[np.ndarray, np.ndarray] | None = None,
+    is_splits: int = 10,
+    stats_out: str | Path | None = None,
+    overlapped: bool = False,
+) -> dict[str, Any]:
+    """The results record of :func:`score_images` / :class:`Scorer` scores: FID, IS, CLIP score and the scoring
+    rate (``scoring``: images, seconds, images/s, whether it ran beside the generation)."""
+    n = scores["scored"]
+    results: dict[str, Any] = {"num_images": n, "fid": None, "is": None, "is_std": None, "clip_score": None}
     stats = scores["stats"]
     if stats is not None and stats_out is not None and stats.n >= 2:
         save_stats(stats_out, stats.mu, stats.sigma)
@@ -209,12 +373,19 @@ def evaluate(
             )
         results["fid"] = frechet_distance(stats.mu, stats.sigma, mu_ref, sigma_ref)
     if scores["logits"] is not None:
-        splits = min(is_splits, len(paths))
+        splits = min(is_splits, n)
         results["is"], results["is_std"] = inception_score(scores["logits"], splits=splits)
         results["is_splits"] = splits
     if scores["clip"] is not None:
         results["clip_score"] = float(scores["clip"].mean())
-        results["clip_score_std"] = float(scores["clip"].std()) if len(paths) > 1 else 0.0
+        results["clip_score_std"] = float(scores["clip"].std()) if n > 1 else 0.0
+    seconds = scores["seconds"]
+    results["scoring"] = {
+        "images": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds if n and seconds > 0 else None,
+        "overlapped": overlapped,
+    }
     return results
 
 
@@ -282,6 +453,7 @@ def comparability_notes(results: dict[str, Any], extractor: str, clip: str, sett
             notes.append("not the paper's feature extractor / CLIP model")
     if settings:
         expected = {**PAPER_SETTINGS, "scheduler": gen.SCHEDULERS[PAPER_SETTINGS["scheduler"]]}
+        expected.pop("batch_size", None)  # the images do not depend on it (paper seeding replayed per prompt)
         diff = [f"{k}={settings.get(k)!r}" for k, v in expected.items() if settings.get(k) != v]
         if diff:
             notes.append(f"sampling differs from the paper's: {', '.join(diff)}")

@@ -7,30 +7,39 @@ are also the defaults of :func:`generate_images`).
 Writes ``OUT/images/<prompt index:05d>.png``, ``OUT/grid.png`` (the first ``grid`` images), ``OUT/prompts.csv``
 (``index,file_name,text``) and ``OUT/generation.json`` (the settings). No safety checker.
 
-Seeding (``sampling.seed_mode``):
+Seeding (``sampling.seed_mode``): every prompt gets a generator of its own, so the images do not depend on the
+batch size (up to float round-off of batched kernels), nor on which process generates which prompt.
 
-- ``paper`` (default): ONE generator seeded ``sampling.seed`` (1234), consumed in prompt order across batches, as
-  the BK-SDM evaluation did (batch 1). Images depend on the batch size.
-- ``per-prompt``: prompt ``i`` gets its own generator seeded ``seed + i``: images do not depend on the batch size
-  (up to float round-off of batched kernels) nor on which prompts are generated.
+- ``paper`` (default): the BK-SDM evaluation's ONE generator seeded ``sampling.seed`` (1234), consumed in prompt
+  order at batch 1: prompt ``i`` draws from that generator's state after prompts ``0..i-1`` drew theirs. The state is
+  replayed per prompt index (:func:`replay_draws`: the pipeline's own ``prepare_latents``, plus the scheduler's steps
+  where they take a generator, e.g. Euler), so any batch size, a resumed run and several processes give the images of
+  the paper's batch-1 run; every batch checks that the replay consumed exactly what the pipeline did.
+- ``per-prompt``: prompt ``i`` gets its own generator seeded ``seed + i``.
 
-Resuming: images already on disk are not generated again. In paper mode the random numbers the skipped prompts
-would have drawn are drawn and discarded (the pipeline's own ``prepare_latents``, plus the scheduler's steps
-where they take a generator, e.g. Euler), so a resumed run writes the same images as an uninterrupted one; the
-first generated batch of every run checks that this replay consumes exactly what the pipeline did.
+Speed (see README 'Generating and evaluating'): ``sampling.batch_size=auto`` picks the largest batch that fits on
+CUDA (from ``sampling.max_batch_size`` down, halved on out-of-memory and remembered for the run; a fixed
+:data:`AUTO_CPU_BATCH` on the CPU); fp16 by default on CUDA; ``sampling.channels_last`` and ``sampling.compile`` for
+the U-Net (:func:`speed_up`); images are written by a small thread pool while the next batch generates, and a
+``sink`` (the evaluation's background scorer) receives every image in turn. Several processes (``torchrun``:
+``RANK``/``WORLD_SIZE``) split the prompts: rank ``r`` generates prompts ``i`` with ``i % world_size == r`` into the
+same folder.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import gc
 import inspect
+import io
 import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +55,9 @@ SEED_MODES = ("paper", "per-prompt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_DIR = "images"
 MANIFEST = "generation.json"
+AUTO_CPU_BATCH = 8  # batch_size=auto on the CPU (no out-of-memory signal to probe with)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+OOM_ERRORS = (torch.OutOfMemoryError,)  # torch.cuda.OutOfMemoryError is the same class
 
 
 class GenerationError(RuntimeError):
@@ -288,9 +300,15 @@ class GenerationResult:
     paths: list[Path]
     generated: int
     skipped: int
-    seconds: float  # in pipeline calls (the rate below); PNG writing and resume bookkeeping not counted
+    seconds: float  # in pipeline calls (the rate below); warm-up, PNG writing and resume bookkeeping not counted
     settings: dict = field(default_factory=dict)
     wall_seconds: float = 0.0  # the whole loop
+    batch_size: int | None = None  # the batch size the run ended with (auto: after any halving)
+    batch_size_auto: bool = False
+    oom_halvings: int = 0  # times batch_size=auto halved the batch on out-of-memory
+    warmup_seconds: float = 0.0  # the probe / compile call before the first batch (not in `seconds`)
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def images_per_s(self) -> float | None:
@@ -300,6 +318,12 @@ class GenerationResult:
 def _save_atomic(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     image.save(tmp)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -320,6 +344,16 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.I
     return grid
 
 
+def write_grid(out_dir: str | Path, num_prompts: int, grid: int = 16) -> Path | None:
+    """``OUT/grid.png`` of the first ``grid`` images on disk (after all processes wrote theirs)."""
+    out_dir = Path(out_dir)
+    shown = [p for p in (out_dir / IMAGE_DIR / image_name(i) for i in range(min(grid, num_prompts))) if _done(p)]
+    if not grid or not shown:
+        return None
+    make_grid([Image.open(p) for p in shown]).save(out_dir / "grid.png")
+    return out_dir / "grid.png"
+
+
 def _check_resume(out_dir: Path, settings: dict, prompts: Sequence[str], paths: Sequence[Path]) -> None:
     """Refuse to mix images of other settings or other prompts into one folder."""
     manifest = out_dir / MANIFEST
@@ -327,6 +361,9 @@ def _check_resume(out_dir: Path, settings: dict, prompts: Sequence[str], paths: 
         old = json.loads(manifest.read_text())
         old_settings = old.get("settings", {})
         diff = {k: (old_settings.get(k), v) for k, v in settings.items() if old_settings.get(k) != v}
+        if old_settings.get("seed_mode") == "paper" and old_settings.get("batch_size") not in (None, 1):
+            # before the per-prompt replay, paper-mode images depended on the batch size; batch 1 is today's
+            diff["batch_size"] = (old_settings["batch_size"], "any (paper seeding replayed per prompt)")
         if diff and any(_done(p) for p in paths):
             what = ", ".join(f"{k}: {a!r} on disk vs {b!r} now" for k, (a, b) in diff.items())
             raise GenerationError(
@@ -345,6 +382,52 @@ def _check_resume(out_dir: Path, settings: dict, prompts: Sequence[str], paths: 
                 )
 
 
+def check_batch_size(batch_size) -> None:
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise GenerationError(f"sampling.batch_size={batch_size!r} is not one of: auto, a whole number >= 1")
+
+
+def first_batch_size(batch_size: int | str, device: torch.device, todo: int, max_batch_size: int) -> int:
+    """The batch size to start with: a number as given; ``auto``: ``max_batch_size`` on CUDA (halved on
+    out-of-memory), :data:`AUTO_CPU_BATCH` elsewhere; never more than the prompts to do."""
+    if batch_size == "auto":
+        batch_size = max_batch_size if device.type == "cuda" else AUTO_CPU_BATCH
+    return max(1, min(int(batch_size), todo))
+
+
+def _is_compiled(module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class _PaperSequence:
+    """The paper's one generator, walked prompt by prompt: ``states(i)`` is ``(state before prompt i, state after)``
+    in a batch-1 run, found by replaying the draws of the prompts before (of any process)."""
+
+    def __init__(self, pipe, device: torch.device, seed: int, resolution: int, steps: int):
+        self.pipe, self.resolution, self.steps = pipe, resolution, steps
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.position = 0
+
+    def _advance(self) -> None:
+        replay_draws(self.pipe, self.generator, 1, self.resolution, self.resolution, self.steps)
+        self.position += 1
+
+    def states(self, index: int) -> tuple[torch.Generator, torch.Generator]:
+        if index < self.position:
+            raise ValueError(f"prompt {index} is behind the sequence (at {self.position})")
+        while self.position < index:
+            self._advance()
+        before = _clone_generator(self.generator)
+        self._advance()
+        return before, _clone_generator(self.generator)
+
+
 def generate_images(
     pipe,
     prompts: Sequence[str],
@@ -353,31 +436,41 @@ def generate_images(
     steps: int = PAPER_SAMPLING["steps"],
     guidance: float = PAPER_SAMPLING["guidance"],
     resolution: int | None = PAPER_SAMPLING["resolution"],
-    batch_size: int = PAPER_SAMPLING["batch_size"],
+    batch_size: int | str = PAPER_SAMPLING["batch_size"],
+    max_batch_size: int = PAPER_SAMPLING["max_batch_size"],
     seed: int = PAPER_SAMPLING["seed"],
     seed_mode: str = PAPER_SAMPLING["seed_mode"],
     generator_device: str = PAPER_SAMPLING["generator_device"],
     grid: int = 16,
     progress: bool = True,
     model: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    sink: Callable[[list[int], list], None] | None = None,
+    write_workers: int = 2,
 ) -> GenerationResult:
-    """Generate ``OUT/images/<i:05d>.png`` for every prompt ``i`` not already on disk; see the module doc.
+    """Generate ``OUT/images/<i:05d>.png`` for every prompt ``i`` of this process (``i % world_size == rank``) not
+    already on disk; see the module doc.
 
     ``generator_device``: "device" (the pipeline's; the paper's, on CUDA) or "cpu" (the same noise on any device).
+    ``sink(indices, items)``: called for every prompt of this process, in order within each call: ``items`` are the
+    generated PIL images, or the ``Path`` of images found on disk. ``grid``: written only by a single process (with
+    several, call :func:`write_grid` once all are done).
     """
     from tqdm.auto import tqdm
 
     if seed_mode not in SEED_MODES:
         raise GenerationError(f"sampling.seed_mode={seed_mode!r} is not one of {SEED_MODES}")
-    if batch_size < 1:
-        raise GenerationError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
+    if not 0 <= rank < world_size:
+        raise GenerationError(f"rank {rank} is not in 0..{world_size - 1}")
     out_dir = Path(out_dir)
     image_dir = out_dir / IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
     resolution = resolution or default_resolution(pipe)
     device = pipe._execution_device
     gen_device = torch.device("cpu") if generator_device == "cpu" else torch.device(device)
-    settings = {
+    settings = {  # what the images depend on (not the batch size, nor the number of processes)
         "model": model,
         "scheduler": type(pipe.scheduler).__name__,
         "steps": steps,
@@ -385,74 +478,140 @@ def generate_images(
         "resolution": resolution,
         "seed": seed,
         "seed_mode": seed_mode,
-        "batch_size": batch_size if seed_mode == "paper" else None,  # per-prompt images do not depend on it
         "dtype": str(_latent_dtype(pipe)).removeprefix("torch."),
         "generator_device": gen_device.type,
     }
     paths = [image_dir / image_name(i) for i in range(len(prompts))]
     _check_resume(out_dir, settings, prompts, paths)
-    (out_dir / MANIFEST).write_text(json.dumps({"settings": settings, "num_prompts": len(prompts)}, indent=2) + "\n")
-    with (out_dir / "prompts.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+    if rank == 0:
+        manifest = {"settings": settings, "num_prompts": len(prompts)}
+        _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        rows = io.StringIO()
+        writer = csv.writer(rows)
         writer.writerow(["index", "file_name", "text"])
         writer.writerows([i, image_name(i), p] for i, p in enumerate(prompts))
+        _write_atomic(out_dir / "prompts.csv", rows.getvalue())
 
-    batches = [list(range(lo, min(lo + batch_size, len(prompts)))) for lo in range(0, len(prompts), batch_size)]
-    todo = [b for b in batches if not all(_done(paths[i]) for i in b)]
-    last_todo = todo[-1][0] if todo else -1
-    skipped = len(prompts) - sum(len(b) for b in todo)
-    generator = torch.Generator(device=gen_device).manual_seed(seed) if seed_mode == "paper" else None
-    checked = False
-    generated, seconds, wall_start = 0, 0.0, time.perf_counter()
-    bar = tqdm(total=len(prompts), initial=skipped, unit="img", desc="generate", disable=not progress, smoothing=0.1)
-    for batch in batches:
-        if batch[0] > last_todo:
-            break  # nothing left to generate
-        if all(_done(paths[i]) for i in batch):
-            if generator is not None:
-                replay_draws(pipe, generator, len(batch), resolution, resolution, steps)
-            continue
-        if generator is not None:
-            gens, before = generator, (None if checked else _clone_generator(generator))
-        else:
-            gens, before = [torch.Generator(device=gen_device).manual_seed(seed + i) for i in batch], None
-        start = time.perf_counter()
+    mine = list(range(rank, len(prompts), world_size))
+    todo = [i for i in mine if not _done(paths[i])]
+    skipped = len(mine) - len(todo)
+    auto = batch_size == "auto"
+    size = first_batch_size(batch_size, torch.device(device), len(todo), max_batch_size)
+    compiled = _is_compiled(pipe.unet)
+    sequence = _PaperSequence(pipe, gen_device, seed, resolution, steps) if seed_mode == "paper" else None
+    states: dict[int, tuple[torch.Generator, torch.Generator]] = {}
+
+    def call(indices: list[int], gens: list[torch.Generator], n_steps: int = steps) -> list[Image.Image]:
+        texts = [prompts[i] for i in indices]
+        if compiled and len(texts) < size:  # pad to the compiled shape (no recompile for the last batch)
+            pad = size - len(texts)
+            texts += [""] * pad
+            gens = gens + [torch.Generator(device=gen_device).manual_seed(0) for _ in range(pad)]
         with torch.inference_mode():
-            images = pipe(
-                [prompts[i] for i in batch],
-                num_inference_steps=steps,
+            out = pipe(
+                texts,
+                num_inference_steps=n_steps,
                 guidance_scale=guidance,
                 height=resolution,
                 width=resolution,
                 generator=gens,
                 output_type="pil",
             ).images
-        seconds += time.perf_counter() - start
-        if before is not None:
-            replay_draws(pipe, before, len(batch), resolution, resolution, steps)
-            if not torch.equal(before.get_state(), generator.get_state()):
-                raise GenerationError(
-                    f"the pipeline ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) draws random numbers "
-                    "that bksdm_lab.evaluation.sampling.replay_draws does not reproduce, so a resumed paper-mode run would "
-                    "not give the same images; use sampling.seed_mode=per-prompt"
-                )
-            checked = True
-        for i, image in zip(batch, images):
-            if not _done(paths[i]):
-                _save_atomic(image, paths[i])
-        generated += len(batch)
-        bar.update(len(batch))
+        return out[: len(indices)]
+
+    def shrink(err: BaseException) -> None:
+        nonlocal size, oom_halvings
+        if not auto or size == 1:
+            what = "at batch size 1" if size == 1 else f"at sampling.batch_size={size}"
+            hint = "" if size == 1 else ": use sampling.batch_size=auto or a smaller batch"
+            raise GenerationError(f"out of GPU memory {what}{hint} ({str(err).splitlines()[0][:200]})") from err
+        size, oom_halvings = max(1, size // 2), oom_halvings + 1
+        print(f"bksdm_lab.generate: out of GPU memory, batch size halved to {size}", flush=True)
+        _free_memory()
+
+    generated, seconds, warmup, oom_halvings, wall_start = 0, 0.0, 0.0, 0, time.perf_counter()
+    if todo and (compiled or (auto and torch.device(device).type == "cuda")):
+        while True:  # a probe at the batch size (auto) and the compile (compiled), with throwaway noise
+            start = time.perf_counter()
+            try:
+                throwaway = [torch.Generator(device=gen_device).manual_seed(0) for _ in range(size)]
+                call(todo[:1] * size, throwaway, n_steps=min(steps, 2))
+                warmup += time.perf_counter() - start
+                break
+            except OOM_ERRORS as err:
+                warmup += time.perf_counter() - start
+                shrink(err)
+    bar = tqdm(total=len(mine), initial=skipped, unit="img", desc="generate", disable=not progress, smoothing=0.1)
+    emitted = 0  # mine[:emitted] were handed to the sink (or are in the batch being handed)
+
+    def emit_disk_up_to(last: int, batch: Sequence[int] = ()) -> None:
+        """Hand the sink the images on disk among ``mine`` up to prompt ``last`` (the batch's are coming)."""
+        nonlocal emitted
+        on_disk = []
+        while emitted < len(mine) and mine[emitted] <= last:
+            if mine[emitted] not in batch:
+                on_disk.append(mine[emitted])
+            emitted += 1
+        if sink is not None and on_disk:
+            sink(on_disk, [paths[i] for i in on_disk])
+
+    with ThreadPoolExecutor(max_workers=max(1, write_workers), thread_name_prefix="png") as writers:
+        pending = []
+        position = 0
+        while position < len(todo):
+            batch = todo[position : position + size]
+            if sequence is not None:
+                for i in batch:
+                    if i not in states:
+                        states[i] = sequence.states(i)
+                gens = [_clone_generator(states[i][0]) for i in batch]
+            else:
+                gens = [torch.Generator(device=gen_device).manual_seed(seed + i) for i in batch]
+            start = time.perf_counter()
+            try:
+                images = call(batch, gens)
+            except OOM_ERRORS as err:
+                shrink(err)
+                continue
+            seconds += time.perf_counter() - start
+            if sequence is not None:
+                for i, g in zip(batch, gens):
+                    if not torch.equal(states.pop(i)[1].get_state(), g.get_state()):
+                        raise GenerationError(
+                            f"the pipeline ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) draws random "
+                            "numbers that bksdm_lab.evaluation.sampling.replay_draws does not reproduce, so the "
+                            "paper seeding cannot be replayed per prompt; use sampling.seed_mode=per-prompt"
+                        )
+            for future in [f for f in pending if f.done()]:
+                future.result()  # a failed write stops the run
+                pending.remove(future)
+            for i, image in zip(batch, images):
+                if not _done(paths[i]):
+                    pending.append(writers.submit(_save_atomic, image, paths[i]))
+            emit_disk_up_to(batch[-1], batch)
+            if sink is not None:
+                sink(batch, images)
+            generated += len(batch)
+            position += len(batch)
+            bar.update(len(batch))
+        for future in pending:
+            future.result()
+    emit_disk_up_to(len(prompts))
     bar.close()
-    if grid:
-        shown = [p for p in paths[:grid] if _done(p)]
-        if shown:
-            make_grid([Image.open(p) for p in shown]).save(out_dir / "grid.png")
+    if grid and world_size == 1:
+        write_grid(out_dir, len(prompts), grid)
     wall = time.perf_counter() - wall_start
-    return GenerationResult(out_dir, paths, generated, skipped, seconds, settings, wall)
+    return GenerationResult(
+        out_dir, paths, generated, skipped, seconds, settings, wall,
+        batch_size=size if todo else None, batch_size_auto=auto, oom_halvings=oom_halvings,
+        warmup_seconds=warmup, rank=rank, world_size=world_size,
+    )  # fmt: skip
 
 
 # ---- from a config (conf/generate.yaml, conf/evaluate.yaml and the `sampling` group) ---------------------
-SAMPLING_KEYS = ("steps", "guidance", "resolution", "batch_size", "seed", "seed_mode", "generator_device")
+SAMPLING_KEYS = (
+    "steps", "guidance", "resolution", "batch_size", "max_batch_size", "seed", "seed_mode", "generator_device"
+)  # fmt: skip
 
 
 def sampling_dict(sampling: Mapping | None) -> dict:
@@ -469,6 +628,44 @@ def sampling_kwargs(sampling: Mapping | None) -> dict:
     return {k: sampling[k] for k in SAMPLING_KEYS if sampling is not None and k in sampling}
 
 
+def check_sampling(sampling: Mapping) -> None:
+    """One-line errors for wrong ``sampling.*`` values, before anything heavy loads."""
+    s = sampling_dict(sampling)
+    if s["scheduler"] not in SCHEDULERS:
+        raise GenerationError(f"sampling.scheduler={s['scheduler']!r} is not one of {list(SCHEDULERS)}")
+    if s["seed_mode"] not in SEED_MODES:
+        raise GenerationError(f"sampling.seed_mode={s['seed_mode']!r} is not one of {list(SEED_MODES)}")
+    check_batch_size(s["batch_size"])
+    mbs = s["max_batch_size"]
+    if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
+        raise GenerationError(f"sampling.max_batch_size={mbs!r} is not a whole number >= 1")
+    if s["precision"] is not None and s["precision"] not in PRECISIONS:
+        raise GenerationError(f"sampling.precision={s['precision']!r} is not one of {[None, *PRECISIONS]}")
+    if s["generator_device"] not in ("device", "cpu"):
+        raise GenerationError(f"sampling.generator_device={s['generator_device']!r} is not one of ['device', 'cpu']")
+    for key in ("channels_last", "compile"):
+        if not isinstance(s[key], bool):
+            raise GenerationError(f"sampling.{key}={s[key]!r} is not one of [true, false]")
+    if s["compile"]:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if s["compile_backend"] not in backends:
+            raise GenerationError(f"sampling.compile_backend={s['compile_backend']!r} is not one of {backends}")
+        if s["compile_mode"] not in COMPILE_MODES:
+            raise GenerationError(f"sampling.compile_mode={s['compile_mode']!r} is not one of {list(COMPILE_MODES)}")
+
+
+def speed_up(pipe, channels_last: bool = False, compile: bool = False, backend: str = "inductor", mode=None):
+    """The U-Net in channels_last memory format and/or compiled in place (``nn.Module.compile``; the pipeline keeps
+    its ``UNet2DConditionModel``). Returns the pipeline."""
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+    if compile and not _is_compiled(pipe.unet):
+        pipe.unet.compile(backend=backend, mode=mode)
+    return pipe
+
+
 def prompt_list(cfg) -> list[str]:
     """``prompt=``: a string or a list, as a list of strings."""
     prompt = cfg.get("prompt")
@@ -480,9 +677,17 @@ def prompts_from_config(cfg) -> list[str]:
     return read_prompts(prompt_list(cfg), cfg.get("prompts_file"), cfg.get("metadata"), cfg.get("num_prompts"))
 
 
-def pipeline_from_config(cfg):
+def config_device(cfg, local_rank: int = 0) -> torch.device:
+    """``device=``; null: ``cuda:<LOCAL_RANK>`` if CUDA is available (one GPU per process), else the CPU."""
+    if cfg.get("device"):
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pipeline_from_config(cfg, device: torch.device | str | None = None):
     """``(pipeline, model description)`` from ``pipeline=``, ``teacher=`` + ``unet=`` or ``checkpoint=`` (+
-    ``teacher=`` to load the run's teacher from elsewhere), in ``sampling.precision`` on ``device``."""
+    ``teacher=`` to load the run's teacher from elsewhere), in ``sampling.precision`` on ``device`` (default
+    :func:`config_device`), with ``sampling.channels_last`` / ``sampling.compile`` applied to the U-Net."""
     teacher_cfg = cfg.get("teacher")
     teacher = str(teacher_cfg.pretrained) if teacher_cfg else None
     if cfg.get("unet") and not teacher:
@@ -496,18 +701,23 @@ def pipeline_from_config(cfg):
         from bksdm_lab.tools.demo import build_demo_teacher
 
         build_demo_teacher(teacher, configs=teacher_cfg.configs)
-    return load_pipeline(
+    pipe, name = load_pipeline(
         pipeline=cfg.get("pipeline"),
         teacher=teacher,
         unet=cfg.get("unet"),
         checkpoint=cfg.get("checkpoint"),
         weights=cfg.get("weights"),
-        device=cfg.get("device"),
+        device=device if device is not None else config_device(cfg),
         precision=cfg.sampling.get("precision"),
     )
+    s = sampling_dict(cfg.sampling)
+    speed_up(pipe, s["channels_last"], s["compile"], s["compile_backend"], s["compile_mode"])
+    return pipe, name
 
 
-def generate_from_config(cfg, pipe, model: str, prompts: Sequence[str], out_dir) -> GenerationResult:
+def generate_from_config(
+    cfg, pipe, model: str, prompts: Sequence[str], out_dir, rank: int = 0, world_size: int = 1, sink=None
+) -> GenerationResult:
     set_scheduler(pipe, cfg.sampling.scheduler)
     return generate_images(
         pipe,
@@ -517,26 +727,59 @@ def generate_from_config(cfg, pipe, model: str, prompts: Sequence[str], out_dir)
         grid=cfg.get("grid", 16),
         progress=cfg.get("progress", True),
         model=model,
+        rank=rank,
+        world_size=world_size,
+        sink=sink,
     )
 
 
 def result_record(result: GenerationResult) -> dict:
-    """What ``results.json`` keeps of a generation: its settings and its speed."""
+    """What ``results.json`` keeps of a generation: its settings and its speed (this process's)."""
     return {
         **result.settings,
         "generated": result.generated,
         "skipped": result.skipped,
         "seconds": result.seconds,
         "wall_seconds": result.wall_seconds,
+        "warmup_seconds": result.warmup_seconds,
         "images_per_s": result.images_per_s,
+        "batch_size": result.batch_size,
+        "batch_size_auto": result.batch_size_auto,
+        "oom_halvings": result.oom_halvings,
+        "world_size": result.world_size,
     }
 
 
-def summary(result: GenerationResult) -> str:
-    rate = f", {result.images_per_s:.3g} images/s" if result.images_per_s else ""
-    if result.generated and result.wall_seconds > result.seconds:
-        rate += f" ({result.generated / result.wall_seconds:.3g} with writing)"
+def combine_records(records: Sequence[dict]) -> dict:
+    """One generation record of several processes' (rank order): counts summed; seconds of the slowest process;
+    images/s = all generated / those seconds (the processes run side by side); each process's kept in ``ranks``."""
+    if len(records) == 1:
+        return dict(records[0])
+    out = dict(records[0])
+    for key in ("generated", "skipped"):
+        out[key] = sum(r[key] for r in records)
+    for key in ("seconds", "wall_seconds", "warmup_seconds"):
+        out[key] = max(r[key] for r in records)
+    out["images_per_s"] = out["generated"] / out["seconds"] if out["generated"] and out["seconds"] > 0 else None
+    out["batch_size"] = [r["batch_size"] for r in records]
+    out["oom_halvings"] = sum(r["oom_halvings"] for r in records)
+    out["ranks"] = [{k: r[k] for k in ("generated", "skipped", "seconds", "images_per_s")} for r in records]
+    return out
+
+
+def summary(record: dict, out_dir: str | Path) -> str:
+    """One line of a generation record (:func:`result_record` / :func:`combine_records`): images/s of generation
+    (pipeline calls only; then with writing and waiting included)."""
+    n, seconds, wall = record["generated"], record["seconds"], record["wall_seconds"]
+    rate = f", {record['images_per_s']:.3g} images/s" if record.get("images_per_s") else ""
+    if n and wall > seconds:
+        rate += f" ({n / wall:.3g} with warm-up and writing)"
+    batch = record.get("batch_size")
+    how = f"batch size {batch}{' (auto)' if record.get('batch_size_auto') else ''}" if batch else ""
+    if record.get("world_size", 1) > 1:
+        how += f"{', ' if how else ''}{record['world_size']} processes"
+    how = f" [{how}]" if how else ""
     return (
-        f"{result.generated} images generated in {result.seconds:.1f} s{rate}; {result.skipped} already on disk; "
-        f"in {result.out_dir / IMAGE_DIR}"
+        f"{n} images generated in {seconds:.1f} s{rate}{how}; {record['skipped']} already on disk; "
+        f"in {Path(out_dir) / IMAGE_DIR}"
     )
