@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from bksdm_lab.data.common import DataError
 from bksdm_lab.data.folder import check_folder, read_metadata
 from bksdm_lab.data.latents import read_meta
+from bksdm_lab.distill.losses import check_config as check_loss_config
 
 
 class CheckpointError(ValueError):
@@ -38,9 +39,9 @@ def _integer(v) -> bool:
 
 
 # (key pattern, test, what is allowed). A missing key (a callback turned off, another data format) is not checked.
+# The loss terms' own arguments (layer weights, normalize, at, space) are checked by bksdm_lab.distill.losses.
 RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("loss.weights.*", lambda v: _number(v) and v >= 0, "a number >= 0 (0 turns the term off)"),
-    ("loss.terms.feat_kd.layer_weights.*", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("optimizer.lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("optimizer.weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0"),
     ("data.batch_size", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
@@ -73,13 +74,13 @@ def _expand(cfg: DictConfig, pattern: str) -> list[tuple[str, Any]]:
 
 
 def check_values(cfg: DictConfig) -> list[str]:
-    """One line per config value that breaks a rule of :data:`RULES`."""
+    """One line per config value that breaks a rule of :data:`RULES`, and per bad argument of a loss term."""
     return [
         f"{key}={value} must be {allowed}"
         for pattern, ok, allowed in RULES
         for key, value in _expand(cfg, pattern)
         if not ok(value)
-    ]
+    ] + check_loss_config(cfg)
 
 
 def check_call_args(cfg: DictConfig, key: str, given_later: tuple[str, ...]) -> list[str]:
