@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import PYTHON, arch_cfg, run_app, subprocess_env
 from omegaconf import OmegaConf
 from PIL import Image
@@ -336,3 +337,116 @@ def test_a_missing_local_source_is_named_as_a_missing_folder(tmp_path, capsys):
     line = error("pipeline=runs/pipeline")  # hub-id shaped: tried on the hub (offline here), and said to be no folder
     assert "pipeline='runs/pipeline' is no local folder (no " in line and "does not load from the hub" in line
     assert not (tmp_path / "o" / "images").exists()
+
+
+# ---- issue 10, point 3: fast generation -----------------------------------------------------------------
+def test_paper_seeding_is_replayed_per_prompt_at_any_batch_size_and_rank(pipe, tmp_path, monkeypatch):
+    """Paper mode: prompt i draws from the one generator's state after prompts 0..i-1 (as at batch 1), so a batch
+    of 3 gives the batch-1 images (up to round-off of batched kernels), and two ranks splitting the prompts
+    (i % 2) into one folder give them bit for bit; Euler ancestral draws at every step too (replayed)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    monkeypatch.setattr(pipe, "scheduler", EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config))
+    kw = {**FAST, "seed_mode": "paper"}
+    gen.generate_images(pipe, PROMPTS, tmp_path / "b1", batch_size=1, **kw)
+    gen.generate_images(pipe, PROMPTS, tmp_path / "b3", batch_size=3, **kw)
+    assert_round_off_close(tmp_path / "b1", tmp_path / "b3", 4)
+    for rank in (1, 0):  # rank 1 first: it replays prompt 0's draws without generating it
+        result = gen.generate_images(pipe, PROMPTS, tmp_path / "ranks", batch_size=1, rank=rank, world_size=2, **kw)
+        assert (result.generated, result.skipped, result.world_size) == (2, 0, 2)
+    assert not (tmp_path / "ranks" / "grid.png").exists()  # several processes: write_grid once all are done
+    assert_same_images(tmp_path / "b1", tmp_path / "ranks", 4)
+    # a generation.json of today's settings carries no batch size: a rerun in another batch size resumes
+    again = gen.generate_images(pipe, PROMPTS, tmp_path / "b1", batch_size=2, **kw)
+    assert (again.generated, again.skipped) == (0, 4)
+
+
+def test_a_pipeline_out_of_memory_halves_an_auto_batch_and_remembers_it(pndm, tmp_path, monkeypatch):
+    """batch_size=auto: a batch that raises torch.OutOfMemoryError is retried at half the size (the same noise: the
+    images are the batch-1 run's), and the run goes on at that size; a fixed batch size fails in one line."""
+    real, sizes = type(pndm).__call__, []
+
+    def call(self, prompt, **kwargs):
+        sizes.append(len(prompt))
+        if len(prompt) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, prompt, **kwargs)
+
+    gen.generate_images(pndm, PROMPTS, tmp_path / "b1", batch_size=1, **FAST)
+    monkeypatch.setattr(type(pndm), "__call__", call)
+    monkeypatch.setattr(gen, "AUTO_CPU_BATCH", 4)
+    result = gen.generate_images(pndm, PROMPTS, tmp_path / "auto", batch_size="auto", **FAST)
+    assert sizes == [4, 2, 1, 1, 1, 1]
+    assert (result.batch_size, result.batch_size_auto, result.oom_halvings) == (1, True, 2)
+    record = gen.result_record(result)
+    assert (record["batch_size"], record["oom_halvings"], record["generated"]) == (1, 2, 4)
+    assert_same_images(tmp_path / "b1", tmp_path / "auto", 4)
+    with pytest.raises(gen.GenerationError, match=r"out of GPU memory at sampling.batch_size=2: use sampling.batch_si"):
+        gen.generate_images(pndm, PROMPTS, tmp_path / "fixed", batch_size=2, **FAST)
+
+
+def count_calls(pipe, mp) -> list[int]:
+    """The number of prompts of each call of ``pipe`` (patched on its class through ``mp``)."""
+    sizes, real = [], type(pipe).__call__
+
+    def call(self, prompt, **kwargs):
+        sizes.append(len(prompt))
+        return real(self, prompt, **kwargs)
+
+    mp.setattr(type(pipe), "__call__", call)
+    return sizes
+
+
+def test_channels_last_and_a_compiled_unet_change_nothing_but_speed(exported, pndm, tmp_path, monkeypatch):
+    """sampling.channels_last: the images of the plain pipeline (round-off of another memory layout aside). A
+    compiled U-Net (flagged here; the real compile is the slow test below) gets a warm-up call at the batch size,
+    timed apart, and its last batch is padded to the compiled shape: no recompile."""
+    gen.generate_images(pndm, PROMPTS[:3], tmp_path / "plain", batch_size=2, **FAST)
+    fast, _ = gen.load_pipeline(pipeline=str(exported), device="cpu")
+    gen.set_scheduler(fast, "pndm")
+    gen.speed_up(fast, channels_last=True)
+    assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(gen, "_is_compiled", lambda unet: True)
+    sizes = count_calls(fast, monkeypatch)
+    result = gen.generate_images(fast, PROMPTS[:3], tmp_path / "fast", batch_size=2, **FAST)
+    assert sizes == [2, 2, 2]  # warm-up, then 2 + 1 padded to 2
+    assert result.generated == 3 and result.warmup_seconds > 0 and result.seconds > 0
+    assert_round_off_close(tmp_path / "plain", tmp_path / "fast", 3)
+
+
+@pytest.mark.slow
+def test_torch_compile_of_the_unet_changes_nothing(exported, pndm, tmp_path, monkeypatch):
+    """sampling.compile with backend eager (dynamo traces the U-Net, no code generation: ~25 s on a 2-core CPU,
+    hence the slow tier; inductor is for GPUs): the pipeline keeps its UNet2DConditionModel and the images are
+    the plain pipeline's."""
+    from diffusers import UNet2DConditionModel
+
+    gen.generate_images(pndm, PROMPTS[:1], tmp_path / "plain", batch_size=1, **FAST)
+    fast, _ = gen.load_pipeline(pipeline=str(exported), device="cpu")
+    gen.set_scheduler(fast, "pndm")
+    gen.speed_up(fast, compile=True, backend="eager")
+    assert isinstance(fast.unet, UNet2DConditionModel) and gen._is_compiled(fast.unet)
+    sizes = count_calls(fast, monkeypatch)
+    result = gen.generate_images(fast, PROMPTS[:1], tmp_path / "fast", batch_size=1, **FAST)
+    assert sizes == [1, 1] and result.warmup_seconds > 0
+    assert_round_off_close(tmp_path / "plain", tmp_path / "fast", 1)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("sampling.batch_size=0", "sampling.batch_size=0 is not one of: auto, a whole number >= 1"),
+        ("sampling.batch_size=big", "sampling.batch_size='big' is not one of: auto, a whole number >= 1"),
+        ("sampling.compile=true sampling.compile_backend=nope", "sampling.compile_backend='nope' is not one of ["),
+        ("sampling.compile=yes", "sampling.compile='yes' is not one of [true, false]"),
+    ],
+)
+def test_wrong_speed_settings_fail_in_one_line_before_loading(tmp_path, capsys, override, message):
+    from bksdm_lab import generate as app
+
+    args = [*override.split(), f"pipeline={tmp_path / 'missing'}", "prompt=x", f"out={tmp_path / 'o'}"]
+    with pytest.raises(SystemExit) as exc:
+        app.main(compose("generate", args))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"bksdm_lab.generate: error: {message}" in err and "Traceback" not in err
