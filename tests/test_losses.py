@@ -721,5 +721,3 @@ def test_demo_trains_with_every_option_and_logs_each_term_and_layer(cache_dir, t
     assert expected <= set(logged), sorted(expected - set(logged))
     for key in expected:
         assert len(logged[key]) == 3 and all(math.isfinite(v) for v in logged[key]), (key, logged[key])
-    # normalised per-layer values are O(1) (the student starts from the teacher), not the raw feature scale
-    assert all(0 <= v < 10 for key in expected if "/feat_kd/" in key or "/attn_kd/" in key for v in logged[key])
