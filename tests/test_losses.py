@@ -667,7 +667,6 @@ def test_every_option_trains_the_student_only(teacher):
     )
     torch.manual_seed(0)
     batch = make_batch(teacher.tokenizer)
-    module.student_taps.features.clear()
     total, parts = module.compute_loss(batch)
     assert all(torch.isfinite(v) and v.item() > 0 for v in parts.values())
     attn = module.loss.terms["attn_kd"].last_layer_losses
