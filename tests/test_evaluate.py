@@ -341,3 +341,77 @@ def test_a_prompt_alone_does_not_add_the_coco_captions(exported, tmp_path):
     with (tmp_path / "b" / "prompts.csv").open(newline="") as f:
         assert [row["text"] for row in csv.DictReader(f)] == ["a cat on a mat", "a dog in the snow"]
     assert paper["num_images"] == 2 and paper["metadata"] == str(coco)
+
+
+# ---- issue 10, point 3: fast evaluation ---------------------------------------------------------------------
+def test_scoring_beside_the_generation_equals_scoring_afterwards(exported, demo_data_dir, ref_stats, tmp_path, capsys):
+    """overlap=true (the default) feeds each finished batch to the metric models in a background thread while the
+    next batch generates; overlap=false generates everything, then reads the folder: the same numbers, to the last
+    bit (generation batches of 3 re-cut into scoring batches of 2). Generation and scoring images/s are reported
+    apart, printed and in results.json."""
+    common = [a for a in eval_args(exported, demo_data_dir, ref_stats, None) if not a.startswith("out=")]
+    common += ["sampling.batch_size=3", "eval_batch_size=2", "grid=0", "progress=false"]
+    beside = app.run_evaluation(compose("evaluate", [*common, f"out={tmp_path / 'a'}"]))
+    printed = capsys.readouterr().out
+    after = app.run_evaluation(compose("evaluate", [*common, f"out={tmp_path / 'b'}", "overlap=false"]))
+    for key in ("fid", "is", "is_std", "clip_score"):
+        assert beside[key] == after[key], key
+    assert (beside["scoring"]["overlapped"], after["scoring"]["overlapped"]) == (True, False)
+    for results in (beside, after):
+        assert results["scoring"]["images"] == 4 and results["scoring"]["images_per_s"] > 0
+        assert results["generation"]["images_per_s"] > 0 and results["generation"]["batch_size"] == 3
+        assert results["wall_seconds"] > 0
+    assert "4 images generated" in printed and "images/s" in printed and "[batch size 3]" in printed
+    assert "scored 4 images in" in printed and "images/s), beside the generation" in printed
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["scoring"] == json.loads(json.dumps(beside["scoring"]))
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_prompts_and_rank_0_scores(exported, demo_data_dir, ref_stats, cache_dir, tmp_path):
+    """Two `python -m bksdm_lab.evaluate` processes as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT; a gloo group): rank r generates prompts i % 2 == r into the same folder with the paper seeding
+    replayed per prompt, rank 0 waits for both and scores. The images equal a one-process run's bit for bit; one
+    results.json, with the generation rate of both processes."""
+    import socket
+
+    from bksdm_lab.evaluation import sampling as gen
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "two"
+    args = eval_args(exported, demo_data_dir, ref_stats, out) + ["sampling.batch_size=1", "progress=false"]
+    procs = []
+    for rank in (0, 1):
+        env = subprocess_env(cache_dir)
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmd = [PYTHON, "-m", "bksdm_lab.evaluate", *args]
+        procs.append(
+            subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, f"STDOUT:\n{stdout[-3000:]}\nSTDERR:\n{stderr[-5000:]}"
+    assert (
+        "4 images generated" in outputs[0][0] and "2 processes" in outputs[0][0] and "scored 4 images" in outputs[0][0]
+    )
+    assert "images generated" not in outputs[1][0]  # rank 1 generates its share and leaves the report to rank 0
+
+    prompts = gen.read_prompts(metadata=demo_data_dir / "metadata.csv", num_prompts=4)
+    pipe, _ = gen.load_pipeline(pipeline=str(exported), device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1)
+    try:
+        gen.generate_images(pipe, prompts, tmp_path / "one", steps=2, resolution=64, batch_size=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(4):
+        one = np.asarray(Image.open(tmp_path / "one" / "images" / gen.image_name(i)))
+        assert np.array_equal(one, np.asarray(Image.open(out / "images" / gen.image_name(i)))), i
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == 4 and results["scoring"]["overlapped"] is False
+    generation = results["generation"]
+    assert generation["world_size"] == 2 and generation["generated"] == 4 and len(generation["ranks"]) == 2
+    assert [r["generated"] for r in generation["ranks"]] == [2, 2] and generation["images_per_s"] > 0
+    assert (out / "grid.png").is_file()

@@ -264,6 +264,46 @@ def test_score_images_and_compute_stats(extractor, images, tmp_path):
     assert alone["fid"] is None and alone["logits"].shape == (36, 10)
 
 
+def test_background_scorer_fed_out_of_order_equals_scoring_from_disk(extractor, images, tmp_path):
+    """Issue 10, point 3: images handed over as they are generated (PIL images or paths of images already on disk,
+    batches out of order) are scored in prompt order in the same batches as score_images reading the folder: the
+    same FID, IS and CLIP score to the last bit. A missing image is an error, not a silently smaller set."""
+    from bksdm_lab.evaluation.evaluate import BackgroundScorer, EvaluationError, Scorer
+
+    fake = images[1][:20]
+    pils = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in fake]
+    paths = [tmp_path / f"{i:05d}.png" for i in range(20)]
+    for image, path in zip(pils, paths):
+        image.save(path)
+    prompts = [f"prompt {i}" for i in range(20)]
+    real = features_of(extractor, images[0])[0]
+    kw = {"feature_extractor": extractor, "clip_model": metrics.demo_clip(), "resize": 24, "batch_size": 6}
+    ref = (real.mean(0), np.cov(real, rowvar=False))
+    sequential = score_images(paths, prompts, ref_stats=ref, **kw)
+
+    scorer = BackgroundScorer(Scorer(prompts, ref_stats=ref, **kw), 20)
+    for lo, hi, kind in (
+        (4, 7, "pil"),
+        (0, 2, "path"),
+        (2, 4, "pil"),
+        (7, 12, "path"),
+        (15, 20, "pil"),
+        (12, 15, "pil"),
+    ):
+        scorer(list(range(lo, hi)), pils[lo:hi] if kind == "pil" else paths[lo:hi])
+    streamed = scorer.close()
+    for key in ("fid", "is", "is_std"):
+        assert streamed[key] == sequential[key], key
+    assert torch.equal(streamed["clip"], sequential["clip"])
+    assert streamed["scored"] == 20 and streamed["seconds"] > 0
+
+    short = BackgroundScorer(Scorer(prompts, **kw), 20)
+    short(list(range(3)), pils[:3])
+    short(list(range(4, 20)), pils[4:])
+    with pytest.raises(EvaluationError, match="1 of 20 images never came, e.g. prompt 3"):
+        short.close()
+
+
 # ---- CLIP score and models ---------------------------------------------------------------------------------
 def test_clip_score_is_the_mean_cosine_similarity():
     rng = np.random.default_rng(0)
