@@ -3,6 +3,7 @@
     python -m bksdm_lab.arch                       # SD-v1.4 and BK-SDM-Base/Small/Tiny
     python -m bksdm_lab.arch teacher=sd21base      # the v2 students
     python -m bksdm_lab.arch format=json           # one JSON object keyed by variant
+    python -m bksdm_lab.arch 'patterns=[{up: [[0,2],[0,2],[0,1,2],[0,2]]}, {name: lean, up: [[0,2],[0,2],[0,2],[0,2]]}]'
 
 Config: conf/arch.yaml (+ the ``teacher`` group); the logic is :mod:`bksdm_lab.models.report`.
 """
@@ -15,12 +16,14 @@ import hydra
 from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
-from bksdm_lab.models.report import ReportError, load_archs, report, variant_names
+from bksdm_lab.models.report import ReportError, load_archs, pattern_archs, report, variant_names
 
 
 def run(cfg: DictConfig) -> str:
-    """Print (and return) the report of ``cfg.variants`` (all when null) against ``cfg.teacher``."""
-    text = report(cfg, load_archs(variant_names(cfg.variants)))
+    """Print (and return) the report of ``cfg.variants`` (base, small, tiny when null) and ``cfg.patterns`` side by
+    side, against ``cfg.teacher``."""
+    names = variant_names(cfg.variants)
+    text = report(cfg, {**load_archs(names), **pattern_archs(cfg.get("patterns"), (), names, cfg.teacher)})
     print(text)
     return text
 

@@ -420,3 +420,258 @@ def test_unknown_init_names_the_key_and_the_choices(teacher):
         init_student_from_teacher(teacher.unet, {**arch_cfg("tiny"), "init": "imagenet"})
     assert str(info.value) == "arch.init='imagenet' is not one of: teacher, random"
     assert "\n" not in str(info.value)
+
+
+# ---- keep patterns: base, small and tiny are three of them ------------------------------------------------------
+
+# conf/arch/{base,small,tiny}.yaml as they were written by hand before keep patterns (the weight maps and pairs the
+# paper's students were trained with): the patterns must derive exactly these.
+_BASE_MAP = {
+    **{f"up_blocks.{j}.resnets.1.": f"up_blocks.{j}.resnets.2." for j in range(4)},
+    **{f"up_blocks.{j}.attentions.1.": f"up_blocks.{j}.attentions.2." for j in (1, 2, 3)},
+}
+_BASE_PAIRS = [[f"down_blocks.{i}"] * 2 for i in range(4)] + [[f"up_blocks.{j}"] * 2 for j in range(4)]
+HAND_WRITTEN = {
+    "base": {"unet_config": {"layers_per_block": 1}, "drop_deepest_stages": 0, "weight_map": _BASE_MAP},
+    "small": {
+        "unet_config": {"layers_per_block": 1, "mid_block_type": None},
+        "drop_deepest_stages": 0,
+        "weight_map": _BASE_MAP,
+    },
+    "tiny": {
+        "unet_config": {"layers_per_block": 1, "mid_block_type": None},
+        "drop_deepest_stages": 1,
+        "weight_map": {
+            "up_blocks.0.resnets.0.": "up_blocks.1.resnets.0.",
+            "up_blocks.0.attentions.0.": "up_blocks.1.attentions.0.",
+            "up_blocks.0.resnets.1.": "up_blocks.1.resnets.2.",
+            "up_blocks.0.attentions.1.": "up_blocks.1.attentions.2.",
+            "up_blocks.0.upsamplers.": "up_blocks.1.upsamplers.",
+            "up_blocks.1.resnets.0.": "up_blocks.2.resnets.0.",
+            "up_blocks.1.attentions.0.": "up_blocks.2.attentions.0.",
+            "up_blocks.1.resnets.1.": "up_blocks.2.resnets.2.",
+            "up_blocks.1.attentions.1.": "up_blocks.2.attentions.2.",
+            "up_blocks.1.upsamplers.": "up_blocks.2.upsamplers.",
+            "up_blocks.2.resnets.0.": "up_blocks.3.resnets.0.",
+            "up_blocks.2.attentions.0.": "up_blocks.3.attentions.0.",
+            "up_blocks.2.resnets.1.": "up_blocks.3.resnets.2.",
+            "up_blocks.2.attentions.1.": "up_blocks.3.attentions.2.",
+        },
+        "feature_pairs": [
+            ["down_blocks.0", "down_blocks.0"],
+            ["down_blocks.1", "down_blocks.1"],
+            ["down_blocks.2.attentions.1.proj_out", "down_blocks.2.attentions.0.proj_out"],
+            ["up_blocks.1", "up_blocks.0"],
+            ["up_blocks.2", "up_blocks.1"],
+            ["up_blocks.3", "up_blocks.2"],
+        ],
+    },
+}
+
+
+def composed_arch(name: str, *overrides: str) -> dict:
+    """conf/arch/<name>.yaml composed in conf/arch.yaml with ``overrides`` (teacher=...), resolved."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import bksdm_lab
+
+    with initialize_config_dir(config_dir=str(bksdm_lab.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="arch", overrides=[*overrides, f"+arch={name}"])
+    return OmegaConf.to_container(cfg.arch, resolve=True)
+
+
+@pytest.mark.parametrize("teacher_name", ["sd14", "sd21base", "demo"])
+def test_paper_variants_are_keep_patterns_deriving_the_hand_written_configs(teacher_name):
+    for name, expected in HAND_WRITTEN.items():
+        arch = composed_arch(name, f"teacher={teacher_name}")
+        assert "keep" in arch, name
+        assert arch["unet_config"] == expected["unet_config"], name
+        assert arch["drop_deepest_stages"] == expected["drop_deepest_stages"], name
+        assert arch["weight_map"] == expected["weight_map"], name
+        assert arch["feature_pairs"] == expected.get("feature_pairs", _BASE_PAIRS), name
+        if teacher_name != "demo":  # the demo teacher's folder, once built, is read instead (the same config)
+            assert arch["derived_from"]["teacher"] == f"teacher.configs={teacher_name}"
+
+
+def test_self_attention_pairs_of_every_kept_attention_layer():
+    attn1 = "transformer_blocks.0.attn1"
+    tiny = composed_arch("tiny")["self_attention_pairs"]
+    assert tiny == [
+        *([f"down_blocks.{i}.attentions.0.{attn1}"] * 2 for i in range(3)),
+        *(
+            [f"up_blocks.{j}.attentions.{k}.{attn1}", f"up_blocks.{j - 1}.attentions.{p}.{attn1}"]
+            for j in (1, 2, 3)
+            for p, k in enumerate((0, 2))
+        ),
+    ]
+    base = composed_arch("base")["self_attention_pairs"]
+    assert len(base) == 3 + 3 * 2  # down_blocks.3 and up_blocks.0 have no attentions; the mid block is not paired
+    assert [f"up_blocks.1.attentions.2.{attn1}", f"up_blocks.1.attentions.1.{attn1}"] in base
+    assert len(composed_arch("keep")["self_attention_pairs"]) == 3 * 2 + 3 * 3  # keep's default: the whole teacher
+
+
+@pytest.mark.parametrize("name", ["base", "small", "tiny", "keep"])
+def test_every_pair_names_modules_of_demo_teacher_and_student(teacher, name):
+    from bksdm_lab.models.taps import FeatureTaps
+
+    arch = arch_cfg(name)
+    with torch.device("meta"):
+        student = build_student(teacher.unet.config, arch)
+    for key in ("feature_pairs", "self_attention_pairs"):
+        FeatureTaps(teacher.unet, [t for t, _ in arch[key]]).remove()
+        FeatureTaps(student, [s for _, s in arch[key]]).remove()
+
+
+def test_issue_pattern_sizes_and_config_on_sd14():
+    arch = composed_arch("keep", "+arch.keep.up=[[0,2],[0,2],[0,1,2],[0,2]]".lstrip("+"))
+    assert arch["unet_config"] == {"layers_per_block": [1, 2, 1, 1]}  # down derived: [[0], [0, 1], [0], [0]]
+    teacher, student = _meta_teacher("sd14"), _meta_student("sd14", arch)
+    assert count_params(student) == 618_662_404  # between Base (579,384,964) and the teacher
+    assert [len(b.resnets) for b in student.up_blocks] == [2, 2, 3, 2]
+    plan = plan_weight_copy(_shapes(student), _shapes(teacher), arch["weight_map"])
+    assert plan["up_blocks.2.resnets.2.conv1.weight"] == "up_blocks.2.resnets.2.conv1.weight"
+    assert plan["up_blocks.1.resnets.1.conv1.weight"] == "up_blocks.1.resnets.2.conv1.weight"
+    assert len(set(plan.values())) == len(plan)
+
+
+# Patterns around Base, one stage changed at a time: the channel check refuses exactly those the weight map check refuses.
+_PROBES = [
+    *({"up": [[0, 2]] * j + [kept] + [[0, 2]] * (3 - j)} for j in (1, 2, 3) for kept in ([0, 1], [1, 2])),
+    {"up": [[0, 2], [0, 2], [0, 1, 2], [0, 2]]},
+    *({"down": [[0]] * i + [[1]] + [[0]] * (3 - i)} for i in (1, 2)),
+    {"down": [[0], [0], None, None], "mid": True},
+    {"down": [[0], [0, 1], None, None], "mid": False},
+]
+
+
+@pytest.mark.parametrize("configs", ["demo", "sd14"])
+def test_keep_errors_match_the_weight_map_check_exactly(configs):
+    from bksdm_lab.models.keep import KeepPatternError, derive
+
+    unet_config = shipped_configs(configs)["unet"]
+    teacher_shapes = _shapes(_meta_teacher(configs))
+    refused = []
+    for keep in _PROBES:
+        derived = derive(keep, unet_config, check_channels=False)
+        arch = {"unet_config": derived.unet_config, "drop_deepest_stages": derived.drop_deepest_stages}
+        with torch.device("meta"):
+            shapes = _shapes(build_student(unet_config, arch))
+        try:
+            plan_weight_copy(shapes, teacher_shapes, derived.weight_map)
+            fits = True
+        except WeightMapError:
+            fits = False
+        why = "accepted, but the weight map does not fit"
+        try:
+            derive(keep, unet_config)
+            accepted = True
+        except KeepPatternError as err:
+            accepted, why = False, str(err)
+            assert "\n" not in why and why.startswith("arch.keep.")
+        assert accepted == fits, (keep, why)
+        refused += [] if accepted else [keep]
+    assert refused  # both teachers refuse some ([0, 1] in an up stage whose skip is narrower)
+
+
+def _demo_unet():
+    return shipped_configs("demo")["unet"]
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"),
+    [
+        (
+            {"up": [[0, 2], [0, 3], [0, 2], [0, 2]]},
+            "arch.keep.up.1=[0, 3]: layer 3 is out of range: the teacher's up_blocks.1 has layers 0..2",
+        ),
+        ({"down": [[0], [], [0], [0]]}, "arch.keep.down.1=[] keeps no layer of down_blocks.1"),
+        (
+            {"up": [[0, 2], [2, 0], [0, 2], [0, 2]]},
+            "arch.keep.up.1=[2, 0] must name each layer once, in increasing order",
+        ),
+        ({"up": [[0, 2], [0, 0, 2], [0, 2], [0, 2]]}, "arch.keep.up.1=[0, 0, 2] must name each layer once"),
+        ({"up": [[0, 2], [0, 2], [0, 2]]}, "arch.keep.up has 3 stages but the teacher has 4"),
+        (
+            {"up": [[0, 2], [0, 2], [2], [0, 2]]},
+            "arch.keep.up.2=[2] keeps 1 layer, so the mirrored down_blocks.1 would keep none",
+        ),
+        (
+            {"down": [[0], [0], [0], [0]], "up": [[0, 1, 2], [0, 2], [0, 2], [0, 2]]},
+            "arch.keep.up.0=[0, 1, 2] keeps 3 layers, but diffusers builds up_blocks.0 with one more than its mirrored "
+            "down_blocks.3 keeps (arch.keep.down.3=[0]): keep 2",
+        ),
+        (
+            {"down": [[0], None, [0], [0]], "up": [[0, 2], [0, 2], None, [0, 2]]},
+            "arch.keep.down.1=null drops down_blocks.1 (and up_blocks.2), which is not among the deepest",
+        ),
+        (
+            {"down": [[0], [0], [0], None], "up": [[0, 2], [0, 2], [0, 2], [0, 2]]},
+            "arch.keep.down.3=null drops a stage but arch.keep.up.0=[0, 2] keeps its mirror",
+        ),
+        ({"down": [None] * 4}, "arch.keep drops every stage of the teacher"),
+        ({"up": [[0, "a"], [0, 2], [0, 2], [0, 2]]}, "arch.keep.up.0=[0, 'a'] must be a list of teacher layer indices"),
+        ({"up": 3}, "arch.keep.up=3 must be a list of 4 stages"),
+        ({"mid": "no"}, "arch.keep.mid='no' must be true or false"),
+        ({"middle": False}, "arch.keep.middle is not a keep-pattern key; the keys are: down, up, mid"),
+        (
+            {"up": [[0, 2], [0, 2], [0, 1], [0, 2]]},
+            "arch.keep.up.2=[0, 1]: student up_blocks.2.resnets.1 cannot copy teacher up_blocks.2.resnets.1",
+        ),
+        ({"down": [[0], [0], None, None], "mid": True}, None),  # fine on the demo teacher (64 channels at both depths)
+    ],
+)
+def test_keep_pattern_errors_name_the_key_and_why(keep, message):
+    from bksdm_lab.models.keep import KeepPatternError, derive
+
+    if message is None:
+        assert derive(keep, _demo_unet()).drop_deepest_stages == 2
+        return
+    with pytest.raises(KeepPatternError) as info:
+        derive(keep, _demo_unet())
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value, WeightMapError)  # train reports it as one line, exit 2
+
+
+def test_keep_error_passes_through_omegaconf_as_one_line():
+    from bksdm_lab.models.keep import KeepPatternError
+
+    with pytest.raises(KeepPatternError) as info:
+        composed_arch("keep", "arch.keep.up=[[0,2],[0,2],[0,2]]")
+    assert str(info.value).startswith("arch.keep.up has 3 stages but the teacher has 4")
+    assert "\n" not in str(info.value) and "full_key" not in str(info.value)
+
+
+def test_local_teacher_folder_config_is_read(tmp_path):
+    """teacher.pretrained=<local folder>: the pattern derives from that folder's unet/config.json (3 layers a stage
+    here), so a pattern that fits it works and one that does not fails clearly."""
+    import json
+
+    config = {**_demo_unet(), "layers_per_block": 3}
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    over = ("teacher=demo", f"teacher.pretrained={tmp_path}")
+    arch = composed_arch("keep", *over, "arch.keep.down=[[0],[0],[0],[0]]")  # up derived: [0, 3] (first + last)
+    assert arch["derived_from"]["teacher"] == f"teacher.pretrained={tmp_path}"
+    assert arch["derived_from"]["layers_per_block"] == [3, 3, 3, 3]
+    assert arch["weight_map"]["up_blocks.2.resnets.1."] == "up_blocks.2.resnets.3."
+    with torch.device("meta"):
+        teacher_shapes = _shapes(UNet2DConditionModel.from_config(config))
+        student_shapes = _shapes(build_student(config, arch))
+    plan_weight_copy(student_shapes, teacher_shapes, arch["weight_map"])
+    from bksdm_lab.models.keep import KeepPatternError
+
+    with pytest.raises(KeepPatternError, match=r"arch\.keep\.up\.2=\[0, 2\]: .*only the last layer \(3\)"):
+        composed_arch("base", *over)
+
+
+def test_teacher_of_another_topology_than_derived_from_is_a_clear_error(teacher):
+    arch = arch_cfg("tiny")
+    arch["derived_from"] = {**arch["derived_from"], "layers_per_block": [3, 3, 3, 3]}
+    with pytest.raises(WeightMapError) as info:
+        init_student_from_teacher(teacher.unet, arch)
+    assert "(layers_per_block [3, 3, 3, 3]), but the loaded teacher has layers_per_block [2, 2, 2, 2]" in str(
+        info.value
+    )
+    assert "\n" not in str(info.value)

@@ -3,6 +3,7 @@
     python -m bksdm_lab.arch                       # SD-v1.4 and BK-SDM-Base/Small/Tiny
     python -m bksdm_lab.arch teacher=sd21base      # the v2 students
     python -m bksdm_lab.arch format=json           # one JSON object keyed by variant
+    python -m bksdm_lab.arch 'patterns=[{up: [[0,2],[0,2],[0,1,2],[0,2]]}, {up: [[0,2],[0,2],[0,2],[0,2]], mid: false}]'
 
 Parameters and MACs come from the shipped config.json files of the teacher (no weights are loaded).
 "Whole model" is the paper's definition: U-Net + text encoder + VAE decoder. MACs are per U-Net
@@ -18,11 +19,12 @@ from collections.abc import Mapping
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from bksdm_lab import CONF_DIR
+from bksdm_lab.models.keep import KeepPatternError, derive, teacher_unet_config
 from bksdm_lab.models.students import build_student, count_params, removed_blocks, removed_by_stage
 from bksdm_lab.models.teachers import shipped_configs
 
@@ -70,7 +72,7 @@ def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
         n_stages = len(teacher.config.block_out_channels)
         latent = teacher.config.sample_size
 
-        def entry(title: str, unet, weight_map) -> dict:
+        def entry(title: str, unet, weight_map, keep=None) -> dict:
             macs, macs_all = unet_macs(unet)
             removed = removed_blocks(unet.state_dict(), tkeys, weight_map) if weight_map is not None else []
             by_stage = {g["stage"]: g["removed"] or ["all"] for g in removed_by_stage(removed, tkeys)}
@@ -93,13 +95,14 @@ def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
                     )
                 },
                 "removed": by_stage,
+                **({"keep": derive(keep, cfgs["unet"]).pattern} if keep is not None else {}),
             }
 
         report = {"teacher": entry(teacher_cfg.title, teacher, None)}
         for name, arch in arch_cfgs.items():
             student = build_student(cfgs["unet"], arch)
             title = str(arch.get("title", name)).replace("BK-SDM", teacher_cfg.get("family") or "BK-SDM", 1)
-            report[name] = entry(title, student, arch.get("weight_map") or {})
+            report[name] = entry(title, student, arch.get("weight_map") or {}, arch.get("keep"))
     for item in report.values():
         item["unet_fraction_of_teacher"] = round(item["unet_params"] / report["teacher"]["unet_params"], 4)
     meta = {
@@ -118,32 +121,50 @@ def describe(teacher_cfg, arch_cfgs: Mapping[str, Mapping]) -> dict:
     return {"meta": meta, "models": report}
 
 
+def _stages(stages) -> str:
+    return " | ".join("-" if s is None else ",".join(map(str, s)) for s in stages)
+
+
 def format_table(report: dict) -> str:
     meta, models = report["meta"], report["models"]
+    labels = {n: m["title"] if n == "teacher" else f"{m['title']} [{n}]" for n, m in models.items()}
+    width = max(25, *(len(label) + 2 for label in labels.values()))
     lines = [
         f"Teacher {models['teacher']['title']} ({meta['teacher_source']}), {meta['resolution_px']} px "
         f"({meta['latent_size']}x{meta['latent_size']} latent)",
         "",
-        f"{'model':<25}{'U-Net params':>15}{'% teacher':>11}{'whole params':>16}{'MACs (paper)':>14}{'MACs (+attn)':>14}",
+        f"{'model':<{width}}{'U-Net params':>15}{'% teacher':>11}{'whole params':>16}{'MACs (paper)':>14}{'MACs (+attn)':>14}",
     ]
     for name, m in models.items():
-        label = m["title"] if name == "teacher" else f"{m['title']} [{name}]"
         lines.append(
-            f"{label:<25}{m['unet_params']:>15,}{100 * m['unet_fraction_of_teacher']:>10.1f}%{m['whole_params']:>16,}"
-            f"{m['macs'] / 1e9:>13.1f}G{m['macs_with_attention'] / 1e9:>13.1f}G"
+            f"{labels[name]:<{width}}{m['unet_params']:>15,}{100 * m['unet_fraction_of_teacher']:>10.1f}%"
+            f"{m['whole_params']:>16,}{m['macs'] / 1e9:>13.1f}G{m['macs_with_attention'] / 1e9:>13.1f}G"
         )
     lines += [
         "",
         f"whole = U-Net + text encoder ({meta['text_encoder_params']:,}) + VAE decoder ({meta['vae_decoder_params']:,}).",
         "MACs per U-Net forward, batch 1: (paper) conv+linear+norm as thop counts; (+attn) every matmul.",
-        "",
-        "Removed teacher blocks, stage by stage:",
     ]
+    patterns = {n: m["keep"] for n, m in models.items() if "keep" in m}
+    if patterns:
+        cols = [(_stages(k["down"]), "yes" if k["mid"] else "no", _stages(k["up"])) for k in patterns.values()]
+        w_down = max(len("down_blocks.0 .. 3"), *(len(c[0]) for c in cols)) + 3
+        names = list(patterns)
+        w_name = max(len(n) for n in names) + 4
+        lines += [
+            "",
+            "Kept teacher layers (keep patterns; '-' = stage dropped):",
+            f"  {'variant':<{w_name}}{'down_blocks.0 .. ' + str(len(next(iter(patterns.values()))['down']) - 1):<{w_down}}"
+            f"{'mid':<6}up_blocks.0 .. {len(next(iter(patterns.values()))['up']) - 1}",
+        ]
+        for name, (down, mid, up) in zip(names, cols):
+            lines.append(f"  {name:<{w_name}}{down:<{w_down}}{mid:<6}{up}")
+    lines += ["", "Removed teacher blocks, stage by stage:"]
     res = meta["stage_resolutions"]
     for name, m in models.items():
         if name == "teacher":
             continue
-        lines.append(f"  {m['title']} [{name}]")
+        lines.append(f"  {labels[name]}")
         if not m["removed"]:
             lines.append("    nothing")
         for stage, blocks in m["removed"].items():
@@ -161,28 +182,89 @@ def _composing(fn):
         return fn()
 
 
+class ReportError(ValueError):
+    """The report cannot be made as asked."""
+
+
+PATTERN = "keep"  # conf/arch/keep.yaml: the base of every pattern, reported only when named
+
+
 def variant_names(variants=None) -> list[str]:
-    return [str(v) for v in variants] if variants else sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml"))
+    """``variants``, or (null) every conf/arch/*.yaml but keep.yaml (a pattern's base, the teacher's size as shipped)."""
+    if variants is not None:
+        return [str(v) for v in variants]
+    return sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml") if p.stem != PATTERN)
 
 
-def load_archs(names) -> dict:
-    """``{variant: conf/arch/<variant>.yaml}`` composed by Hydra (``defaults:`` inheritance applies)."""
-    return _composing(lambda: {n: compose(config_name="arch", overrides=[f"+arch={n}"]).arch for n in names})
+def load_archs(names, overrides=()) -> dict:
+    """``{variant: conf/arch/<variant>.yaml}`` composed by Hydra (``defaults:`` inheritance applies) with the other
+    ``overrides`` of conf/arch.yaml (``teacher=``: a keep pattern is derived from the teacher's config)."""
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(("arch=", "arch."))]
+    return _composing(
+        lambda: {n: compose(config_name="arch", overrides=[*overrides, f"+arch={n}"]).arch for n in names}
+    )
+
+
+_PATTERN_KEYS = ("name", "title", "down", "up", "mid")
+
+
+def pattern_archs(patterns, overrides=(), taken=(), teacher=None) -> dict:
+    """``{name: arch config}`` of ``patterns=[{name:, down:, up:, mid:}, ...]``: conf/arch/keep.yaml with each pattern
+    (checked against ``teacher``'s U-Net config when given: a bad one is a ReportError naming ``patterns.<i>``)."""
+    if patterns is None:
+        return {}
+    if not isinstance(patterns, (list, tuple, ListConfig)):
+        raise ReportError(
+            f"patterns={patterns!r} must be a list of keep patterns, e.g. patterns=[{{up: [[0,2],[0,2]]}}]"
+        )
+    base = load_archs([PATTERN], overrides)[PATTERN] if patterns else None
+    out = {}
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, (dict, DictConfig)):
+            raise ReportError(f"patterns.{i}={pattern!r} must be a mapping with keys among: {', '.join(_PATTERN_KEYS)}")
+        pattern = OmegaConf.to_container(pattern) if isinstance(pattern, DictConfig) else dict(pattern)
+        if unknown := [k for k in pattern if k not in _PATTERN_KEYS]:
+            raise ReportError(
+                f"patterns.{i}.{unknown[0]} is not a pattern key; the keys are: {', '.join(_PATTERN_KEYS)}"
+            )
+        name = str(pattern.get("name") or f"p{i + 1}")
+        if name in out or name in taken:
+            raise ReportError(f"patterns.{i}.name={name!r} is taken by another variant or pattern: give each its own")
+        keep = {k: pattern[k] for k in ("down", "up", "mid") if k in pattern}
+        if teacher is not None:
+            try:
+                derive(keep, *teacher_unet_config(teacher), key=f"patterns.{i}")
+            except KeepPatternError as err:
+                raise ReportError(str(err)) from None
+        arch = OmegaConf.merge(base, {"name": name, "keep": keep})
+        arch.title = str(pattern.get("title") or "keep pattern")
+        out[name] = arch
+    return out
 
 
 def load_config(overrides: list[str]):
-    """``(cfg, {variant: arch config})`` of conf/arch.yaml with ``overrides``."""
+    """``(cfg, {variant or pattern: arch config})`` of conf/arch.yaml with ``overrides``."""
     cfg = _composing(lambda: compose(config_name="arch", overrides=overrides))
-    return cfg, load_archs(variant_names(cfg.variants))
+    names = variant_names(cfg.variants)
+    return cfg, {**load_archs(names, overrides), **pattern_archs(cfg.get("patterns"), overrides, names, cfg.teacher)}
 
 
-class ReportError(ValueError):
-    """The report cannot be made as asked."""
+def resolve_arch(arch, teacher) -> dict:
+    """An arch config resolved against ``teacher`` (a keep pattern's weight map etc. derive from its U-Net config)."""
+    if not isinstance(arch, DictConfig):
+        return dict(arch)
+    root = OmegaConf.create(
+        {"teacher": OmegaConf.to_container(teacher, resolve=True), "arch": OmegaConf.to_container(arch, resolve=False)}
+    )
+    return OmegaConf.to_container(root.arch, resolve=True)
 
 
 def report(cfg, archs) -> str:
     """The text ``python -m bksdm_lab.arch`` prints: a table, or JSON keyed by variant."""
     if cfg.format not in ("table", "json"):
         raise ReportError(f"format={cfg.format!r} is not one of: table, json")
-    result = describe(cfg.teacher, {n: OmegaConf.to_container(a, resolve=True) for n, a in archs.items()})
+    try:
+        result = describe(cfg.teacher, {n: resolve_arch(a, cfg.teacher) for n, a in archs.items()})
+    except KeepPatternError as err:
+        raise ReportError(str(err)) from None
     return json.dumps(result["models"], indent=2) if cfg.format == "json" else format_table(result)

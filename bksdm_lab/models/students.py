@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from omegaconf import DictConfig, OmegaConf
 
 # Config keys that hold one value per U-Net stage (down stage i mirrors up stage n-1-i).
 _PER_STAGE_DOWN = ("block_out_channels", "down_block_types")
@@ -26,6 +27,8 @@ class WeightMapError(ValueError):
 
 def student_config(teacher_config: Mapping[str, Any], arch: Mapping[str, Any]) -> dict[str, Any]:
     """Return the student's U-Net config: the teacher config, minus dropped stages, plus overrides."""
+    if isinstance(arch, DictConfig):  # a composed arch config: its derived keys (keep patterns) resolved, lists plain
+        arch = OmegaConf.to_container(arch, resolve=True)
     cfg = {k: v for k, v in dict(teacher_config).items() if not k.startswith("_")}
     drop = int(arch.get("drop_deepest_stages", 0) or 0)
     if drop:
@@ -121,6 +124,9 @@ def init_student_from_teacher(
     copied, but the weight map is still checked against the teacher, so the architecture is the same.
     """
     init = student_init(arch)
+    from bksdm_lab.models.keep import check_derived_from  # keep imports this module
+
+    check_derived_from(arch, teacher.config)
     device = teacher.device
     seeded = seed is not None and device.type != "meta"
     accelerator = device.type if device.type != "cpu" else None  # the CPU RNG is always forked
