@@ -1,0 +1,174 @@
+"""The CPU-scale world's judge (bksdm_lab/world/judge.py), the toy ablation recipe (experiments/toy_ablation) and its
+notebook (notebooks/toy_ablation.ipynb).
+
+Fast tier: a judge trained in seconds (judge.SHORT_JUDGE) in a cache folder of this module's own; FID in this world
+and caption agreement on real renders. Slow tier: the short ablation end to end (short teacher, 1 seed x 2 variants x
+a few steps, images generated and scored, the table) and the notebook executed on it.
+"""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+
+from bksdm_lab.world import judge as J
+from bksdm_lab.world import scenes
+
+RECIPE = REPO / "experiments" / "toy_ablation"
+NOTEBOOK = REPO / "notebooks" / "toy_ablation.ipynb"
+
+
+@pytest.fixture(scope="module")
+def judge_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("world_judge_cache")
+
+
+@pytest.fixture(scope="module")
+def short_judge(judge_cache):
+    return J.load_judge(J.SHORT_JUDGE, judge_cache)
+
+
+@pytest.fixture(scope="module")
+def real_set():
+    """300 renders of freshly sampled scenes (seeds the judge never trained on) and their captions."""
+    scene_list = J.sample_scenes(300, seed=555)
+    return J.render_scenes(scene_list, 32, seed=556), [scenes.caption(s) for s in scene_list]
+
+
+def test_short_judge_beats_chance_and_is_cached(short_judge, judge_cache, monkeypatch):
+    judge, report = short_judge
+    acc, chance = report["held_out_accuracy"], report["chance"]
+    # the easy attributes are learned in seconds, far above chance (1/6, 1/2, 1/5, 1/3, 1/2)
+    for attr in ("colour", "size", "position", "count", "background"):
+        assert acc[attr] >= chance[attr] + 0.3, (attr, acc)
+    # shape (a 2-px small shape at 32 px) is learned last: the full judge gets it (README), the short one need not
+    assert acc["shape"] >= chance["shape"] - 0.05
+    folder = J.judge_dir(J.SHORT_JUDGE, judge_cache)
+    assert report["path"] == str(folder)
+    assert folder.parent == judge_cache / "world" and folder.name == f"judge-{J.SHORT_JUDGE.key()}"
+    assert json.loads((folder / "judge.json").read_text())["held_out_accuracy"] == acc
+    # a second load reads the cache: same weights, no training
+    monkeypatch.setattr(J, "train_judge", lambda *a, **k: pytest.fail("trained again"))
+    again, _ = J.load_judge(J.SHORT_JUDGE, judge_cache)
+    for a, b in zip(judge.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    # another setting is another folder
+    assert J.JudgeConfig().key() != J.SHORT_JUDGE.key()
+
+
+def test_judge_training_is_seeded():
+    cfg = J.JudgeConfig(width=4, features=8, train_images=64, test_images=16, epochs=1, batch_size=32)
+    (a, ra), (b, rb) = J.train_judge(cfg), J.train_judge(cfg)
+    assert ra["held_out_accuracy"] == rb["held_out_accuracy"]
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_load_judge_refuses_a_foreign_folder(tmp_path):
+    folder = J.judge_dir(J.SHORT_JUDGE, tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "mine.txt").write_text("not a judge")
+    with pytest.raises(RuntimeError, match="holds no judge.pt"):
+        J.load_judge(J.SHORT_JUDGE, tmp_path)
+    assert (folder / "mine.txt").read_text() == "not a judge"
+
+
+def test_fid_in_this_world(short_judge, real_set):
+    judge, _ = short_judge
+    images, _ = real_set
+    reference = J.reference_images(300, 32)
+    assert reference.dtype == torch.uint8 and reference.shape == (300, 3, 32, 32)
+    same = J.fid_against(judge, reference, reference)
+    real = J.fid_against(judge, images, reference)  # other scenes, other jitter: only sampling noise apart
+    noise = J.fid_against(judge, torch.randint(0, 256, images.shape, dtype=torch.uint8), reference)
+    grey = J.fid_against(judge, torch.full(images.shape, 128, dtype=torch.uint8), reference)
+    assert abs(same) < 1e-3
+    assert noise > 20 * real and grey > 20 * real, (real, noise, grey)
+    # a batch-size change does not change it; other sizes are resized to the judge's
+    assert J.fid_against(judge, images, reference, batch_size=7) == pytest.approx(real, rel=1e-6, abs=1e-6)
+    big = torch.nn.functional.interpolate(images.float(), size=64, mode="nearest").to(torch.uint8)
+    assert J.fid_against(judge, big, reference) < noise / 10
+    # torchmetrics took the judge's own width from num_features
+    assert J.JudgeFeatures(judge)(images[:3]).shape == (3, J.SHORT_JUDGE.features)
+
+
+def test_agreement_of_real_renders_with_their_captions(short_judge, real_set):
+    judge, report = short_judge
+    images, captions = real_set
+    own = J.agreement(judge, images, captions)
+    for attr in ("colour", "size", "position", "count", "background"):
+        assert own[attr] >= 0.85, (attr, own)
+    assert set(own) == {*scenes.ATTRIBUTES, "all"}
+    # the same images against captions of other scenes: agreement falls to about chance
+    rng = np.random.default_rng(0)
+    shuffled = [captions[i] for i in rng.permutation(len(captions))]
+    other = J.agreement(judge, images, shuffled)
+    assert other["position"] < 0.5 and other["colour"] < 0.5 and other["all"] < own["all"] / 2 + 0.01, other
+    # `all` is the fraction with every attribute right: at most the worst attribute
+    assert own["all"] <= min(own[a] for a in scenes.ATTRIBUTES) + 1e-9
+    with pytest.raises(ValueError, match="3 images for 2 prompts"):
+        J.agreement(judge, images[:3], captions[:2])
+    with pytest.raises(ValueError, match="not a caption of the world"):
+        J.agreement(judge, images[:1], ["a photo of a cat"])
+
+
+def test_score_folder_reads_generate_and_world_layouts(short_judge, tmp_path):
+    judge, _ = short_judge
+    world = scenes.write_world(tmp_path / "world", num_images=24, seed=3, size=32)
+    reference = J.reference_images(64, 32)
+    from_world = J.score_folder(judge, world, reference)
+    assert from_world["n"] == 24 and set(from_world) == {
+        "n",
+        "fid",
+        *(f"agree/{a}" for a in (*scenes.ATTRIBUTES, "all")),
+    }
+    # generate's layout: images/<i>.png + prompts.csv
+    images, prompts = J.read_folder(world)
+    gen = tmp_path / "gen"
+    (gen / "images").mkdir(parents=True)
+    with (gen / "prompts.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "file_name", "text"])
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            image.save(gen / "images" / f"{i:05d}.png")
+            w.writerow([i, f"{i:05d}.png", prompt])
+    from_gen = J.score_folder(judge, gen, reference)
+    assert from_gen == pytest.approx(from_world)
+    (gen / "images" / "00003.png").unlink()
+    with pytest.raises(FileNotFoundError, match="1 images listed"):
+        J.score_folder(judge, gen, reference)
+    with pytest.raises(FileNotFoundError, match="neither prompts.csv"):
+        J.read_folder(tmp_path)
+
+
+def test_judge_command_line(judge_cache, tmp_path, capsys):
+    world = scenes.write_world(tmp_path / "world", num_images=16, seed=4, size=32)
+    out = tmp_path / "scores.json"
+    code = J.main(
+        [
+            "score",
+            str(world),
+            "--judge",
+            "short",
+            "--cache-dir",
+            str(judge_cache),
+            "--reference",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert f"judge: {J.judge_dir(J.SHORT_JUDGE, judge_cache)}" in text
+    assert "held-out accuracy: colour=" in text and "real renders: n=16 fid=" in text
+    scores = json.loads(out.read_text())["scores"]
+    assert set(scores) == {str(world), "real renders"}
+    with pytest.raises(SystemExit):
+        J.main(["score", "--judge", "short", "--cache-dir", str(judge_cache)])
+    with pytest.raises(SystemExit):
+        J.main(["--judge", "tiny"])
+    assert "invalid choice: 'tiny'" in capsys.readouterr().err
