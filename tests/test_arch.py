@@ -90,3 +90,106 @@ def test_app_in_process(capsys):
 
     text = arch.run(compose("arch", ["teacher=demo", "variants=[tiny]", "format=json"]))
     assert list(json.loads(text)) == ["teacher", "tiny"] and text in capsys.readouterr().out
+
+
+# ---- keep patterns: reported side by side, refused clearly, trained end to end ------------------------------------
+ISSUE_UP = "[[0,2],[0,2],[0,1,2],[0,2]]"
+
+
+def test_patterns_side_by_side_in_one_report(monkeypatch):
+    from test_generate import compose
+
+    from bksdm_lab.models import report as report_mod
+    from bksdm_lab.models.report import describe, resolve_arch
+
+    monkeypatch.setattr(report_mod, "unet_macs", lambda unet: (0, 0))  # MACs are pinned above; this is about patterns
+
+    patterns = f"patterns=[{{up: {ISSUE_UP}}}, {{name: lean, down: [[1],[0],[0,1],null], mid: false}}]"
+    cfg, archs = load_config(["teacher=demo", "variants=[tiny]", patterns])
+    result = describe(cfg.teacher, {n: resolve_arch(a, cfg.teacher) for n, a in archs.items()})
+    report = result["models"]
+    assert list(report) == ["teacher", "tiny", "p1", "lean"]
+    assert report["p1"]["unet_params"] == 2_524_740 and report["lean"]["unet_params"] == 1_861_188
+    assert report["p1"]["keep"] == {
+        "down": [[0], [0, 1], [0], [0]],
+        "up": [[0, 2], [0, 2], [0, 1, 2], [0, 2]],
+        "mid": True,
+    }
+    assert report["lean"]["keep"]["up"] == [None, [0, 1, 2], [0, 2], [0, 2]]  # derived: first m + the last
+    assert report["lean"]["removed"]["down_blocks.0"] == ["resnets.0", "attentions.0"]
+    table = format_table(result)
+    assert "keep pattern [lean]" in table and "1,861,188" in table
+    assert "  lean    1 | 0 | 0,1 | -" in table and "  tiny    0 | 0 | 0 | -" in table
+    assert compose("arch", [patterns]).patterns[1].name == "lean"  # the command line's syntax
+
+
+def test_bad_pattern_in_the_report_names_its_key():
+    from test_generate import compose
+
+    from bksdm_lab.models.report import ReportError, load_archs, pattern_archs
+
+    cfg = compose("arch", ["teacher=demo", "variants=[]", "patterns=[{up: [[0,2],[0,2],[0,2]]}]"])
+    with pytest.raises(ReportError, match=r"^patterns\.0\.up has 3 stages but the teacher has 4"):
+        pattern_archs(cfg.patterns, teacher=cfg.teacher)
+    with pytest.raises(ReportError, match=r"^patterns\.0\.upp is not a pattern key"):
+        pattern_archs([{"upp": []}], teacher=cfg.teacher)
+    assert list(load_archs(["keep"])) == ["keep"]  # keep itself is reported when named
+
+
+def test_bad_keep_pattern_stops_train_before_loading(compose_train, capsys, monkeypatch):
+    from bksdm_lab import train as train_app
+
+    def never(*_a, **_k):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(train_app, "load_teacher", never)
+    monkeypatch.setattr(train_app, "probe_teacher", never)
+    cfg = compose_train("experiment=demo", "arch=keep", "arch.keep.up=[[0,2],[0,2],[0,1],[0,2]]")
+    with pytest.raises(SystemExit) as info:
+        train_app.main(cfg)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bksdm_lab.train: error: arch.keep.up.2=[0, 1]: student up_blocks.2.resnets.1 cannot copy")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "params"),
+    [
+        ([f"arch.keep.up={ISSUE_UP}"], 2_524_740),
+        (["arch.keep.down=[[1],[0],[0,1],null]", "arch.keep.mid=false"], 1_861_188),
+    ],
+    ids=["issue-up", "dropped-stage-down-remap"],
+)
+def test_new_patterns_train_on_the_demo_and_export(compose_train, tmp_path, overrides, params):
+    """Two patterns that are none of the paper's: 2 optimizer steps each, finite loss, the student's size, and the
+    exported pipeline loads in plain diffusers."""
+    import csv
+    import math
+
+    from diffusers import StableDiffusionPipeline
+
+    from bksdm_lab import train as train_app
+    from bksdm_lab.models.students import count_params
+
+    cfg = compose_train(
+        "experiment=demo",
+        "arch=keep",
+        *overrides,
+        "trainer.max_steps=2",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        "callbacks.samples.prompts=[]",
+        "callbacks.checkpoint.every_n_train_steps=0",
+        "~callbacks.ema",
+        "data.max_samples=16",
+    )
+    train_app.main(cfg)
+    run = tmp_path / "run"
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    feat = [float(r["train/loss_feat_kd"]) for r in rows if r.get("train/loss_feat_kd")]
+    assert losses and all(math.isfinite(v) for v in losses) and feat and all(v > 0 for v in feat)
+    pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline")
+    assert count_params(pipe.unet) == params
+    assert pipe.unet.config.layers_per_block == {2_524_740: [1, 2, 1, 1], 1_861_188: [1, 1, 2]}[params]
