@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -36,7 +37,7 @@ from bksdm_lab.distill.callbacks import ExportPipeline
 from bksdm_lab.distill.checks import CheckpointError
 from bksdm_lab.distill.module import NonFiniteLossError
 from bksdm_lab.models.students import WeightMapError, count_params, init_student_from_teacher, removed_blocks
-from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
+from bksdm_lab.models.teachers import Teacher, TeacherLoadError, load_teacher, probe_teacher
 from bksdm_lab.tools import demo
 
 log = logging.getLogger("bksdm_lab")
@@ -50,9 +51,10 @@ class NothingTrainedError(RuntimeError):
     """The fit ended without a single optimizer step: nothing is exported and the run does not exit 0."""
 
 
-def check_inputs(cfg: DictConfig, ckpt_path: str | None) -> None:
+def check_inputs(cfg: DictConfig, ckpt_path: str | None, probe_teacher_models: bool = True) -> None:
     """Fail fast, before any heavy loading, on every bad input at once: config values and the optimizer's arguments,
-    the checkpoint to resume, the data, the teacher (the demo teacher is built first, at its own place only)."""
+    the checkpoint to resume, the data, the teacher (the demo teacher is built first, at its own place only;
+    ``probe_teacher_models=False`` when the caller brings the teacher's models itself)."""
     problems = checks.check_values(cfg)
     problems += checks.check_call_args(cfg, "optimizer", given_later=("params",))
     problems += checks.check_call_args(cfg, "lr_scheduler", given_later=("optimizer",))
@@ -61,12 +63,13 @@ def check_inputs(cfg: DictConfig, ckpt_path: str | None) -> None:
         problems.append("hub.push=true needs hub.repo_id=<user>/<name>")
     if ckpt_path is not None:
         problems += checks.check_resume(cfg, ckpt_path)
-    if cfg.teacher.get("build_if_missing"):
-        demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
-    try:
-        probe_teacher(cfg.teacher)
-    except TeacherLoadError as err:
-        problems.append(str(err))
+    if probe_teacher_models:
+        if cfg.teacher.get("build_if_missing"):
+            demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
+        try:
+            probe_teacher(cfg.teacher)
+        except TeacherLoadError as err:
+            problems.append(str(err))
     problems += checks.check_data(cfg)
     if problems:
         raise InputError("\n".join(problems))
@@ -125,20 +128,44 @@ def parameter_summary(module, teacher, student, cfg: DictConfig) -> dict:
     }
 
 
-def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
-    """inputs -> teacher -> student -> loss -> module -> data -> loggers -> callbacks -> trainer -> fit."""
+@dataclass
+class Built:
+    """Everything :func:`build` made for a fit; :func:`fit` runs it. The bench (``python -m bksdm_lab.bench``) times
+    the same objects."""
+
+    cfg: DictConfig
+    out_dir: Path
+    run_config: dict
+    ckpt_path: str | None
+    teacher: Teacher
+    student: torch.nn.Module
+    module: pl.LightningModule
+    datamodule: pl.LightningDataModule
+    loggers: list
+    callbacks: list
+    interrupt: StopOnInterrupt
+    trainer: pl.Trainer
+    summary: dict = field(default_factory=dict)
+
+
+def build(cfg: DictConfig, teacher: Teacher | None = None) -> Built:
+    """inputs -> teacher -> student -> loss -> module -> data -> loggers -> callbacks -> trainer (no fit yet).
+
+    ``teacher``: these models instead of loading ``cfg.teacher`` (the bench's random weights of the real shapes);
+    the teacher is then neither probed nor built here."""
     out_dir = Path(cfg.paths.output_dir)
     cfg.run_name = run_name(cfg)
     run_config = shareable(redact(OmegaConf.to_container(cfg, resolve=True)))  # W&B, hparams, checkpoint, card
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
-    check_inputs(cfg, ckpt_path)
+    check_inputs(cfg, ckpt_path, probe_teacher_models=teacher is None)
     clear = cfg.overwrite and rundir.launched_rank() == 0 and not rundir.resumes_here(ckpt_path, out_dir)
     if clear and (removed := rundir.clear_run(out_dir)):
         log.info("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
 
-    cached = checks.uses_cached_latents(cfg.data)
-    teacher = load_teacher(cfg.teacher, load_vae=not cached)  # cached: no VAE at all
+    if teacher is None:
+        cached = checks.uses_cached_latents(cfg.data)
+        teacher = load_teacher(cfg.teacher, load_vae=not cached)  # cached: no VAE at all
     student = init_student_from_teacher(teacher.unet, cfg.arch)
     module = instantiate(cfg.module)(
         teacher=teacher, student=student, loss=instantiate(cfg.loss), run_config=run_config
@@ -153,13 +180,32 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     callbacks.append(interrupt := StopOnInterrupt(out_dir))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     set_accumulation(trainer, datamodule)
-
     summary = parameter_summary(module, teacher, student, cfg)
-    for logger in loggers:
-        logger.log_hyperparams({"config": run_config, **summary})
+    return Built(
+        cfg,
+        out_dir,
+        run_config,
+        ckpt_path,
+        teacher,
+        student,
+        module,
+        datamodule,
+        loggers,
+        callbacks,
+        interrupt,
+        trainer,
+        summary,
+    )
+
+
+def fit(built: Built) -> tuple[dict, pl.Trainer]:
+    """Log the config, fit, finish the W&B run (marked failed unless the fit returned after training a step)."""
+    trainer, interrupt = built.trainer, built.interrupt
+    for logger in built.loggers:
+        logger.log_hyperparams({"config": built.run_config, **built.summary})
     exit_code = 1  # what W&B records: anything but a fit that returned is a failure
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=built.ckpt_path)
         if interrupt.start_step is None or trainer.global_step <= interrupt.start_step:
             raise NothingTrainedError(
                 f"the run trained 0 optimizer steps (it ended at step {trainer.global_step}), so nothing was "
@@ -173,7 +219,12 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
         import wandb
 
         wandb.finish(exit_code=exit_code)  # failed or interrupted runs are marked failed; the next job starts clean
-    return {**summary, **outputs(trainer, out_dir)}, trainer
+    return {**built.summary, **outputs(trainer, built.out_dir)}, trainer
+
+
+def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
+    """inputs -> teacher -> student -> loss -> module -> data -> loggers -> callbacks -> trainer -> fit."""
+    return fit(build(cfg))
 
 
 def set_accumulation(trainer: pl.Trainer, datamodule) -> None:
