@@ -52,6 +52,9 @@ def test_bench_times_framework_and_plain_loop_with_a_breakdown(
     assert {"EMA", "Throughput", "DataQuality", "ModelCheckpoint"} <= set(fw["callbacks"])
     for run in (fw, plain):
         assert run["step_s"] > 0 and run["step_cpu_s"] > 0 and run["startup_s"] > 0
+    phases = fw["startup_phases_s"]  # where the framework's start-up goes: five phases that add up to it
+    assert len(phases) == 5 and min(phases.values()) >= 0
+    assert sum(phases.values()) == pytest.approx(fw["startup_s"])
     assert point["ratio"] > 0 and point["ratio_cpu_time"] > 0 and point["images_per_s"] > 0
     # the plain loop does the framework's work: same batch, draws, weights and loss on the first micro-batch
     assert point["first_loss_rel_diff"] < 1e-5, (fw["first_loss"], plain["first_loss"])

@@ -170,11 +170,24 @@ class StepTimer(pl.Callback):
     def __init__(self, warmup: int, steps: int):
         self.warmup, self.steps = warmup, steps
         self.first_step_end: float | None = None
+        self.marks: dict[str, float] = {}  # start-up: wall time of the first of each hook
         self.start: float | None = None
         self.end: float | None = None
         self.first_loss: float | None = None
         self.peak_mem_gb: float | None = None
         self.on_window_start = self.on_window_end = None  # hooks for the breakdown run
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.perf_counter())
+
+    def on_fit_start(self, trainer, module) -> None:
+        self.mark("fit_start")
+
+    def on_train_start(self, trainer, module) -> None:
+        self.mark("train_start")
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.mark("first_batch")
 
     def wrap_training_step(self, module) -> None:
         step = module.training_step
@@ -338,9 +351,11 @@ class PartTimer(StepTimer):
             self.exit(name)
 
     def on_fit_start(self, trainer, module) -> None:
+        super().on_fit_start(trainer, module)
         self.device = module.device
 
     def on_train_start(self, trainer, module) -> None:
+        super().on_train_start(trainer, module)
         # model hooks from here to on_train_end only: the EMA's and the export's copies of the student must not
         # carry them (a deep copy of a module copies its hooks)
         self._handles = []
@@ -422,6 +437,7 @@ def framework_run(
             teacher = random_teacher(cfg.teacher.configs, device, load_vae=not cached, seed=cfg.seed)
         resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # for the plain loop, after the fit
         built = train_app.build(cfg, teacher=teacher)
+        built_at = time.perf_counter()
         timer = PartTimer(bcfg.warmup, bcfg.steps, profile=bool(bcfg.profile)) if breakdown else None
         timer = timer or StepTimer(bcfg.warmup, bcfg.steps)
         built.trainer.callbacks.insert(0, timer)
@@ -436,6 +452,7 @@ def framework_run(
         "step_cpu_s": timer.step_cpu_s,
         "startup_s": timer.first_step_end - start,
         "startup_cpu_s": timer.first_step_end_cpu - start_cpu,
+        "startup_phases_s": startup_phases(start, built_at, timer),
         "first_loss": timer.first_loss,
         "peak_mem_gb": timer.peak_mem_gb,
         "accumulation": built.trainer.accumulate_grad_batches,
@@ -458,6 +475,18 @@ def framework_run(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def startup_phases(start: float, built_at: float, timer: StepTimer) -> dict[str, float]:
+    """Where the framework's start-up goes (wall seconds)."""
+    m = timer.marks
+    return {
+        "compose + build (checks, models, data, loggers, callbacks, Trainer)": built_at - start,
+        "fit -> on_fit_start (hyperparameters/W&B run, Lightning and callback setup)": m["fit_start"] - built_at,
+        "-> on_train_start (model summary, optimizer, data loader)": m["train_start"] - m["fit_start"],
+        "-> first batch (on_train_start callbacks: the teacher's sample images)": m["first_batch"] - m["train_start"],
+        "-> end of the first optimizer step": timer.first_step_end - m["first_batch"],
+    }
 
 
 # ---- the plain loop ---------------------------------------------------------------------------------------------
@@ -1009,6 +1038,9 @@ def report(result: dict) -> None:
                 f"start-up to the end of the first optimizer step: framework {fw['startup_s']:.2f} s wall, "
                 f"{fw['startup_cpu_s']:.2f} s CPU (config compose -> build -> fit); plain {p['plain']['startup_s']:.2f} s "
                 f"wall, {p['plain']['startup_cpu_s']:.2f} s CPU (build -> step)"
+            )
+            print(
+                "  framework start-up, wall: " + "; ".join(f"{k} {v:.2f} s" for k, v in fw["startup_phases_s"].items())
             )
         if "flops" in p:
             f = p["flops"]
