@@ -66,19 +66,46 @@ def ckpt(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
+# each of these runs 2 ranks: under pytest-xdist (-n 2) they take turns on one worker rather than 4 ranks on 2 cores
+two_ranks = pytest.mark.xdist_group("two_ranks")
+
+
+# the demo on 2 ranks as the demo has it (W&B + csv, export; no sample prompts), 8 steps of 16 over 48 images, a
+# checkpoint every 2 steps: run once uninterrupted (two_rank_run), and once killed and resumed
+TWO_RANK_DEMO = [
+    "experiment=demo",
+    "callbacks.samples.prompts=[]",
+    *DDP,
+    "trainer.max_steps=8",
+    "data.max_samples=48",
+    "data.global_batch_size=16",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.ema.decay=0.9",
+]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(cache_dir, tmp_path_factory):
+    """The uninterrupted 2-rank demo: its files (one run) and its weights (against the killed and resumed run)."""
+    cwd = tmp_path_factory.mktemp("two_ranks")
+    run = cwd / "straight"
+    return run, ok(train([*TWO_RANK_DEMO, f"hydra.run.dir={run}"], cache_dir, cwd))
+
+
 @pytest.mark.slow
-def test_demo_on_two_ranks_writes_one_run(cache_dir, tmp_path):
-    run = tmp_path / "run"
-    args = ["experiment=demo", *DDP, "trainer.max_steps=4", "data.global_batch_size=16", "trainer.log_every_n_steps=1"]
-    proc = ok(train([*args, "callbacks.samples.prompts=[]", f"hydra.run.dir={run}"], cache_dir, tmp_path))
+@two_ranks
+def test_demo_on_two_ranks_writes_one_run(two_rank_run):
+    run, proc = two_rank_run
     assert "global batch 16 = micro-batch 8 x accumulation 1 x 2 device(s)" in proc.stdout + proc.stderr
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # one W&B run, not one per rank
     assert (run / "pipeline" / "model_index.json").is_file() and (run / "csv" / "metrics.csv").is_file()
-    assert ckpt(run)["global_step"] == 4
+    assert ckpt(run)["global_step"] == 8
     assert proc.stdout.count("bksdm_lab: run finished") == 1  # printed by rank 0 only
 
 
 @pytest.mark.slow
+@two_ranks
 def test_two_ranks_equal_one_process_holding_the_same_global_batch(cache_dir, tmp_path):
     """One optimizer step of 8 images: 2 ranks x 4 (DDP averages the gradients) against 1 process x 8."""
     common = [*SHORT, "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.precision=32-true"]
@@ -97,14 +124,11 @@ def test_two_ranks_equal_one_process_holding_the_same_global_batch(cache_dir, tm
 
 
 @pytest.mark.slow
-def test_kill_then_resume_on_two_ranks_equals_an_uninterrupted_two_rank_run(cache_dir, tmp_path):
-    args = [*SHORT, *DDP, "trainer.max_steps=8", "data.max_samples=48", "data.global_batch_size=16"]
-    args += ["callbacks.checkpoint.every_n_train_steps=2", "callbacks.ema.decay=0.9"]
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    ok(train([*args, f"hydra.run.dir={straight}"], cache_dir, tmp_path))
-
+@two_ranks
+def test_kill_then_resume_on_two_ranks_equals_an_uninterrupted_two_rank_run(two_rank_run, cache_dir, tmp_path):
+    (straight, _), crashed = two_rank_run, tmp_path / "crashed"
     env = subprocess_env(cache_dir)
-    cmd = [PYTHON, "-m", "bksdm_lab.train", *args, f"hydra.run.dir={crashed}"]
+    cmd = [PYTHON, "-m", "bksdm_lab.train", *TWO_RANK_DEMO, f"hydra.run.dir={crashed}"]
     proc = subprocess.Popen(
         cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -114,7 +138,7 @@ def test_kill_then_resume_on_two_ranks_equals_an_uninterrupted_two_rank_run(cach
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks, mid-run
     proc.wait()
-    ok(train([*args, f"hydra.run.dir={crashed}", "ckpt_path=last"], cache_dir, tmp_path))
+    ok(train([*TWO_RANK_DEMO, f"hydra.run.dir={crashed}", "ckpt_path=last"], cache_dir, tmp_path))
 
     a, b = ckpt(straight), ckpt(crashed)
     assert a["global_step"] == b["global_step"] == 8
