@@ -8,11 +8,13 @@ a few steps, images generated and scored, the table) and the notebook executed o
 
 import csv
 import json
+import subprocess
 
+import nbformat
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import PYTHON, REPO, subprocess_env
 
 from bksdm_lab.world import judge as J
 from bksdm_lab.world import scenes
@@ -172,3 +174,99 @@ def test_judge_command_line(judge_cache, tmp_path, capsys):
     with pytest.raises(SystemExit):
         J.main(["--judge", "tiny"])
     assert "invalid choice: 'tiny'" in capsys.readouterr().err
+
+
+# ---- slow: the short ablation end to end, then the notebook on it --------------------------------------------------
+SHORT_TEACHER = ["data.num_images=16", "vae.steps=2", "unet.steps=2", "samples.prompts=0"]
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    for cell in (c for c in nb.cells if c.cell_type == "code"):
+        assert cell.outputs == [] and cell.execution_count is None, cell.source[:80]
+
+
+def _run(args, env, cwd, timeout=600):
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    assert proc.returncode == 0, f"{args}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.slow
+def test_short_ablation_and_notebook(judge_cache, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    world_cache = tmp_path / "cache"  # the short teacher's data and the students' world set: not the demo's cache
+    env = subprocess_env(world_cache)
+    teacher = tmp_path / "teacher"
+    _run([PYTHON, "-m", "bksdm_lab.world.teacher", *SHORT_TEACHER, f"out={teacher}"], env, tmp_path)
+    out = tmp_path / "ablation"
+    overrides = [f"teacher.pretrained={teacher}", "data.synthetic.num_images=16", "data.batch_size=8"]
+    _run([PYTHON, str(RECIPE / "ablation.py"), "--short", "--out", str(out), "--", *overrides], env, tmp_path)
+    collect = _run(
+        [
+            PYTHON,
+            str(RECIPE / "collect.py"),
+            "--short",
+            "--out",
+            str(out),
+            "--prompts",
+            "8",
+            "--cache-dir",
+            str(judge_cache),
+        ],
+        env,
+        tmp_path,
+    )
+    assert "teacher init beats random init" not in collect.stdout  # random_init is not in the short version
+    # both variants trained 4 steps and were scored; their wall times recorded
+    with (out / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    assert sorted((r["variant"], r["seed"], r["returncode"]) for r in runs) == [
+        ("bksdm", "0", "0"),
+        ("task_only", "0", "0"),
+    ]
+    assert all(float(r["wall_s"]) > 0 for r in runs)
+    with (out / "scores.csv").open() as f:
+        scores = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(scores) == {"bksdm", "task_only", "teacher", "real renders"}
+    for row in scores.values():
+        assert row["n"] == "8" and np.isfinite(float(row["fid"])) and 0 <= float(row["agree/all"]) <= 1
+    for variant in ("bksdm", "task_only"):
+        images = sorted((out / "runs" / variant / "seed0" / "world_eval" / "images").glob("*.png"))
+        assert len(images) == 8
+    table = (out / "table.md").read_text()
+    assert "| bksdm (teacher init, task + out_kd + feat_kd (BK-SDM)) | 1 |" in table
+    assert "| teacher (upper bound) |" in table and "| real renders (judge's ceiling) |" in table
+    assert "- output KD beats the task loss alone" not in table  # task_out_kd is not in the short version
+    with (out / "table.csv").open() as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == ["bksdm", "task_only", "teacher", "real renders"]
+    # the per-layer feature-KD values were logged by the run with feature KD, not by the task-only one
+    header = (out / "runs" / "bksdm" / "seed0" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/feat_kd/up_blocks.0" in header
+    assert "train/feat_kd/" not in (out / "runs" / "task_only" / "seed0" / "csv" / "metrics.csv").read_text()
+
+    # the notebook, run from notebooks/ on this ablation
+    monkeypatch.setenv("TOY_ABLATION_DIR", str(out))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
+    texts, images = [], 0
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            assert o.output_type != "error", o
+            if o.output_type == "stream":
+                texts.append(o.text)
+            elif "image/png" in o.get("data", {}):
+                images += 1
+    text = "".join(texts)
+    assert f"ablation: {out}" in text and "variants: bksdm, task_only" in text
+    assert "train/loss_task: 2 variants, 4 logged steps" in text
+    assert "bksdm: 6 feat_kd layers: down_blocks.0," in text and "task_only: no feat_kd per-layer columns" in text
+    assert "samples grid columns: real render | teacher | bksdm s0 | task_only s0" in text
+    assert "| teacher (upper bound) |" in text
+    assert images == 3  # the curves, the per-layer curves, the samples grid

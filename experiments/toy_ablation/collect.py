@@ -1,0 +1,211 @@
+"""Score the toy ablation's runs with the world's judge and write its table (step 2 of experiments/toy_ablation).
+
+    python experiments/toy_ablation/collect.py --out DIR [--prompts 500] [--judge full|short] [--short]
+
+For every run of ``DIR/runs.csv`` (written by ablation.py) it generates one image per world prompt (a fixed set:
+``judge.world_prompts(N)``, seed 1234) from the run's exported pipeline (``bksdm_lab.evaluation.sampling``: PNDM,
+25 steps, the world's guidance, per-prompt seeds; into ``<run>/world_eval/``, resumable), and scores them with the
+judge (``bksdm_lab.world.judge``): FID in this world against renders of fresh real scenes, and caption agreement.
+The teacher (its upper bound) and real renders of the same prompts (the judge's ceiling) are scored the same way.
+
+Writes ``DIR/scores.csv`` (one row per run, plus teacher and real), ``DIR/table.csv`` and ``DIR/table.md`` (mean, std
+and min-max over seeds per variant, and wall time) and prints the table with the three claims of the paper's
+ablation checked against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablation import RUNS_CSV, SETTINGS, read_runs  # noqa: E402
+
+from bksdm_lab.world import judge as J  # noqa: E402
+from bksdm_lab.world import scenes  # noqa: E402
+
+METRICS = ["fid", "agree/all", *(f"agree/{a}" for a in scenes.ATTRIBUTES)]
+# (better, worse, the claim): checked on the mean over seeds, with whether the seeds' ranges overlap
+CLAIMS = [
+    ("bksdm", "random_init", "teacher init beats random init"),
+    ("task_out_kd", "task_only", "output KD beats the task loss alone"),
+    ("bksdm", "task_out_kd", "feature KD adds to output KD"),
+]
+EVAL_DIR = "world_eval"
+
+
+def generate(pipeline: str, prompts: list[str], out: Path, settings: dict) -> None:
+    from bksdm_lab.evaluation.sampling import generate_images, load_pipeline
+
+    if (out / "images").is_dir() and len(list((out / "images").glob("*.png"))) == len(prompts):
+        return
+    pipe, name = load_pipeline(pipeline=pipeline, device="cpu", precision="fp32")
+    generate_images(pipe, prompts, out, grid=16, progress=False, model=name, **settings)
+
+
+def summarise(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else math.nan,
+        "min": min(vals),
+        "max": max(vals),
+    }
+
+
+def fmt(stats: dict, digits: int) -> str:
+    if math.isnan(stats["mean"]):
+        return "-"
+    if math.isnan(stats["std"]):
+        return f"{stats['mean']:.{digits}f}"
+    return (
+        f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f} [{stats['min']:.{digits}f}, {stats['max']:.{digits}f}]"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="experiments/toy_ablation/collect.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the folder ablation.py wrote")
+    parser.add_argument("--prompts", type=int, default=None, help="world prompts per run (default 500; --short 16)")
+    parser.add_argument("--reference", type=int, default=None, help="real renders for FID (default 1000; --short 64)")
+    parser.add_argument("--judge", choices=sorted(J.JUDGES), default=None, help="default full (--short: short)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 25; --short 4)")
+    parser.add_argument("--cache-dir", default=None, help="the judge's cache (default $BKSDM_CACHE_DIR)")
+    parser.add_argument("--short", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out.expanduser().absolute()
+    n_prompts = args.prompts or (16 if args.short else 500)
+    n_reference = args.reference or (64 if args.short else 1000)
+    judge_cfg = J.JUDGES[args.judge or ("short" if args.short else "full")]
+    if not (out / SETTINGS).is_file() or not (out / RUNS_CSV).is_file():
+        parser.error(f"{out} holds no {SETTINGS} and {RUNS_CSV}: run experiments/toy_ablation/ablation.py first")
+    settings = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
+    runs = read_runs(out)
+    teacher = settings["teacher"]
+    sampling = {
+        "steps": args.steps or (4 if args.short else 25),
+        "guidance": teacher["guidance"],
+        "resolution": teacher["resolution"],
+        "batch_size": 50,
+        "seed": 1234,
+        "seed_mode": "per-prompt",
+        "generator_device": "cpu",
+    }
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    judge, report = J.load_judge(judge_cfg, args.cache_dir, log=print)
+    print(f"judge {report['path']}: held-out accuracy " + json.dumps(report["held_out_accuracy"]))
+    prompts = J.world_prompts(n_prompts)
+    reference = J.reference_images(n_reference, judge_cfg.size)
+    rows = []
+    missing = []
+    for (variant, seed), run in sorted(runs.items()):
+        if variant not in settings["variants"]:
+            continue
+        pipeline = Path(run["run_dir"]) / "pipeline"
+        if int(run["returncode"]) != 0 or not (pipeline / "model_index.json").is_file():
+            missing.append(f"{variant} seed {seed}")
+            continue
+        generate(str(pipeline), prompts, Path(run["run_dir"]) / EVAL_DIR, sampling)
+        scores = J.score_folder(judge, Path(run["run_dir"]) / EVAL_DIR, reference)
+        rows.append({"model": variant, "seed": seed, "wall_s": float(run["wall_s"]), **scores})
+        print(f"{variant} seed {seed}: fid {scores['fid']:.3f} agree/all {scores['agree/all']:.3f}", flush=True)
+    generate(teacher["pretrained"], prompts, out / "teacher_eval", sampling)
+    rows.append(
+        {"model": "teacher", "seed": "", "wall_s": "", **J.score_folder(judge, out / "teacher_eval", reference)}
+    )
+    rows.append({"model": "real renders", "seed": "", "wall_s": "", **J.score_real(judge, prompts, reference)})
+
+    fields = ["model", "seed", "wall_s", "n", *METRICS]
+    with (out / "scores.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    table = []
+    for variant in settings["variants"]:
+        mine = [r for r in rows if r["model"] == variant]
+        if not mine:
+            continue
+        entry = {"variant": variant, "description": settings["descriptions"].get(variant, ""), "seeds": len(mine)}
+        for key in [*METRICS, "wall_s"]:
+            for stat, value in summarise([r[key] for r in mine]).items():
+                entry[f"{key}_{stat}"] = value
+        table.append(entry)
+    for r in rows[-2:]:
+        entry = {"variant": r["model"], "description": "upper bound" if r["model"] == "teacher" else "judge's ceiling"}
+        entry["seeds"] = ""
+        for key in METRICS:
+            entry.update({f"{key}_mean": r[key], f"{key}_std": "", f"{key}_min": "", f"{key}_max": ""})
+        table.append(entry)
+    columns = list(dict.fromkeys(k for e in table for k in e))
+    with (out / "table.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+
+    def stat(entry, key):
+        get = entry.get
+        return {
+            s: (get(f"{key}_{s}") if get(f"{key}_{s}") not in ("", None) else math.nan)
+            for s in ("mean", "std", "min", "max")
+        }
+
+    lines = [
+        f"Toy ablation: {settings['base'] + settings['overrides']}, teacher {teacher['pretrained']}, "
+        f"{teacher['max_steps']} steps; {n_prompts} world prompts, {sampling['steps']} PNDM steps, guidance "
+        f"{sampling['guidance']}; judge {Path(report['path']).name}; FID against {n_reference} real renders. "
+        "Mean ± std [min, max] over seeds.",
+        "",
+        "| variant | seeds | FID (world) ↓ | agreement, all ↑ | colour | shape | size | position | count | background "
+        "| wall s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in table:
+        cells = [
+            f"{e['variant']} ({e['description']})",
+            str(e["seeds"]),
+            fmt(stat(e, "fid"), 2),
+            fmt(stat(e, "agree/all"), 3),
+        ]
+        cells += [fmt({**stat(e, f"agree/{a}"), "std": math.nan}, 3) for a in scenes.ATTRIBUTES]
+        cells.append(fmt({**stat(e, "wall_s"), "std": math.nan}, 0) if e["seeds"] != "" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    by = {e["variant"]: e for e in table}
+    for better, worse, claim in CLAIMS:
+        if better not in by or worse not in by:
+            continue
+        b, w = stat(by[better], "fid"), stat(by[worse], "fid")
+        ab, aw = stat(by[better], "agree/all"), stat(by[worse], "agree/all")
+        fid_ok, agree_ok = b["mean"] < w["mean"], ab["mean"] > aw["mean"]
+        apart = b["max"] < w["min"] and ab["min"] > aw["max"]
+        verdict = "holds" if fid_ok and agree_ok else "does not hold" if not fid_ok and not agree_ok else "mixed"
+        lines.append(
+            f"- {claim} ({better} vs {worse}): FID {b['mean']:.2f} vs {w['mean']:.2f}, agreement "
+            f"{ab['mean']:.3f} vs {aw['mean']:.3f}: {verdict}"
+            + (" (seed ranges apart on both)" if apart else " (seed ranges overlap)" if fid_ok or agree_ok else "")
+        )
+    lines.append("")
+    lines.append(f"collect: {time.perf_counter() - start:.0f} s wall")
+    (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    print(f"wrote {out / 'scores.csv'}, {out / 'table.csv'}, {out / 'table.md'}")
+    if missing:
+        print("error: runs without an exported pipeline (not scored): " + ", ".join(missing), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
