@@ -90,8 +90,8 @@ def test_render_is_deterministic_for_a_seed_and_draws_the_scene():
     red = (img[..., 0] > 150) & (img[..., 1] < 100) & (img[..., 2] < 100)
     assert np.array_equal(img[-1, -1], scenes.BACKGROUNDS["black"])
     ys, xs = np.nonzero(red)
-    assert ys.max() < 32 and red.sum() > 2 * 100  # two large circles (radius ~7.7 px) in the top half
-    assert red[:, :32].any() and red[:, 32:].any() and not red[:, 30:34].any()  # left and right of the middle
+    assert ys.max() < 32 and red.sum() > 2 * 100  # two large circles (radius ~9 px) in the top half
+    assert red[:, :32].any() and red[:, 32:].any() and not red[:, 31:33].any()  # left and right of the middle
     # Sizes, counts and colours change the pixels as the caption says.
     small = np.asarray(render(Scene("red", "circle", "small", "top", 2, "black"), 64)).astype(int)
     assert ((small[..., 0] > 150) & (small[..., 1] < 100)).sum() < red.sum() / 2
@@ -128,7 +128,7 @@ def test_write_world_writes_the_folder_layout_then_reuses_it(tmp_path):
 def test_write_world_refuses_other_parameters_and_foreign_folders(tmp_path):
     out = write_world(tmp_path / "world", num_images=4, seed=0, size=32)
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(DataError, match=r"written with version=1, num_images=4, seed=0, size=32, not the .*seed=1"):
+    with pytest.raises(DataError, match=r"written with version=2, num_images=4, seed=0, size=32, not the .*seed=1"):
         write_world(out, num_images=4, seed=1, size=32)
     assert sorted(p.name for p in out.iterdir()) == before  # refused: nothing deleted or rewritten
     foreign = tmp_path / "mine"
@@ -140,3 +140,151 @@ def test_write_world_refuses_other_parameters_and_foreign_folders(tmp_path):
     (out / "metadata.csv").write_text("file_name,text\n")
     with pytest.raises(DataError, match="changed after it was written: its metadata.csv lists 0 images"):
         write_world(out, num_images=4, seed=0, size=32)
+
+
+# ---- the world's teacher and its configs ------------------------------------------------------------------------
+def compose_world(*overrides: str):
+    """conf/world.yaml as `python -m bksdm_lab.world.teacher <overrides>` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="world", overrides=list(overrides))
+
+
+def test_teacher_world_loads_the_folder_the_teacher_command_writes(tmp_path, compose_train):
+    from bksdm_lab.world.teacher import config_hash, teacher_dir
+
+    world = compose_world(f"paths.cache_dir={tmp_path}")
+    train = compose_train("experiment=world", f"paths.cache_dir={tmp_path}")
+    # The hash pinned in conf/teacher/world.yaml is the default training config's: change conf/world.yaml, update it.
+    assert str(teacher_dir(world)) == train.teacher.pretrained == f"{tmp_path}/world/teacher-{config_hash(world)}"
+    assert train.data.root == world.data.root == f"{tmp_path}/world/data-n3000-s0-32px"  # the set it trained on
+    assert train.teacher.resolution == train.data.synthetic.size == world.data.size == 32
+    assert train.data.random_flip is False  # a mirrored "on the left" scene would contradict its caption
+    assert all(scenes.parse_caption(p) for p in train.callbacks.samples.prompts)
+    # Only the training config is hashed: threads, out and the samples grid do not change the folder.
+    assert teacher_dir(compose_world(f"paths.cache_dir={tmp_path}", "threads=2", "samples.prompts=0")) == teacher_dir(
+        world
+    )
+    assert teacher_dir(compose_world(f"paths.cache_dir={tmp_path}", "unet.steps=999")) != teacher_dir(world)
+    assert teacher_dir(compose_world("out=/somewhere/else")) == scenes.Path("/somewhere/else")
+
+
+def test_a_missing_world_teacher_names_the_command_that_builds_it(tmp_path, compose_train):
+    from bksdm_lab.models.teachers import TeacherLoadError, probe_teacher
+
+    cfg = compose_train("experiment=world", f"paths.cache_dir={tmp_path}")
+    with pytest.raises(TeacherLoadError, match=r"does not exist\. .*run `python -m bksdm_lab\.world\.teacher`"):
+        probe_teacher(cfg.teacher)
+    assert not (tmp_path / "world").exists()  # nothing is trained or built behind the user's back
+
+
+def test_world_teacher_refuses_bad_values_before_loading(tmp_path):
+    from bksdm_lab.world.teacher import WorldTeacherError, train_teacher
+
+    cfg = compose_world(
+        f"paths.cache_dir={tmp_path}", "unet.steps=0", "data.size=36", "text_encoder=nope", "+unet.overrides.bogus=1"
+    )
+    with pytest.raises(WorldTeacherError) as err:
+        train_teacher(cfg)
+    lines = str(err.value).splitlines()
+    assert any(line.startswith("unet.steps=0 must be an integer >= 1") for line in lines)
+    assert any(line.startswith("data.size=36 must be a multiple of 32") for line in lines)
+    assert any(line.startswith("text_encoder='nope' is not a shipped config set; allowed: [") for line in lines)
+    assert any("not U-Net config keys: ['bogus']" in line for line in lines)
+    assert not tmp_path.joinpath("world").exists()
+
+
+def test_world_teacher_reuses_its_folder_and_refuses_any_other(tmp_path, capsys, monkeypatch):
+    from bksdm_lab.world import teacher as world_teacher
+    from tests.conftest import run_app
+
+    cfg = compose_world(f"paths.cache_dir={tmp_path}")
+    home = world_teacher.teacher_dir(cfg)
+    home.mkdir(parents=True)
+    (home / "README.json").write_text(
+        json.dumps({"world_teacher": True, "config_hash": world_teacher.config_hash(cfg), "wall_time": {}})
+    )
+    # Its own folder: reused without training (a training run would need minutes and write the world set).
+    assert world_teacher.train_teacher(cfg) == home
+    assert sorted(p.name for p in tmp_path.joinpath("world").iterdir()) == [home.name]
+    # A folder holding another config's teacher, or anything else, is refused with exit code 2 and left alone.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "README.json").write_text(json.dumps({"world_teacher": True, "config_hash": "0123456789"}))
+    code, _, err = run_app(world_teacher.main, [f"paths.cache_dir={tmp_path}", f"out={other}"], capsys, monkeypatch)
+    assert code == 2 and "holds the world teacher of another config (hash 0123456789, not " in err
+    (tmp_path / "mine").mkdir()
+    code, _, err = run_app(world_teacher.main, [f"out={tmp_path / 'mine'}"], capsys, monkeypatch)
+    assert code == 2 and "exists but is not a world teacher written by python -m bksdm_lab.world.teacher" in err
+    assert json.loads((other / "README.json").read_text())["config_hash"] == "0123456789"
+    assert list((tmp_path / "mine").iterdir()) == []
+
+
+def test_world_data_module_writes_the_set_once(tmp_path):
+    from bksdm_lab.tools.demo import byte_level_tokenizer
+    from bksdm_lab.world.data import WorldDataModule
+
+    root = tmp_path / "data"
+    dm = WorldDataModule(
+        root, tokenizer=byte_level_tokenizer(), resolution=32, batch_size=4, num_workers=0, random_flip=False,
+        synthetic={"num_images": 8, "seed": 0, "size": 32},
+    )  # fmt: skip
+    assert json.loads((root / "README.json").read_text())["num_images"] == 8
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert tuple(batch["pixel_values"].shape) == (4, 3, 32, 32)
+    with pytest.raises(DataError, match="written with version=2, num_images=8"):
+        WorldDataModule(root, tokenizer=byte_level_tokenizer(), resolution=32, synthetic={"num_images": 9, "seed": 0})
+
+
+@pytest.mark.slow
+def test_short_world_teacher_trains_then_a_student_distils_from_it(tmp_path):
+    """The real commands: the short teacher (seconds), reused by a second call, then a few distillation steps."""
+    import subprocess
+
+    from tests.conftest import PYTHON, REPO, subprocess_env
+
+    env = subprocess_env(tmp_path / "cache")
+    short = [
+        "data.num_images=32", "vae.steps=3", "vae.batch_size=8", "unet.steps=3", "unet.batch_size=8",
+        "samples.prompts=2", "samples.num_inference_steps=2",
+    ]  # fmt: skip
+    first = subprocess.run(
+        [PYTHON, "-m", "bksdm_lab.world.teacher", *short], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = scenes.Path(first.stdout.split("world teacher: ")[1].split()[0])
+    assert folder.parent == tmp_path / "cache" / "world" and folder.name.startswith("teacher-")
+    readme = json.loads((folder / "README.json").read_text())
+    assert readme["steps"] == {"vae": 3, "unet": 3} and readme["threads"] == 1
+    assert set(readme["final_losses"]) == {"vae_recon_mse", "vae_kl", "unet_loss"}
+    assert all(np.isfinite(v) for v in readme["final_losses"].values())
+    assert {"vae", "unet", "text_encoder", "tokenizer", "scheduler"} <= {p.name for p in folder.iterdir()}
+    assert scenes.Image.open(folder / "samples.png").size == (2 * 32 * 4, 2 * 32 * 4)
+    again = subprocess.run(
+        [PYTHON, "-m", "bksdm_lab.world.teacher", *short], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0 and "reusing the world teacher at" in again.stderr
+    assert json.loads((folder / "README.json").read_text()) == readme
+
+    run = tmp_path / "run"
+    distil = subprocess.run(
+        [
+            PYTHON, "-m", "bksdm_lab.train", "experiment=world", "arch=tiny", f"teacher.pretrained={folder}",
+            "data.synthetic.num_images=32", "data.batch_size=8", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+            "callbacks.samples.every_n_steps=3", "sampling.steps=2", "callbacks.checkpoint.every_n_train_steps=3",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=REPO, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert distil.returncode == 0, distil.stderr[-3000:]
+    with (run / "csv" / "metrics.csv").open(newline="") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_pretrained(run / "pipeline" / "unet")
+    assert len(student.down_blocks) == 3 and student.config.sample_size == 8  # Tiny: the deepest stage removed

@@ -74,7 +74,9 @@ def _source(cfg) -> str:
     if _looks_local(source):
         path = Path(source).expanduser()
         if not path.is_dir():
-            raise TeacherLoadError(f"Teacher {name!r}: local folder {path} does not exist. {_hint()}")
+            raise TeacherLoadError(
+                f"Teacher {name!r}: local folder {path} does not exist. {cfg.get('if_missing') or _hint()}"
+            )
         missing = [
             sub for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / sub).is_dir()
         ]
