@@ -24,7 +24,7 @@ def compose(overrides: list[str]):
 
 
 def train_list(demo_data_dir) -> str:
-    items = [*TRAIN, f"data.root={demo_data_dir}", "data.synthetic.num_images=32", "sampling.steps=2"]
+    items = [*TRAIN, f"data.root={demo_data_dir}", "data.synthetic.num_images=32"]
     return "train=[" + ",".join(f'"{o}"' for o in items) + "]"
 
 
@@ -34,7 +34,15 @@ def test_bench_times_framework_and_plain_loop_with_a_breakdown(
     monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
     extra = tmp_path / "copy.json"
     cfg = compose(
-        [train_list(demo_data_dir), "steps=2", "warmup=1", "gen_batch=[1]", f"out={tmp_path / 'run'}", f"json={extra}"]
+        [
+            train_list(demo_data_dir),
+            "steps=2",
+            "warmup=1",
+            "gen_batch=[1]",
+            "sampling.steps=2",
+            f"out={tmp_path / 'run'}",
+            f"json={extra}",
+        ]
     )
     result = bench(cfg)
     out = capsys.readouterr().out
@@ -82,6 +90,7 @@ def test_bench_times_framework_and_plain_loop_with_a_breakdown(
 
     assert set(result["frozen_parts"]) == {"vae_encode_s", "text_encode_s", "teacher_unet_forward_s"}
     assert [r["batch"] for r in result["generate"]["tiny"]] == [1]
+    assert result["sampling"] == {"scheduler": "pndm", "steps": 2, "guidance": 7.5}  # the bench's sampling group
     for line in ("framework/plain step time: ", "EMA update: ", "step-time breakdown", "counted GFLOP per image: "):
         assert line in out, line
 

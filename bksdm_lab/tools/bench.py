@@ -470,7 +470,7 @@ def framework_run(
             (run_dir / "profile.txt").write_text(timer.profile_text())
             timer.profiler.dump_stats(run_dir / "profile.prof")  # python -m pstats <file>: callers, callees
             out["profile"] = str(run_dir / "profile.txt")
-    del built, timer
+    del built, timer, teacher
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -961,7 +961,7 @@ def run(cfg, out_dir: str | Path | None = None) -> dict:
 
     teacher_cfg = probe.teacher
     resolution = int(teacher_cfg.resolution)
-    sampling = sampling_dict(probe.sampling)
+    sampling = sampling_dict(cfg.sampling)
     gen_batches = [int(b) for b in cfg.gen_batch]
     if cfg.frozen_parts or gen_batches or cfg.dataloader:
         teacher = random_teacher(teacher_cfg.configs, device, seed=0)
