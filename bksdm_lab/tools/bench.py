@@ -511,9 +511,18 @@ class Plain:
     iterator: object = None
     step: int = 0
     served: int = 0  # micro-batches of this epoch so far
+    data_wait: float = 0.0  # seconds in next_batch (CPU time on CPU, wall on CUDA: the breakdown's clock)
     losses: list = field(default_factory=list)
 
     def next_batch(self) -> dict:
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        start = clock()
+        try:
+            return self._next_batch()
+        finally:
+            self.data_wait += clock() - start
+
+    def _next_batch(self) -> dict:
         while True:
             if self.iterator is None:
                 self.loader.sampler.set_epoch(self.epoch)
@@ -669,6 +678,7 @@ def plain_run(cfg: DictConfig, bcfg, device: torch.device, weights: str, accumul
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0, c0 = time.perf_counter(), time.process_time()
+    plain.data_wait = 0.0
     for _ in range(bcfg.steps):
         plain.train_step()
     _sync(device)
@@ -677,6 +687,7 @@ def plain_run(cfg: DictConfig, bcfg, device: torch.device, weights: str, accumul
     out = {
         "step_s": seconds,
         "step_cpu_s": cpu,
+        "data_wait_s": plain.data_wait / bcfg.steps,
         "startup_s": startup,
         "startup_cpu_s": startup_cpu,
         "first_loss": plain.losses[0],
@@ -1050,6 +1061,8 @@ def report(result: dict) -> None:
             b = p["breakdown"]
             clock = "wall, each mark synchronises CUDA" if b["clock"] != "process CPU time" else "process CPU time"
             print(f"step-time breakdown per optimizer step ({_ms(b['step_s'])} in the breakdown run; {clock}):")
+            if "plain" in p:
+                print(f"  (the plain loop's data wait: {_ms(p['plain']['data_wait_s'])} in the same clock)")
             for name, seconds in b["parts"].items():
                 print(f"  {name:<52}{_ms(seconds):>11}{seconds / b['step_s'] * 100:>7.1f}%")
     if "frozen_parts" in result:
