@@ -80,6 +80,16 @@ def test_bench_times_framework_and_plain_loop_with_a_breakdown(
     ):
         assert parts[name] > 0, name
     assert point["ema_s"] == parts["callback EMA"]
+    plain_parts = point["plain_breakdown"]["parts"]  # the plain loop's parts under the same names, for comparison
+    assert {
+        "VAE encode",
+        "text encode",
+        "teacher forward",
+        "student forward",
+        "backward",
+        "optimizer (clip, step)",
+        "data wait",
+    } <= set(plain_parts) and min(plain_parts.values()) >= 0
     assert sum(parts.values()) == pytest.approx(point["breakdown"]["step_s"], rel=1e-6)  # 'other' closes the sum
 
     flops = point["flops"]["per_image_gflop_by_part"]

@@ -605,16 +605,49 @@ class Plain:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def train_step(self) -> None:
+    def train_step(self, section=lambda name: nullcontext()) -> None:
         """Micro-batches until the accumulation is full, or the epoch ends (Lightning steps there too, and counts the
         accumulation from the epoch's start), then the optimizer step. The loss is divided by the accumulation."""
         while True:
-            total = self.micro_step(self.next_batch())
+            total = self.micro_step(self.next_batch(), section)
             if not self.losses:
                 self.losses.append(float(total.detach().float()))
             if self.served % self.accumulation == 0 or self.epoch_done():
                 break
-        self.optimizer_step()
+        with section("optimizer (clip, step)"):
+            self.optimizer_step()
+
+
+PLAIN_NAMES = {"student backward": "backward"}  # the plain loop's section names -> the framework breakdown's
+
+
+def plain_breakdown(plain: Plain, steps: int) -> dict[str, float]:
+    """The plain loop's parts per optimizer step, in the framework breakdown's clock and names (CUDA: synchronised
+    wall; CPU: process CPU time); ``rest`` is the noise draws, the loss and the loop."""
+    device = plain.device
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    totals: dict[str, float] = {}
+
+    @contextmanager
+    def section(name: str):
+        _sync(device)
+        start = clock()
+        yield
+        _sync(device)
+        name = PLAIN_NAMES.get(name, name)
+        totals[name] = totals.get(name, 0.0) + clock() - start
+
+    plain.data_wait = 0.0
+    _sync(device)
+    start = clock()
+    for _ in range(steps):
+        plain.train_step(section)
+    _sync(device)
+    step = (clock() - start) / steps
+    parts = {name: seconds / steps for name, seconds in totals.items()}
+    parts["data wait"] = plain.data_wait / steps
+    parts["rest (noise, loss, loop)"] = max(0.0, step - sum(parts.values()))
+    return {"step_s": step, "parts": parts}
 
 
 def build_plain(cfg: DictConfig, device: torch.device, weights: str, accumulation: int) -> Plain:
@@ -897,6 +930,8 @@ def bench_point(bcfg, base: list[str], point: list[str], run_dir: Path, device, 
         result["first_loss_rel_diff"] = abs(framework["first_loss"] - plain["first_loss"]) / max(
             abs(plain["first_loss"]), 1e-12
         )
+        if bcfg.breakdown:
+            result["plain_breakdown"] = plain_breakdown(state, bcfg.steps)
         if bcfg.flops:
             parts = count_flops(state)
             micro = framework["micro_batch"]
@@ -1061,10 +1096,16 @@ def report(result: dict) -> None:
             b = p["breakdown"]
             clock = "wall, each mark synchronises CUDA" if b["clock"] != "process CPU time" else "process CPU time"
             print(f"step-time breakdown per optimizer step ({_ms(b['step_s'])} in the breakdown run; {clock}):")
-            if "plain" in p:
-                print(f"  (the plain loop's data wait: {_ms(p['plain']['data_wait_s'])} in the same clock)")
+            plain = p.get("plain_breakdown", {"parts": {}})
+            print(f"  {'':<52}{'framework':>11}{'':>7}{'plain':>11}  ({_ms(plain.get('step_s', float('nan')))} a step)")
             for name, seconds in b["parts"].items():
-                print(f"  {name:<52}{_ms(seconds):>11}{seconds / b['step_s'] * 100:>7.1f}%")
+                other = plain["parts"].get(name)
+                other = _ms(other) if other is not None else "-"
+                print(f"  {name:<52}{_ms(seconds):>11}{seconds / b['step_s'] * 100:>6.1f}%{other:>11}")
+            if "rest (noise, loss, loop)" in plain["parts"]:
+                print(
+                    f"  {'plain: rest (noise, loss, loop)':<52}{'':>18}{_ms(plain['parts']['rest (noise, loss, loop)']):>11}"
+                )
     if "frozen_parts" in result:
         fp = result["frozen_parts"]
         print(
