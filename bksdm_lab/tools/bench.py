@@ -75,7 +75,7 @@ def random_teacher(configs: str, device: torch.device, load_vae: bool = True, se
         unet = UNet2DConditionModel.from_config(cfg["unet"])
         vae = AutoencoderKL.from_config(cfg["vae"]) if load_vae else None
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    return Teacher(
+    teacher = Teacher(
         name=configs,
         source="random",
         unet=unet,
@@ -85,6 +85,16 @@ def random_teacher(configs: str, device: torch.device, load_vae: bool = True, se
         scheduler=PNDMScheduler.from_config(cfg["scheduler"]),
         noise_scheduler=DDPMScheduler.from_config(cfg["scheduler"]),
     )
+
+    def ensure_vae(device=None, dtype=None):  # cached latents: a random VAE when one is needed (the export)
+        if teacher.vae is None:
+            teacher.vae = AutoencoderKL.from_config(cfg["vae"]).requires_grad_(False).eval()
+        if device is not None or dtype is not None:
+            teacher.vae.to(device=device, dtype=dtype)
+        return teacher.vae
+
+    teacher.ensure_vae = ensure_vae
+    return teacher
 
 
 def synthetic_latents(out: Path, teacher: str, resolution: int, num: int, seed: int = 0) -> Path:
