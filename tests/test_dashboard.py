@@ -199,9 +199,13 @@ def test_every_plotted_key_is_logged_by_a_real_run(logged):
     # the per-layer keys: exactly the tiny arch's feature_pairs, all matched by the regex panel too
     feat = sorted(k for k in logged if k.startswith(db.FEAT_KD_PREFIX))
     assert feat == sorted(db.feat_kd_key(layer) for layer in db.arch_feature_layers("tiny"))
-    (regex,) = db.plotted_regexes(sections)
-    assert all(re.match(regex, k) for k in feat)
-    assert not [k for k in logged if re.match(regex, k) and not k.startswith(db.FEAT_KD_PREFIX)]
+    regexes = db.plotted_regexes(sections)
+    assert sorted(regexes) == sorted([f"^{db.FEAT_KD_PREFIX}.*", f"^{db.ATTN_KD_PREFIX}.*", "^train/loss_.*"])
+    feat_regex = f"^{db.FEAT_KD_PREFIX}.*"
+    assert all(re.match(feat_regex, k) for k in feat)
+    assert not [k for k in logged if re.match(feat_regex, k) and not k.startswith(db.FEAT_KD_PREFIX)]
+    # every logged loss part is on the loss-terms regex panel
+    assert sorted(k for k in logged if re.match("^train/loss_.*", k)) == sorted(db.loss_keys()[1:])
 
     # the rare keys are real here, not just present: the corrupt JPEG is counted, eval ran, the table is a table
     assert max(logged["data/skipped_corrupt"]) >= 1
@@ -215,6 +219,9 @@ def test_every_plotted_key_is_logged_by_a_real_run(logged):
     unplotted = {
         k
         for k in logged
-        if metric.match(k) and k not in plotted and not re.match(regex, k) and k.rsplit("/", 1)[0] not in plotted
+        if metric.match(k)
+        and k not in plotted
+        and not any(re.match(r, k) for r in regexes)
+        and k.rsplit("/", 1)[0] not in plotted
     }
     assert not unplotted, f"logged but not on the dashboard: {sorted(unplotted)}"

@@ -31,6 +31,7 @@ DEFAULT_PROJECT = "bksdm_lab"  # conf/logger/wandb.yaml: project
 DEFAULT_ARCH = "tiny"  # conf/train.yaml: the default arch
 LOSS_TERMS = ("task", "out_kd", "feat_kd")  # conf/loss/bksdm.yaml: terms
 FEAT_KD_PREFIX = "train/feat_kd/"
+ATTN_KD_PREFIX = "train/attn_kd/"  # conf/loss/bksdm_attn.yaml: the attn_kd term
 SAMPLE_MODELS = ("teacher", "student", "ema")
 SAMPLES_TABLE = "samples/table"
 EVAL_METRICS = ("fid", "is", "clip_score")
@@ -118,11 +119,17 @@ def workspace_sections(feature_layers: Sequence[str] = ()) -> list[Section]:
     skipped, converted = data_keys()
     line = lambda key, title=None: Panel("line", title or key, (key,))  # noqa: E731
     feat = [Panel("line", "feature KD, every layer", regex=f"^{FEAT_KD_PREFIX}.*")]
+    # loss=bksdm_attn: the self-attention term's per-layer keys (absent from runs without it)
+    feat.append(Panel("line", "self-attention KD, every layer", regex=f"^{ATTN_KD_PREFIX}.*"))
     feat += [line(feat_kd_key(layer), f"feature KD: {layer}") for layer in feature_layers]
     return [
         Section(
             "Loss",
-            (Panel("line", "loss terms", tuple(loss_keys())), *(line(k) for k in loss_keys())),
+            (
+                Panel("line", "loss terms", tuple(loss_keys())),
+                *(line(k) for k in loss_keys()),
+                Panel("line", "every loss term (incl. attn_kd)", regex="^train/loss_.*"),
+            ),
             note="every optimizer step; a term weighted 0 (loss.weights.<term>=0) is not logged",
         ),
         Section("Feature KD per layer", tuple(feat), note="one key per arch.feature_pairs student module"),
@@ -135,6 +142,7 @@ def workspace_sections(feature_layers: Sequence[str] = ()) -> list[Section]:
                 line("perf/images_per_s", "images/s"),
                 line("perf/step_time_s", "optimizer step time (s)"),
                 line("perf/peak_mem_gb", "peak memory (GB)"),
+                line("perf/first_step_s", "first optimizer step (s; torch.compile's compilation included)"),
             ),
         ),
         Section(
