@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import resource
 import sys
 import time
@@ -14,6 +15,8 @@ from PIL import Image
 
 from bksdm_lab.data.common import DataError
 from bksdm_lab.models.export import WEIGHTS, build_pipeline, card_info, export_pipeline, push_to_hub
+
+log = logging.getLogger("bksdm_lab")
 
 
 class SampleImages(pl.Callback):
@@ -138,31 +141,79 @@ class SampleImages(pl.Callback):
 
 
 class Throughput(pl.Callback):
-    """Logs per optimizer step: wall time, images/s (the usable images of the step's micro-batches x devices) and
-    peak memory. A micro-batch whose samples were all unusable (no ``input_ids``: the data-quality callback counts
+    """Logs, on Lightning's logging steps (``trainer.log_every_n_steps``): the mean optimizer-step time and images/s
+    (the usable images of the micro-batches x devices) since the previous logging step, and peak memory. The first
+    optimizer step of a fit is timed on its own (``perf/first_step_s``, also in the log: on CUDA it holds
+    torch.compile's compilation and the memory probe of gradient_checkpointing=auto) and counted in neither. The
+    clock is read once per micro-batch and the CUDA stream synchronised only on logging steps, so the hot loop has no
+    host sync. A micro-batch whose samples were all unusable (no ``input_ids``: the data-quality callback counts
     them) adds no image and crashes nothing."""
 
     def __init__(self):
-        self._start: float | None = None
-        self._step = -1
+        self._start: float | None = None  # start of the current window (None: the fit's first step is running)
+        self._fit_start: float | None = None
+        self._step = -1  # the optimizer step count seen at the end of the last micro-batch
         self._images = 0
+        self._steps = 0
+        self.first_step_s: float | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        self._start, self._fit_start, self._step, self._images, self._steps = None, None, trainer.global_step, 0, 0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if self._start is None or trainer.global_step != self._step:
-            self._start, self._step, self._images = time.perf_counter(), trainer.global_step, 0
+        if self._fit_start is None:
+            self._fit_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self._images += usable_samples(batch)
-        if trainer.global_step == self._step or self._start is None:
+        if trainer.global_step == self._step:
             return  # still accumulating
-        seconds = time.perf_counter() - self._start
+        self._step = trainer.global_step
+        if self._start is None:  # the first optimizer step of this fit
+            _synchronize(module.device)
+            now = time.perf_counter()
+            self.first_step_s = now - (self._fit_start or now)
+            self._start, self._images, self._steps = now, 0, 0
+            for logger in trainer.loggers:
+                logger.log_metrics({"perf/first_step_s": self.first_step_s}, step=_logged_step(trainer))
+            log.info(
+                "first optimizer step: %.2f s (with torch.compile's compilation when it is on; not in perf/*)",
+                self.first_step_s,
+            )
+            return
+        self._steps += 1
+        if not logging_step(trainer):
+            return
+        _synchronize(module.device)
+        seconds = max(time.perf_counter() - self._start, 1e-9)
         metrics = {
-            "perf/step_time_s": seconds,
+            "perf/step_time_s": seconds / self._steps,
             "perf/images_per_s": self._images * trainer.world_size / seconds,
             "perf/peak_mem_gb": peak_memory_gb(module.device),
         }
+        metrics = {k: torch.tensor(float(v)) for k, v in metrics.items()}  # CPU tensors: no host-device copy
         module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=max(self._images, 1))
-        self._start, self._images = None, 0
+        self._start, self._images, self._steps = time.perf_counter(), 0, 0
+
+
+def logging_step(trainer) -> bool:
+    """Whether Lightning writes the metrics of the current optimizer step (``trainer.log_every_n_steps``)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    try:
+        return bool(connector.should_update_logs) if connector is not None else True
+    except (AttributeError, NotImplementedError):
+        return True
+
+
+def _logged_step(trainer) -> int:
+    """The step Lightning's loggers record for the current optimizer step."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def usable_samples(batch) -> int:
@@ -194,6 +245,7 @@ class EMA(pl.Callback):
         self.decay, self.start_step = float(decay), int(start_step)
         self.model: torch.nn.Module | None = None
         self._step = -1
+        self._pairs: tuple[int, list, list] | None = None  # (id of the student, EMA tensors, student tensors)
 
     def setup(self, trainer, module, stage: str) -> None:
         if self.model is None:
@@ -201,6 +253,11 @@ class EMA(pl.Callback):
 
     def on_fit_start(self, trainer, module) -> None:
         self.model.to(module.device)
+        with torch.no_grad():  # the student's memory format (channels_last), so the foreach update is one fast pass
+            for e, p in zip(self.model.parameters(), module.student.parameters(), strict=True):
+                if e.stride() != p.stride() and e.shape == p.shape:
+                    e.data = torch.empty_like(p, dtype=e.dtype).copy_(e.data)
+        self._pairs = None
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -208,7 +265,10 @@ class EMA(pl.Callback):
         if step == self._step or self.model is None:
             return  # no optimizer step since the last update (accumulating)
         self._step = step
-        ema, params = list(self.model.parameters()), [p.detach() for p in module.student.parameters()]
+        if self._pairs is None or self._pairs[0] != id(module.student):  # the tensor lists, built once
+            student = [p.detach() for p in module.student.parameters()]
+            self._pairs = (id(module.student), list(self.model.parameters()), student)
+        _, ema, params = self._pairs
         if step < self.start_step:  # before the start: the EMA follows the student
             torch._foreach_copy_(ema, params)
         else:
@@ -223,6 +283,7 @@ class EMA(pl.Callback):
             k[len("ema_student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("ema_student.")
         }
         self.setup(trainer, module, "fit")
+        self._pairs = None
         if state:
             self.model.load_state_dict(state)
         else:  # EMA turned on when resuming a run without it: start from the student
@@ -256,11 +317,13 @@ class DataQuality(pl.Callback):
             return
         counts = self.counts
         counts["seen"] += int(batch["num_samples"])
+        log_now = logging_step(trainer)  # cumulative counts: logged when Lightning writes metrics, as CPU tensors
         for kind in ("skipped", "converted"):
             for reason, n in batch[kind].items():
                 key = f"{kind}_{reason}"
                 counts[key] = counts.get(key, 0) + int(n)
-                module.log(f"data/{key}", float(counts[key]), reduce_fx="max", batch_size=1)
+                if log_now:
+                    module.log(f"data/{key}", torch.tensor(float(counts[key])), reduce_fx="max", batch_size=1)
         data = trainer.datamodule
         limit, after = getattr(data, "max_skipped_fraction", None), getattr(data, "skip_check_after", 0)
         skipped = sum(v for k, v in counts.items() if k.startswith("skipped_"))

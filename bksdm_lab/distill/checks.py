@@ -75,12 +75,22 @@ def _expand(cfg: DictConfig, pattern: str) -> list[tuple[str, Any]]:
 
 def check_values(cfg: DictConfig) -> list[str]:
     """One line per config value that breaks a rule of :data:`RULES`, and per bad argument of a loss term."""
-    return [
-        f"{key}={value} must be {allowed}"
-        for pattern, ok, allowed in RULES
-        for key, value in _expand(cfg, pattern)
-        if not ok(value)
-    ] + check_loss_config(cfg)
+    return (
+        [
+            f"{key}={value} must be {allowed}"
+            for pattern, ok, allowed in RULES
+            for key, value in _expand(cfg, pattern)
+            if not ok(value)
+        ]
+        + check_loss_config(cfg)
+        + _check_module_config(cfg)
+    )
+
+
+def _check_module_config(cfg: DictConfig) -> list[str]:
+    from bksdm_lab.distill.module import check_config  # the module imports this file
+
+    return check_config(cfg)
 
 
 def check_call_args(cfg: DictConfig, key: str, given_later: tuple[str, ...]) -> list[str]:
