@@ -472,6 +472,10 @@ def framework_run(
         "loggers": [type(lg).__name__ for lg in built.trainer.loggers],
         "student_params": count_params(built.student),
         "steps_trained": built.trainer.global_step,
+        # what the run resolved (the plain loop does the same): gradient checkpointing, the frozen parts' dtype
+        "gradient_checkpointing": bool(getattr(built.student, "is_gradient_checkpointing", False)),
+        "frozen_dtype": str(next(built.module.teacher_unet.parameters()).dtype),
+        "fast_path": {k: str(v) for k, v in (getattr(built.module, "fast_path", None) or {}).items()},
         "train_cfg": resolved,
     }
     if breakdown:
@@ -550,7 +554,10 @@ class Plain:
     def micro_step(self, batch: dict, section=lambda name: nullcontext()) -> torch.Tensor:
         """One micro-batch: the draws of (seed, step, sample index), encode, noise, both U-Nets, loss, backward."""
         dev = self.device
-        batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        # the sample indices stay on the host (they seed the generators; on the device, reading them would sync)
+        batch = {
+            k: v.to(dev, non_blocking=True) if torch.is_tensor(v) and k != "index" else v for k, v in batch.items()
+        }
         gens = [
             torch.Generator(device=dev).manual_seed(sample_seed(self.seed, self.step, int(i)))
             for i in batch["index"].tolist()
@@ -660,7 +667,14 @@ def plain_breakdown(plain: Plain, steps: int) -> dict[str, float]:
     return {"step_s": step, "parts": parts}
 
 
-def build_plain(cfg: DictConfig, device: torch.device, weights: str, accumulation: int) -> Plain:
+def build_plain(
+    cfg: DictConfig,
+    device: torch.device,
+    weights: str,
+    accumulation: int,
+    checkpointing: bool | None = None,
+    frozen_dtype: torch.dtype | None = None,
+) -> Plain:
     """Teacher, student, loss, data and optimizer from the same config, with no Lightning object in the loop (the
     data module only makes the DataLoader, as it does for the Trainer)."""
     from hydra.utils import instantiate
@@ -675,11 +689,12 @@ def build_plain(cfg: DictConfig, device: torch.device, weights: str, accumulatio
     if precision not in (*HALF, *FULL):
         raise ValueError(f"trainer.precision={precision!r}: the plain loop runs {sorted((*HALF, *FULL))}")
     half = HALF.get(precision)
+    frozen_dtype = frozen_dtype or half or torch.float32  # what the framework's frozen parts ran in
     for part in (teacher.unet, teacher.vae, teacher.text_encoder):
         if part is not None:
-            part.to(device, half or torch.float32).requires_grad_(False).eval()
+            part.to(device, frozen_dtype).requires_grad_(False).eval()
     student.train()
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is True if checkpointing is None else checkpointing:  # as the framework decided
         student.enable_gradient_checkpointing()
     loss = instantiate(cfg.loss).to(device)
     pairs = loss.feature_pairs
@@ -687,7 +702,11 @@ def build_plain(cfg: DictConfig, device: torch.device, weights: str, accumulatio
         (FeatureTaps(student, [s for _, s in pairs]), FeatureTaps(teacher.unet, [t for t, _ in pairs])) if pairs else ()
     )
     datamodule = instantiate(cfg.data, tokenizer=teacher.tokenizer)
-    optimizer = instantiate(cfg.optimizer)(params=[p for p in student.parameters() if p.requires_grad])
+    factory = instantiate(cfg.optimizer)
+    fused = (
+        {"fused": True} if device.type == "cuda" and "fused" in cfg.optimizer and cfg.optimizer.fused is None else {}
+    )
+    optimizer = factory(params=[p for p in student.parameters() if p.requires_grad], **fused)  # as the module does
     clip = cfg.trainer.get("gradient_clip_val")
     algorithm = cfg.trainer.get("gradient_clip_algorithm") or "norm"
     if clip and algorithm != "norm":
@@ -704,14 +723,17 @@ def build_plain(cfg: DictConfig, device: torch.device, weights: str, accumulatio
         half=half,
         scaler=torch.amp.GradScaler(device.type) if precision == "16-mixed" else None,
         seed=int(cfg.seed),
-        frozen_dtype=half or torch.float32,
+        frozen_dtype=frozen_dtype,
         taps=taps,
     )
 
 
-def plain_run(cfg: DictConfig, bcfg, device: torch.device, weights: str, accumulation: int) -> tuple[dict, Plain]:
+def plain_run(cfg: DictConfig, bcfg, device: torch.device, weights: str, framework: dict) -> tuple[dict, Plain]:
     start, start_cpu = time.perf_counter(), time.process_time()
-    plain = build_plain(cfg, device, weights, accumulation)
+    frozen = getattr(torch, framework["frozen_dtype"].removeprefix("torch."))
+    plain = build_plain(
+        cfg, device, weights, framework["accumulation"], framework["gradient_checkpointing"], frozen_dtype=frozen
+    )
     plain.train_step()
     _sync(device)
     startup, startup_cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -933,7 +955,7 @@ def bench_point(bcfg, base: list[str], point: list[str], run_dir: Path, device, 
         if "profile" in split:
             result["breakdown"]["profile"] = split["profile"]
     if bcfg.plain:
-        plain, state = plain_run(cfg, bcfg, device, weights, framework["accumulation"])
+        plain, state = plain_run(cfg, bcfg, device, weights, framework)
         result["plain"] = plain
         result["ratio"] = framework["step_s"] / plain["step_s"]
         result["ratio_cpu_time"] = framework["step_cpu_s"] / plain["step_cpu_s"]
