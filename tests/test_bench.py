@@ -57,6 +57,7 @@ def test_bench_times_framework_and_plain_loop_with_a_breakdown(
     assert (point["arch"], point["resolution"], point["micro_batch"], point["accumulation"]) == ("tiny", 64, 2, 2)
     assert fw["steps_trained"] == plain["steps_trained"] == 3  # warm-up 1 + 2 timed optimizer steps
     assert fw["student_params"] == 1_476_484  # the demo teacher's Tiny student
+    assert plain["interleaved"]  # on CPU the plain loop steps between the framework's steps (same load)
     assert {"EMA", "Throughput", "DataQuality", "ModelCheckpoint"} <= set(fw["callbacks"])
     for run in (fw, plain):
         assert run["step_s"] > 0 and run["step_cpu_s"] > 0 and run["startup_s"] > 0

@@ -177,8 +177,11 @@ class StepTimer(pl.Callback):
     first, so the window holds exactly ``steps`` steps of everything). Also records the end of the first optimizer
     step (start-up) and the first micro-batch's loss. On CUDA it synchronises at the two marks only."""
 
-    def __init__(self, warmup: int, steps: int):
+    def __init__(self, warmup: int, steps: int, partner=None):
         self.warmup, self.steps = warmup, steps
+        self.partner = partner  # called at the end of every optimizer step; its time is taken out of the window
+        self.excluded = self.excluded_cpu = 0.0
+        self._seen = 0
         self.first_step_end: float | None = None
         self.marks: dict[str, float] = {}  # start-up: wall time of the first of each hook
         self.start: float | None = None
@@ -213,9 +216,21 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        new, self._seen = step != self._seen, step
         if self.first_step_end is None and step >= 1:
             _sync(module.device)
             self.first_step_end, self.first_step_end_cpu = time.perf_counter(), time.process_time()
+        if self.start is not None and self.end is None and step == self.warmup + self.steps:
+            _sync(module.device)
+            self.end, self.end_cpu = time.perf_counter(), time.process_time()
+            if module.device.type == "cuda":
+                self.peak_mem_gb = torch.cuda.max_memory_allocated(module.device) / 2**30
+            if self.on_window_end:
+                self.on_window_end()
+        if new and step >= 1 and self.partner is not None:
+            wall, cpu = self.partner(step, module)
+            if self.start is not None and self.end is None:
+                self.excluded, self.excluded_cpu = self.excluded + wall, self.excluded_cpu + cpu
         if self.start is None and step == self.warmup:
             _sync(module.device)
             if module.device.type == "cuda":
@@ -223,25 +238,18 @@ class StepTimer(pl.Callback):
             self.start, self.start_cpu = time.perf_counter(), time.process_time()
             if self.on_window_start:
                 self.on_window_start()
-        elif self.start is not None and self.end is None and step == self.warmup + self.steps:
-            _sync(module.device)
-            self.end, self.end_cpu = time.perf_counter(), time.process_time()
-            if module.device.type == "cuda":
-                self.peak_mem_gb = torch.cuda.max_memory_allocated(module.device) / 2**30
-            if self.on_window_end:
-                self.on_window_end()
 
     @property
     def step_s(self) -> float:
         if self.start is None or self.end is None:
             raise RuntimeError(f"the fit ended before {self.warmup} + {self.steps} optimizer steps")
-        return (self.end - self.start) / self.steps
+        return (self.end - self.start - self.excluded) / self.steps
 
     @property
     def step_cpu_s(self) -> float:
         """The process's CPU time per step (all its threads): on a shared machine, the work done, whatever the load."""
         self.step_s  # noqa: B018 (the same check)
-        return (self.end_cpu - self.start_cpu) / self.steps
+        return (self.end_cpu - self.start_cpu - self.excluded_cpu) / self.steps
 
 
 CALLBACK_HOOKS = (
@@ -434,7 +442,7 @@ class _TimedIterator:
 
 # ---- the framework ----------------------------------------------------------------------------------------------
 def framework_run(
-    overrides: list[str], run_dir: Path, bcfg, device: torch.device, breakdown: bool, weights: str
+    overrides: list[str], run_dir: Path, bcfg, device: torch.device, breakdown: bool, weights: str, interleave=False
 ) -> dict:
     """Compose, build and fit the real training path; the timer's numbers (and the breakdown when asked)."""
     from bksdm_lab import train as train_app
@@ -449,7 +457,8 @@ def framework_run(
         built = train_app.build(cfg, teacher=teacher)
         built_at = time.perf_counter()
         timer = PartTimer(bcfg.warmup, bcfg.steps, profile=bool(bcfg.profile)) if breakdown else None
-        timer = timer or StepTimer(bcfg.warmup, bcfg.steps)
+        partner = Interleaved(resolved, bcfg, device, weights) if interleave and not breakdown else None
+        timer = timer or StepTimer(bcfg.warmup, bcfg.steps, partner=partner)
         built.trainer.callbacks.insert(0, timer)
         if breakdown:
             timer.install(built.trainer, built.module)
@@ -478,13 +487,15 @@ def framework_run(
         "fast_path": {k: str(v) for k, v in (getattr(built.module, "fast_path", None) or {}).items()},
         "train_cfg": resolved,
     }
+    if partner is not None:
+        out["plain"], out["plain_state"] = partner.result(), partner.plain
     if breakdown:
         out["parts"], out["clock_s"] = timer.per_step(), timer.step_clock_s
         if timer.profiler is not None:
             (run_dir / "profile.txt").write_text(timer.profile_text())
             timer.profiler.dump_stats(run_dir / "profile.prof")  # python -m pstats <file>: callers, callees
             out["profile"] = str(run_dir / "profile.txt")
-    del built, timer, teacher
+    del built, timer, teacher, partner
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -728,6 +739,54 @@ def build_plain(
     )
 
 
+class Interleaved:
+    """The plain loop stepped between the framework's optimizer steps (``interleave``): built right after the
+    framework's first step (so the framework's start-up is measured first, cold), then one plain step after each
+    framework step; the plain steps after framework steps ``warmup + 1 .. warmup + steps`` are timed. Both loops then
+    see the same machine load, step by step (on a shared machine the sequential runs can see different loads)."""
+
+    def __init__(self, cfg: DictConfig, bcfg, device: torch.device, weights: str):
+        self.cfg, self.bcfg, self.device, self.weights = cfg, bcfg, device, weights
+        self.plain: Plain | None = None
+        self.startup = self.startup_cpu = 0.0
+        self.times: list[tuple[float, float]] = []
+
+    def __call__(self, step: int, module) -> tuple[float, float]:
+        _sync(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        if self.plain is None:
+            checkpointing = bool(getattr(module.student, "is_gradient_checkpointing", False))
+            frozen = next(module.teacher_unet.parameters()).dtype
+            accumulation = module.trainer.accumulate_grad_batches
+            self.plain = build_plain(self.cfg, self.device, self.weights, accumulation, checkpointing, frozen)
+        elif step == self.bcfg.warmup + 1:
+            self.plain.data_wait = 0.0
+        self.plain.train_step()
+        _sync(self.device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        if self.plain.step == 1:
+            self.startup, self.startup_cpu = wall, cpu
+        elif self.bcfg.warmup < step <= self.bcfg.warmup + self.bcfg.steps:
+            self.times.append((wall, cpu))
+        return wall, cpu
+
+    def result(self) -> dict:
+        n = len(self.times)
+        if n != self.bcfg.steps:
+            raise RuntimeError(f"the interleaved plain loop timed {n} steps, not {self.bcfg.steps}")
+        return {
+            "step_s": sum(w for w, _ in self.times) / n,
+            "step_cpu_s": sum(c for _, c in self.times) / n,
+            "data_wait_s": self.plain.data_wait / n,
+            "startup_s": self.startup,
+            "startup_cpu_s": self.startup_cpu,
+            "first_loss": self.plain.losses[0],
+            "steps_trained": self.plain.step,
+            "peak_mem_gb": None,
+            "interleaved": True,
+        }
+
+
 def plain_run(cfg: DictConfig, bcfg, device: torch.device, weights: str, framework: dict) -> tuple[dict, Plain]:
     start, start_cpu = time.perf_counter(), time.process_time()
     frozen = getattr(torch, framework["frozen_dtype"].removeprefix("torch."))
@@ -884,7 +943,7 @@ def bench_dataloader(workers: int, tokenizer, num_images: int = 96, batch: int =
 def check(cfg) -> None:
     """One line per bad value, before anything is built."""
     problems = []
-    for key, allowed in (("weights", WEIGHTS), ("source", SOURCES)):
+    for key, allowed in (("weights", WEIGHTS), ("source", SOURCES), ("interleave", ("auto", True, False))):
         if cfg[key] not in allowed:
             problems.append(f"{key}={cfg[key]!r} is not one of {list(allowed)}")
     for key, low in (("steps", 1), ("warmup", 1)):
@@ -941,7 +1000,9 @@ def bench_point(bcfg, base: list[str], point: list[str], run_dir: Path, device, 
         "trainer.accelerator=" + ("gpu" if device.type == "cuda" else "cpu"),
     ]
 
-    framework = framework_run(overrides, run_dir / "framework", bcfg, device, breakdown=False, weights=weights)
+    interleave = bcfg.plain and (bcfg.interleave if bcfg.interleave != "auto" else device.type == "cpu")
+    framework = framework_run(overrides, run_dir / "framework", bcfg, device, False, weights, interleave)
+    interleaved = (framework.pop("plain", None), framework.pop("plain_state", None))
     cfg = framework.pop("train_cfg")
     result = {"overrides": overrides, "framework": framework}
     if bcfg.breakdown:
@@ -955,7 +1016,7 @@ def bench_point(bcfg, base: list[str], point: list[str], run_dir: Path, device, 
         if "profile" in split:
             result["breakdown"]["profile"] = split["profile"]
     if bcfg.plain:
-        plain, state = plain_run(cfg, bcfg, device, weights, framework)
+        plain, state = interleaved if interleaved[0] else plain_run(cfg, bcfg, device, weights, framework)
         result["plain"] = plain
         result["ratio"] = framework["step_s"] / plain["step_s"]
         result["ratio_cpu_time"] = framework["step_cpu_s"] / plain["step_cpu_s"]
