@@ -201,6 +201,17 @@ def test_a_checkpoint_of_another_arch_says_which(run, tmp_path, capsys, no_teach
     assert f"ckpt_path='{ckpt}' holds a student of arch=base, but this run asks for arch=tiny" in line
 
 
+def test_a_checkpoint_of_another_keep_pattern_says_which(run, tmp_path, capsys, no_teacher):
+    """arch=keep names every pattern alike: the pattern itself must match (the student's tensors differ)."""
+    ckpt = tmp_path / "keep.ckpt"
+    saved = {"down": None, "up": [[0, 2], [0, 2], [0, 1, 2], [0, 2]], "mid": True}
+    meta = {"config": {"arch": {"name": "keep", "keep": saved}}}
+    torch.save({"state_dict": {}, "global_step": 3, "bksdm": meta}, ckpt)
+    (line,) = refused(run, tmp_path, capsys, "arch=keep", "arch.keep.up=[[0,2],[0,2],[0,2],[0,2]]", f"ckpt_path={ckpt}")
+    assert f"ckpt_path='{ckpt}' holds a student of the keep pattern arch.keep={saved}" in line
+    assert "resume with the pattern it was trained with" in line
+
+
 def test_truncated_and_foreign_checkpoints_are_one_line_without_an_unsafe_hint(run, tmp_path, capsys, no_teacher):
     whole = tmp_path / "whole.ckpt"
     torch.save({"state_dict": {"student.w": torch.ones(1000)}, "bksdm": {}}, whole)

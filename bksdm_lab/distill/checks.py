@@ -139,12 +139,20 @@ def check_resume(cfg: DictConfig, path: str | Path) -> list[str]:
     if not isinstance(meta, dict) or "state_dict" not in ckpt:
         return [f"ckpt_path={str(path)!r} is not a bksdm_lab.train checkpoint (it has no student and run config)"]
     problems = []
-    arch = ((meta.get("config") or {}).get("arch") or {}).get("name")
+    saved = (meta.get("config") or {}).get("arch") or {}
+    arch = saved.get("name")
     if arch is not None and arch != cfg.arch.name:
         problems.append(
             f"ckpt_path={str(path)!r} holds a student of arch={arch}, but this run asks for arch={cfg.arch.name}: "
             f"resume with arch={arch}"
         )
+    elif saved.get("keep") is not None and "keep" in cfg.arch:  # same name (arch=keep), maybe another pattern
+        asked = OmegaConf.to_container(cfg.arch.keep, resolve=True)
+        if saved["keep"] != asked:
+            problems.append(
+                f"ckpt_path={str(path)!r} holds a student of the keep pattern arch.keep={saved['keep']}, but this run "
+                f"asks for arch.keep={asked}: resume with the pattern it was trained with"
+            )
     step, max_steps = int(ckpt.get("global_step", 0)), int(cfg.trainer.get("max_steps", -1))
     if max_steps != -1 and step >= max_steps:
         problems.append(
