@@ -1,5 +1,5 @@
 # make demo  : install (once) and run the offline demo
-# make test  : install (once) and run the test suite
+# make test  : install (once) and run the test suite (2 pytest-xdist workers)
 # make arch  : print the architecture report
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -24,7 +24,7 @@ demo: install
 	$(PY) -m bksdm_lab.train experiment=demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -305,6 +305,7 @@ def _fsdp_rank(rank: int, port: int, teacher_dir: str, policy_classes: list[str]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("two_ranks")  # as test_distributed's 2-rank runs: one at a time under -n 2
 def test_taps_fire_through_fsdp_sharded_on_two_ranks(demo_teacher_dir, fsdp_cfg):
     """FULL_SHARD over 2 gloo processes (torch FSDP with device_id=cpu, as Lightning cannot on CPU): every forward
     gathers and frees each unit's parameters, and the taps still hold the plain forward's features."""
