@@ -55,7 +55,8 @@ def pytest_collection_modifyitems_xdist_group_ids(config, items):
             str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in item.iter_markers("xdist_group")
         }
         node_id = getattr(item, "_id", None)
-        if groups and "@" not in item.nodeid and node_id is not None and hasattr(type(node_id), "parse"):
+        suffixed = item.nodeid.rfind("@") > item.nodeid.rfind("]")  # pytest-xdist's own test for a group suffix
+        if groups and not suffixed and node_id is not None and hasattr(type(node_id), "parse"):
             item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
 
 
