@@ -58,8 +58,8 @@ def test_every_group_has_options():
     groups = {g for g, _ in OPTIONS}
     assert groups == set(GROUPS)
     assert {o for g, o in OPTIONS if g == "arch"} == {"base", "keep", "small", "tiny"}
-    assert {o for g, o in OPTIONS if g == "experiment"} == {"ablation", "demo", "paper", "paper_2m", "paper_v2"}
-    assert {o for g, o in OPTIONS if g == "teacher"} == {"demo", "sd14", "sd15", "sd21", "sd21base"}
+    assert {o for g, o in OPTIONS if g == "experiment"} == {"ablation", "demo", "paper", "paper_2m", "paper_v2", "world"}
+    assert {o for g, o in OPTIONS if g == "teacher"} == {"demo", "sd14", "sd15", "sd21", "sd21base", "world"}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
