@@ -33,6 +33,7 @@ from bksdm_lab.world import judge as J  # noqa: E402
 from bksdm_lab.world import scenes  # noqa: E402
 
 METRICS = ["fid", "agree/all", *(f"agree/{a}" for a in scenes.ATTRIBUTES)]
+RUN_METRICS = ["task_loss_end"]  # the mean train/loss_task of the run's last 5 logged steps (metrics.csv)
 # (better, worse, the claim): checked on the mean over seeds, with whether the seeds' ranges overlap
 CLAIMS = [
     ("bksdm", "random_init", "teacher init beats random init"),
@@ -49,6 +50,16 @@ def generate(pipeline: str, prompts: list[str], out: Path, settings: dict) -> No
         return
     pipe, name = load_pipeline(pipeline=pipeline, device="cpu", precision="fp32")
     generate_images(pipe, prompts, out, grid=16, progress=False, model=name, **settings)
+
+
+def task_loss_end(run_dir: Path, last: int = 5) -> float:
+    """The mean ``train/loss_task`` over the run's last ``last`` logged values (nan without metrics.csv)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return math.nan
+    with path.open(newline="", encoding="utf-8") as f:
+        values = [float(r["train/loss_task"]) for r in csv.DictReader(f) if r.get("train/loss_task") not in (None, "")]
+    return statistics.fmean(values[-last:]) if values else math.nan
 
 
 def summarise(values: list[float]) -> dict:
@@ -118,6 +129,7 @@ def main(argv=None) -> int:
             continue
         generate(str(pipeline), prompts, Path(run["run_dir"]) / EVAL_DIR, sampling)
         scores = J.score_folder(judge, Path(run["run_dir"]) / EVAL_DIR, reference)
+        scores["task_loss_end"] = task_loss_end(Path(run["run_dir"]))
         rows.append({"model": variant, "seed": seed, "wall_s": float(run["wall_s"]), **scores})
         print(f"{variant} seed {seed}: fid {scores['fid']:.3f} agree/all {scores['agree/all']:.3f}", flush=True)
     generate(teacher["pretrained"], prompts, out / "teacher_eval", sampling)
@@ -126,7 +138,7 @@ def main(argv=None) -> int:
     )
     rows.append({"model": "real renders", "seed": "", "wall_s": "", **J.score_real(judge, prompts, reference)})
 
-    fields = ["model", "seed", "wall_s", "n", *METRICS]
+    fields = ["model", "seed", "wall_s", "n", *METRICS, *RUN_METRICS]
     with (out / "scores.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
         if not mine:
             continue
         entry = {"variant": variant, "description": settings["descriptions"].get(variant, ""), "seeds": len(mine)}
-        for key in [*METRICS, "wall_s"]:
+        for key in [*METRICS, *RUN_METRICS, "wall_s"]:
             for stat, value in summarise([r[key] for r in mine]).items():
                 entry[f"{key}_{stat}"] = value
         table.append(entry)
@@ -168,8 +180,8 @@ def main(argv=None) -> int:
         "Mean ± std [min, max] over seeds.",
         "",
         "| variant | seeds | FID (world) ↓ | agreement, all ↑ | colour | shape | size | position | count | background "
-        "| wall s / run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| task loss, last 5 logs ↓ | wall s / run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in table:
         cells = [
@@ -179,6 +191,7 @@ def main(argv=None) -> int:
             fmt(stat(e, "agree/all"), 3),
         ]
         cells += [fmt({**stat(e, f"agree/{a}"), "std": math.nan}, 3) for a in scenes.ATTRIBUTES]
+        cells.append(fmt(stat(e, "task_loss_end"), 3) if e["seeds"] != "" else "")
         cells.append(fmt({**stat(e, "wall_s"), "std": math.nan}, 0) if e["seeds"] != "" else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -186,16 +199,23 @@ def main(argv=None) -> int:
     for better, worse, claim in CLAIMS:
         if better not in by or worse not in by:
             continue
-        b, w = stat(by[better], "fid"), stat(by[worse], "fid")
-        ab, aw = stat(by[better], "agree/all"), stat(by[worse], "agree/all")
-        fid_ok, agree_ok = b["mean"] < w["mean"], ab["mean"] > aw["mean"]
-        apart = b["max"] < w["min"] and ab["min"] > aw["max"]
-        verdict = "holds" if fid_ok and agree_ok else "does not hold" if not fid_ok and not agree_ok else "mixed"
-        lines.append(
-            f"- {claim} ({better} vs {worse}): FID {b['mean']:.2f} vs {w['mean']:.2f}, agreement "
-            f"{ab['mean']:.3f} vs {aw['mean']:.3f}: {verdict}"
-            + (" (seed ranges apart on both)" if apart else " (seed ranges overlap)" if fid_ok or agree_ok else "")
-        )
+        parts = []
+        for key, name, lower, digits in (
+            ("fid", "FID", True, 2),
+            ("agree/all", "agreement", False, 3),
+            ("task_loss_end", "task loss", True, 4),
+        ):
+            b, w = stat(by[better], key), stat(by[worse], key)
+            if math.isnan(b["mean"]) or math.isnan(w["mean"]):
+                continue
+            if b["mean"] == w["mean"]:
+                verdict = "tie"
+            else:
+                wins = (b["mean"] < w["mean"]) == lower
+                apart = (b["max"] < w["min"] or b["min"] > w["max"]) if not math.isnan(b["std"]) else False
+                verdict = ("yes" if wins else "no") + (", seed ranges apart" if apart else ", seed ranges overlap")
+            parts.append(f"{name} {b['mean']:.{digits}f} vs {w['mean']:.{digits}f} ({verdict})")
+        lines.append(f"- {claim}? {better} vs {worse}: " + "; ".join(parts))
     lines.append("")
     lines.append(f"collect: {time.perf_counter() - start:.0f} s wall")
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
