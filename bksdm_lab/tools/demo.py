@@ -111,8 +111,6 @@ def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 8
     parameters). A folder already there is reused only if its ``README.json`` records these same parameters; any
     other folder (other parameters, or not written here) is a ``DataError`` naming it: never reused, never deleted.
     """
-    from bksdm_lab.data.common import DataError
-
     asked = {"num_images": int(num_images), "size": int(size), "seed": int(seed)}
 
     def build(tmp: Path) -> None:
@@ -140,27 +138,42 @@ def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 8
             writer.writerows(rows)
         (tmp / "README.json").write_text(json.dumps({"synthetic": True, **asked}))
 
+    def upgrade(found: dict, out: Path) -> None:  # written before README.json recorded the size
+        if "size" not in found and (out / "00000.jpg").is_file():
+            with Image.open(out / "00000.jpg") as first:
+                found["size"] = first.width if first.width == first.height else list(first.size)
+
+    return publish_dataset(build, out, asked, "synthetic", "synthetic data set", "bksdm_lab", upgrade)
+
+
+def publish_dataset(build, out: str | Path, asked: dict, marker: str, what: str, writer: str, upgrade=None) -> Path:
+    """Build a generated data set at ``out`` once (atomically, :func:`_publish`) and check what is there: it is reused
+    only if its ``README.json`` has ``marker: true`` and records the ``asked`` parameters, and its ``metadata.csv``
+    lists ``asked["num_images"]`` rows; anything else is a ``DataError`` naming the folder (never reused, never
+    deleted). ``upgrade(found, out)`` may fill in parameters that older folders did not record."""
+    from bksdm_lab.data.common import DataError
+
     def describe(params: dict) -> str:
-        return ", ".join(f"{k}={params.get(k, '?')}" for k in asked)
+        return ", ".join(f"{k}={params.get(k, '?')}" for k in asked if k != marker)
 
     out = Path(out).expanduser()
     _publish(build, out)  # a no-op if the folder exists: then check what is there
     readme = out / "README.json"
     try:
         found = json.loads(readme.read_text(encoding="utf-8"))
-        if not isinstance(found, dict) or found.get("synthetic") is not True:
-            raise ValueError("no 'synthetic': true")
+        if not isinstance(found, dict) or found.get(marker) is not True:
+            raise ValueError(f"no '{marker}': true")
     except (OSError, ValueError) as err:
+        article = "an" if what[0] in "aeiou" else "a"
         raise DataError(
-            f"{out} exists but is not a synthetic data set written by bksdm_lab ({readme.name}: {err}); "
+            f"{out} exists but is not {article} {what} written by {writer} ({readme.name}: {err}); "
             f"asked for {describe(asked)}: point the data root elsewhere, or move that folder away"
         ) from None
-    if "size" not in found and (out / "00000.jpg").is_file():  # written before README.json recorded the size
-        with Image.open(out / "00000.jpg") as first:
-            found["size"] = first.width if first.width == first.height else list(first.size)
+    if upgrade is not None:
+        upgrade(found, out)
     if {k: found.get(k) for k in asked} != asked:
         raise DataError(
-            f"the synthetic data set in {out} was written with {describe(found)}, not the {describe(asked)} "
+            f"the {what} in {out} was written with {describe(found)}, not the {describe(asked)} "
             "asked for: point the data root elsewhere (e.g. data.root=<new folder>), or delete that folder to "
             "have it rewritten"
         )
@@ -172,7 +185,7 @@ def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 8
         problem = f"its metadata.csv is not readable ({err})"
     if problem:
         raise DataError(
-            f"the synthetic data set in {out} ({describe(found)}) was changed after it was written: {problem}; "
+            f"the {what} in {out} ({describe(found)}) was changed after it was written: {problem}; "
             "delete that folder to have it rewritten"
         )
     return out

@@ -192,8 +192,7 @@ def write_world(out_dir: str | Path, num_images: int, seed: int, size: int = 64)
     A folder already there is reused only if its ``README.json`` records these same parameters (and the same
     ``WORLD_VERSION``); any other folder is a ``DataError`` naming it: never reused, never deleted.
     """
-    from bksdm_lab.data.common import DataError
-    from bksdm_lab.tools.demo import _publish
+    from bksdm_lab.tools.demo import publish_dataset
 
     if int(num_images) < 1:
         raise ValueError(f"write_world: num_images={num_images} must be at least 1")
@@ -214,38 +213,7 @@ def write_world(out_dir: str | Path, num_images: int, seed: int, size: int = 64)
             writer.writerows(rows)
         (tmp / "README.json").write_text(json.dumps(asked, indent=2) + "\n", encoding="utf-8")
 
-    def describe(params: dict) -> str:
-        return ", ".join(f"{k}={params.get(k, '?')}" for k in asked if k != "world")
-
-    out = Path(out_dir).expanduser()
-    _publish(build, out)  # a no-op if the folder exists: then check what is there
-    readme = out / "README.json"
-    try:
-        found = json.loads(readme.read_text(encoding="utf-8"))
-        if not isinstance(found, dict) or found.get("world") is not True:
-            raise ValueError("no 'world': true")
-    except (OSError, ValueError) as err:
-        raise DataError(
-            f"{out} exists but is not a world set written by bksdm_lab.world ({readme.name}: {err}); asked for "
-            f"{describe(asked)}: point the data root elsewhere, or move that folder away"
-        ) from None
-    if found != asked:
-        raise DataError(
-            f"the world set in {out} was written with {describe(found)}, not the {describe(asked)} asked for: "
-            "point the data root elsewhere (e.g. data.root=<new folder>), or delete that folder to have it rewritten"
-        )
-    try:
-        with (out / "metadata.csv").open(newline="", encoding="utf-8") as f:
-            rows = sum(1 for _ in csv.DictReader(f))
-        problem = None if rows == asked["num_images"] else f"its metadata.csv lists {rows} images"
-    except (OSError, ValueError) as err:
-        problem = f"its metadata.csv is not readable ({err})"
-    if problem:
-        raise DataError(
-            f"the world set in {out} ({describe(found)}) was changed after it was written: {problem}; "
-            "delete that folder to have it rewritten"
-        )
-    return out
+    return publish_dataset(build, out_dir, asked, "world", "world set", "bksdm_lab.world")
 
 
 def read_world(root: str | Path) -> list[tuple[str, Scene]]:
