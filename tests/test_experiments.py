@@ -218,7 +218,7 @@ def test_sweeps_and_shell_variables_expand_into_every_job():
         ["experiment=demo", "arch=small", "loss.weights.feat_kd=1"],
     ]
     assert substitutions(arguments('python -m bksdm_lab.train experiment=paper arch="$arch" "$@"')) == [
-        ["experiment=paper", f"arch={a}"] for a in ("base", "small", "tiny")
+        ["experiment=paper", f"arch={a}"] for a in ("base", "keep", "small", "tiny")  # keep: the pattern template
     ]
     with pytest.raises(AssertionError, match="SHELL_VARIABLES"):
         substitutions(["teacher=$teacher"])
