@@ -16,7 +16,7 @@ from bksdm_lab import train as train_app
 from bksdm_lab.common.checkpoint import AtomicCheckpointIO
 from bksdm_lab.data.common import DataError, ResumableSampler, StatefulLoader
 from bksdm_lab.distill.callbacks import EMA, DataQuality
-from bksdm_lab.distill.losses import KDLoss, OutputKD, TaskLoss
+from bksdm_lab.distill.losses import FeatureKD, KDLoss, OutputKD, TaskLoss
 from bksdm_lab.distill.module import DistillModule
 from bksdm_lab.models.students import init_student_from_teacher
 
@@ -70,6 +70,23 @@ def test_ema_callback_averages_the_student_only_and_checkpoints_it_beside_it(tea
     prefixes = {k.split(".")[0] for k in ckpt["state_dict"]}
     assert prefixes == {"student", "ema_student"}  # no teacher, VAE or text encoder
     assert ckpt["bksdm"]["ema"] is True
+
+
+def test_the_ema_copy_does_not_fire_the_students_feature_taps(teacher):
+    arch = arch_cfg("tiny")
+    student = init_student_from_teacher(teacher.unet, arch)
+    loss = KDLoss({"feat_kd": FeatureKD(arch["feature_pairs"])}, {"feat_kd": 1.0})
+    module = DistillModule(teacher, student, loss, optimizer=torch.optim.AdamW)
+    ema = EMA(decay=0.5)
+    ema.setup(None, module, "fit")
+    latents = torch.randn(1, 4, 8, 8)
+    cond = torch.randn(1, 77, teacher.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        ema.model(latents, torch.tensor([10]), cond)
+    assert module.student_taps.pop() == {}  # sampling with the EMA leaves the student's taps alone
+    with torch.no_grad():
+        module.student(latents, torch.tensor([10]), cond)
+    assert set(module.student_taps.pop()) == {s for _, s in arch["feature_pairs"]}
 
 
 def test_ema_resumes_from_the_checkpoint(teacher, tmp_path):

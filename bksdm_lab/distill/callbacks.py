@@ -250,6 +250,8 @@ class EMA(pl.Callback):
     def setup(self, trainer, module, stage: str) -> None:
         if self.model is None:
             self.model = copy.deepcopy(module.student).requires_grad_(False).eval()
+            for part in self.model.modules():  # the copied feature-tap hooks would write into the student's taps
+                part._forward_hooks.clear()
 
     def on_fit_start(self, trainer, module) -> None:
         self.model.to(module.device)
