@@ -46,18 +46,26 @@ def _switch(name: str, value, allowed) -> Any:
     return value
 
 
-def check_config(cfg) -> list[str]:
-    """One line per bad fast-path value of a train config (``gradient_checkpointing``, ``module.*``), before loading."""
-    module = cfg.get("module") or {}
-    compile_cfg = module.get("compile") or {}
+def fast_path_problems(
+    gradient_checkpointing=False,
+    compile: Mapping[str, Any] | None = None,
+    channels_last=False,
+    attention="sdpa",
+    frozen_dtype=AUTO,
+    nonfinite_check="step",
+    nonfinite="stop",
+) -> list[str]:
+    """One line per bad fast-path value: what :func:`check_config` reports before loading and what
+    :class:`DistillModule` refuses."""
+    compile = dict(compile or {})
     checks = [
-        ("gradient_checkpointing", cfg.get("gradient_checkpointing", False), CHECKPOINTING_VALUES),
-        ("module.compile.student", compile_cfg.get("student", False), SWITCH_VALUES),
-        ("module.compile.teacher", compile_cfg.get("teacher", False), SWITCH_VALUES),
-        ("module.channels_last", module.get("channels_last", False), SWITCH_VALUES),
-        ("module.attention", module.get("attention", "sdpa"), ATTENTION_VALUES),
-        ("module.frozen_dtype", module.get("frozen_dtype", AUTO), tuple(FROZEN_DTYPE_VALUES)),
-        ("module.nonfinite_check", module.get("nonfinite_check", "step"), NONFINITE_CHECK_VALUES),
+        ("gradient_checkpointing", gradient_checkpointing, CHECKPOINTING_VALUES),
+        ("module.compile.student", compile.get("student", False), SWITCH_VALUES),
+        ("module.compile.teacher", compile.get("teacher", False), SWITCH_VALUES),
+        ("module.channels_last", channels_last, SWITCH_VALUES),
+        ("module.attention", attention, ATTENTION_VALUES),
+        ("module.frozen_dtype", frozen_dtype, tuple(FROZEN_DTYPE_VALUES)),
+        ("module.nonfinite_check", nonfinite_check, NONFINITE_CHECK_VALUES),
     ]
     problems = []
     for name, value, allowed in checks:
@@ -67,14 +75,29 @@ def check_config(cfg) -> list[str]:
             problems.append(str(err))
     problems += [
         f"module.compile has no key {key!r}; its keys are {', '.join(COMPILE_KEYS)}"
-        for key in compile_cfg
+        for key in compile
         if key not in COMPILE_KEYS
     ]
-    if module.get("nonfinite_check") == "deferred" and cfg.get("nonfinite") == "skip":
+    if nonfinite_check == "deferred" and nonfinite == "skip":
         problems.append(
-            "module.nonfinite_check=deferred cannot skip a batch: use nonfinite=stop, or nonfinite_check=step"
+            "module.nonfinite_check=deferred cannot skip a batch (it learns of a NaN only steps later): "
+            "use nonfinite=stop, or nonfinite_check=step with nonfinite=skip"
         )
     return problems
+
+
+def check_config(cfg) -> list[str]:
+    """One line per bad fast-path value of a train config (``gradient_checkpointing``, ``module.*``), before loading."""
+    module = cfg.get("module") or {}
+    return fast_path_problems(
+        gradient_checkpointing=cfg.get("gradient_checkpointing", False),
+        compile=module.get("compile"),
+        channels_last=module.get("channels_last", False),
+        attention=module.get("attention", "sdpa"),
+        frozen_dtype=module.get("frozen_dtype", AUTO),
+        nonfinite_check=module.get("nonfinite_check", "step"),
+        nonfinite=cfg.get("nonfinite", "stop"),
+    )
 
 
 def needs_checkpointing(need_bytes: float, available_bytes: float, margin: float = CHECKPOINTING_MARGIN) -> bool:
@@ -144,10 +167,13 @@ class DistillModule(pl.LightningModule):
         super().__init__()
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_POLICIES}")
+        problems = fast_path_problems(
+            gradient_checkpointing, compile, channels_last, attention, frozen_dtype, nonfinite_check, nonfinite
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         gradient_checkpointing = _switch("gradient_checkpointing", gradient_checkpointing, CHECKPOINTING_VALUES)
         compile = dict(compile or {})
-        if unknown := sorted(set(compile) - set(COMPILE_KEYS)):
-            raise ValueError(f"module.compile has no key {unknown[0]!r}; its keys are {', '.join(COMPILE_KEYS)}")
         self.compile_options = {
             "student": _switch("module.compile.student", compile.get("student", False), SWITCH_VALUES),
             "teacher": _switch("module.compile.teacher", compile.get("teacher", False), SWITCH_VALUES),
@@ -158,11 +184,6 @@ class DistillModule(pl.LightningModule):
         self.attention = _switch("module.attention", attention, ATTENTION_VALUES)
         self.frozen_dtype = _switch("module.frozen_dtype", frozen_dtype, tuple(FROZEN_DTYPE_VALUES))
         self.nonfinite_check = _switch("module.nonfinite_check", nonfinite_check, NONFINITE_CHECK_VALUES)
-        if self.nonfinite_check == "deferred" and nonfinite == "skip":
-            raise ValueError(
-                "module.nonfinite_check=deferred cannot skip a batch (it learns of a NaN only steps later): "
-                "use nonfinite=stop, or nonfinite_check=step with nonfinite=skip"
-            )
         self.student = student
         self.teacher_unet = teacher.unet
         self.vae = teacher.vae
