@@ -10,12 +10,11 @@ Config: conf/arch.yaml (+ the ``teacher`` group); the logic is :mod:`bksdm_lab.m
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
+from bksdm_lab.common.cli import guarded
 from bksdm_lab.models.report import ReportError, load_archs, pattern_archs, report, variant_names
 
 
@@ -30,11 +29,7 @@ def run(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="arch")
 def main(cfg: DictConfig) -> str:
-    try:
-        return run(cfg)
-    except ReportError as err:
-        print(f"bksdm_lab.arch: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return guarded("arch", run, cfg, (ReportError,))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ import torch
 from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
+from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.evaluation import sampling as gen
-from bksdm_lab.evaluation.app import LaunchError, Processes, guarded, run_dir
+from bksdm_lab.evaluation.app import LaunchError, Processes, run_dir
 from bksdm_lab.evaluation.evaluate import (
     BackgroundScorer,
     EvaluationError,
@@ -114,45 +116,12 @@ def _run_evaluation(cfg: DictConfig, procs: Processes) -> dict[str, Any] | None:
         generation: dict[str, Any] = {}
         model, clip, scores = None, None, None
         if has_source:
-            pipe, model = gen.pipeline_from_config(cfg, device=device)
-            scorer = None
             if overlap:
-                extractor = extractor.to(device)
-                clip = None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
-                scorer = BackgroundScorer(
-                    Scorer(
-                        prompts,
-                        feature_extractor=extractor,
-                        clip_model=clip,
-                        resize=cfg.eval_resolution or None,
-                        batch_size=cfg.eval_batch_size,
-                        is_splits=cfg.is_splits,
-                        progress=cfg.progress,
-                        total=len(prompts),
-                    ),
-                    len(prompts),
-                    device,
-                )
-            try:
-                result = gen.generate_from_config(
-                    cfg, pipe, model, prompts, out_dir, procs.rank, procs.world_size, sink=scorer
-                )
-            except BaseException:
-                if scorer is not None:
-                    scorer.abort()
-                raise
-            records = procs.gather(gen.result_record(result))  # also waits for every process's images
-            del pipe
-            if not procs.main:
+                extractor, clip = _metric_models(cfg, extractor, device)
+            generated = _generate(cfg, procs, prompts, out_dir, device, (extractor, clip) if overlap else None)
+            if generated is None:
                 return None
-            generation = gen.combine_records(records)
-            if procs.world_size > 1:
-                gen.write_grid(out_dir, len(prompts), cfg.get("grid", 16))
-            print(f"bksdm_lab.evaluate: {gen.summary(generation, out_dir)}", flush=True)
-            if scorer is not None:
-                scores = scorer.close()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            generation, model, scores = generated
         else:
             if not procs.main:
                 return None
@@ -161,8 +130,7 @@ def _run_evaluation(cfg: DictConfig, procs: Processes) -> dict[str, Any] | None:
                 generation = json.loads(manifest.read_text()).get("settings", {})
                 model = generation.get("model")
         if scores is None:
-            extractor = extractor.to(device)
-            clip = None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
+            extractor, clip = _metric_models(cfg, extractor, device)
             scores = score_images(
                 generated_paths(out_dir, len(prompts)),
                 prompts,
@@ -196,13 +164,66 @@ def _run_evaluation(cfg: DictConfig, procs: Processes) -> dict[str, Any] | None:
         "metadata": metadata,
         "generation": generation,
     }
+    return _report(cfg, out_dir, results)
+
+
+def _metric_models(cfg: DictConfig, extractor: torch.nn.Module, device: torch.device) -> tuple[Any, Any]:
+    """The feature extractor on ``device``, and the CLIP model there (None with ``clip=none``)."""
+    return extractor.to(device), None if cfg.clip == "none" else clip_from_spec(cfg.clip).to(device)
+
+
+def _generate(
+    cfg: DictConfig, procs: Processes, prompts: list[str], out_dir: Path, device: torch.device, models: tuple | None
+) -> tuple[dict[str, Any], str, Any] | None:
+    """Generate this process's share of the prompts into ``out_dir``; with ``models`` (the feature extractor and the
+    CLIP model: ``overlap``) score each finished batch beside it. Returns rank 0's ``(generation record, model
+    description, scores or None)``, once every process's images are written; None on the other ranks."""
+    pipe, model = gen.pipeline_from_config(cfg, device=device)
+    scorer = None
+    if models is not None:
+        scorer = BackgroundScorer(
+            Scorer(
+                prompts,
+                feature_extractor=models[0],
+                clip_model=models[1],
+                resize=cfg.eval_resolution or None,
+                batch_size=cfg.eval_batch_size,
+                is_splits=cfg.is_splits,
+                progress=cfg.progress,
+                total=len(prompts),
+            ),
+            len(prompts),
+            device,
+        )
+    try:
+        result = gen.generate_from_config(cfg, pipe, model, prompts, out_dir, procs.rank, procs.world_size, sink=scorer)
+    except BaseException:
+        if scorer is not None:
+            scorer.abort()
+        raise
+    records = procs.gather(gen.result_record(result))  # also waits for every process's images
+    del pipe
+    if not procs.main:
+        return None
+    generation = gen.combine_records(records)
+    if procs.world_size > 1:
+        gen.write_grid(out_dir, len(prompts), cfg.get("grid", 16))
+    print(f"bksdm_lab.evaluate: {gen.summary(generation, out_dir)}", flush=True)
+    scores = scorer.close() if scorer is not None else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return generation, model, scores
+
+
+def _report(cfg: DictConfig, out_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The paper's numbers for the same model beside ours, ``results.json``, the console table and W&B."""
     if results["paper_model"] and results["paper_model"] not in PAPER_RESULTS:
         print(f"bksdm_lab.evaluate: unknown paper_model {results['paper_model']!r}; known: {', '.join(PAPER_RESULTS)}")
         results["paper_model"] = None
     if results["paper_model"]:
         fid, is_, clip_score = PAPER_RESULTS[results["paper_model"]]
         results["paper"] = {"fid": fid, "is": is_, "clip_score": clip_score, "num_images": PAPER_IMAGES}
-    results["notes"] = comparability_notes(results, cfg.feature_extractor, cfg.clip, generation)
+    results["notes"] = comparability_notes(results, cfg.feature_extractor, cfg.clip, results["generation"])
     results["comparable_to_paper"] = not results["notes"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(format_table(results))
@@ -270,6 +291,7 @@ def stats_app(cfg: DictConfig) -> Path | None:
 
 def main() -> None:
     """``python -m bksdm_lab.evaluate [stats] [key=value ...]``: the first word picks the config."""
+    quiet_libraries()
     if sys.argv[1:2] == ["stats"]:
         del sys.argv[1]
         stats_app()

@@ -23,8 +23,10 @@ import hydra
 from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
+from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.evaluation import sampling as gen
-from bksdm_lab.evaluation.app import LaunchError, Processes, guarded, run_dir
+from bksdm_lab.evaluation.app import LaunchError, Processes, run_dir
 
 
 def generate(cfg: DictConfig) -> dict[str, Any] | None:
@@ -58,6 +60,7 @@ def errors() -> tuple[type[BaseException], ...]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
+    quiet_libraries()
     return guarded("generate", generate, cfg, errors())
 
 

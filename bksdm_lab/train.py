@@ -11,34 +11,30 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from bksdm_lab import CONF_DIR
 from bksdm_lab.common import rundir
-from bksdm_lab.common.checkpoint import AtomicCheckpointIO, DiskFullError
-from bksdm_lab.common.hydra import FAILED_MARKER
+from bksdm_lab.common.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError
+from bksdm_lab.common.cli import guarded
 from bksdm_lab.common.interrupt import EXIT_CODE as INTERRUPTED_EXIT
 from bksdm_lab.common.interrupt import Interrupted, StopOnInterrupt
+from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.common.secrets import redact, redact_dirname, shareable
 from bksdm_lab.data.common import DataError
 from bksdm_lab.distill import checks
 from bksdm_lab.distill.callbacks import ExportPipeline
-from bksdm_lab.distill.checks import CheckpointError
 from bksdm_lab.distill.module import NonFiniteLossError
 from bksdm_lab.models.students import WeightMapError, count_params, init_student_from_teacher, removed_blocks
-from bksdm_lab.models.teachers import Teacher, TeacherLoadError, load_teacher, probe_teacher
-from bksdm_lab.tools import demo
+from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
 
 log = logging.getLogger("bksdm_lab")
 
@@ -53,19 +49,15 @@ class NothingTrainedError(RuntimeError):
 
 def check_inputs(cfg: DictConfig, ckpt_path: str | None, probe_teacher_models: bool = True) -> None:
     """Fail fast, before any heavy loading, on every bad input at once: config values and the optimizer's arguments,
-    the checkpoint to resume, the data, the teacher (the demo teacher is built first, at its own place only;
-    ``probe_teacher_models=False`` when the caller brings the teacher's models itself)."""
+    the checkpoint to resume, the data, the teacher (``probe_teacher_models=False`` when the caller brings the
+    teacher's models itself)."""
     problems = checks.check_values(cfg)
     problems += checks.check_call_args(cfg, "optimizer", given_later=("params",))
     problems += checks.check_call_args(cfg, "lr_scheduler", given_later=("optimizer",))
-    problems += checks.check_global_batch(cfg) + checks.check_strategy(cfg)
-    if cfg.hub.push and not cfg.hub.repo_id:
-        problems.append("hub.push=true needs hub.repo_id=<user>/<name>")
+    problems += checks.check_global_batch(cfg)
     if ckpt_path is not None:
         problems += checks.check_resume(cfg, ckpt_path)
     if probe_teacher_models:
-        if cfg.teacher.get("build_if_missing"):
-            demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
         try:
             probe_teacher(cfg.teacher)
         except TeacherLoadError as err:
@@ -128,44 +120,20 @@ def parameter_summary(module, teacher, student, cfg: DictConfig) -> dict:
     }
 
 
-@dataclass
-class Built:
-    """Everything :func:`build` made for a fit; :func:`fit` runs it. The bench (``python -m bksdm_lab.bench``) times
-    the same objects."""
-
-    cfg: DictConfig
-    out_dir: Path
-    run_config: dict
-    ckpt_path: str | None
-    teacher: Teacher
-    student: torch.nn.Module
-    module: pl.LightningModule
-    datamodule: pl.LightningDataModule
-    loggers: list
-    callbacks: list
-    interrupt: StopOnInterrupt
-    trainer: pl.Trainer
-    summary: dict = field(default_factory=dict)
-
-
-def build(cfg: DictConfig, teacher: Teacher | None = None) -> Built:
-    """inputs -> teacher -> student -> loss -> module -> data -> loggers -> callbacks -> trainer (no fit yet).
-
-    ``teacher``: these models instead of loading ``cfg.teacher`` (the bench's random weights of the real shapes);
-    the teacher is then neither probed nor built here."""
+def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
+    """inputs -> teacher -> student -> loss -> module -> data -> loggers -> callbacks -> trainer -> fit. Logs the config
+    first and finishes the W&B run (marked failed unless the fit returned after training a step)."""
     out_dir = Path(cfg.paths.output_dir)
     cfg.run_name = run_name(cfg)
     run_config = shareable(redact(OmegaConf.to_container(cfg, resolve=True)))  # W&B, hparams, checkpoint, card
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg, out_dir)
-    check_inputs(cfg, ckpt_path, probe_teacher_models=teacher is None)
+    check_inputs(cfg, ckpt_path)
     clear = cfg.overwrite and rundir.launched_rank() == 0 and not rundir.resumes_here(ckpt_path, out_dir)
     if clear and (removed := rundir.clear_run(out_dir)):
         log.info("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
 
-    if teacher is None:
-        cached = checks.uses_cached_latents(cfg.data)
-        teacher = load_teacher(cfg.teacher, load_vae=not cached)  # cached: no VAE at all
+    teacher = load_teacher(cfg.teacher, load_vae=not checks.uses_cached_latents(cfg.data))  # cached: no VAE at all
     student = init_student_from_teacher(teacher.unet, cfg.arch)
     module = instantiate(cfg.module)(
         teacher=teacher, student=student, loss=instantiate(cfg.loss), run_config=run_config
@@ -179,33 +147,14 @@ def build(cfg: DictConfig, teacher: Teacher | None = None) -> Built:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(interrupt := StopOnInterrupt(out_dir))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
-    set_accumulation(trainer, datamodule)
+    set_accumulation(trainer, datamodule, run_config)
     summary = parameter_summary(module, teacher, student, cfg)
-    return Built(
-        cfg,
-        out_dir,
-        run_config,
-        ckpt_path,
-        teacher,
-        student,
-        module,
-        datamodule,
-        loggers,
-        callbacks,
-        interrupt,
-        trainer,
-        summary,
-    )
 
-
-def fit(built: Built) -> tuple[dict, pl.Trainer]:
-    """Log the config, fit, finish the W&B run (marked failed unless the fit returned after training a step)."""
-    trainer, interrupt = built.trainer, built.interrupt
-    for logger in built.loggers:
-        logger.log_hyperparams({"config": built.run_config, **built.summary})
+    for logger in loggers:
+        logger.log_hyperparams({"config": run_config, **summary})
     exit_code = 1  # what W&B records: anything but a fit that returned is a failure
     try:
-        trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=built.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if interrupt.start_step is None or trainer.global_step <= interrupt.start_step:
             raise NothingTrainedError(
                 f"the run trained 0 optimizer steps (it ended at step {trainer.global_step}), so nothing was "
@@ -219,24 +168,23 @@ def fit(built: Built) -> tuple[dict, pl.Trainer]:
         import wandb
 
         wandb.finish(exit_code=exit_code)  # failed or interrupted runs are marked failed; the next job starts clean
-    return {**built.summary, **outputs(trainer, built.out_dir)}, trainer
+    return {**summary, **outputs(trainer, out_dir)}, trainer
 
 
-def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
-    """inputs -> teacher -> student -> loss -> module -> data -> loggers -> callbacks -> trainer -> fit."""
-    return fit(build(cfg))
-
-
-def set_accumulation(trainer: pl.Trainer, datamodule) -> None:
-    """``data.global_batch_size`` (when set) decides the accumulation from the micro-batch and the world size."""
-    global_batch = getattr(datamodule, "global_batch_size", None)
-    if global_batch:
-        try:
-            trainer.accumulate_grad_batches = checks.accumulation(
-                global_batch, datamodule.batch_size, trainer.world_size
-            )
-        except ValueError as err:
-            raise InputError(str(err)) from None
+def set_accumulation(trainer: pl.Trainer, datamodule, run_config: dict | None = None) -> None:
+    """The accumulation, now that the world size is known (:func:`bksdm_lab.distill.checks.accumulation`: the global
+    batch decides when set), recorded in ``run_config`` (logged, checkpointed, on the model card) as it runs."""
+    try:
+        trainer.accumulate_grad_batches = checks.accumulation(
+            getattr(datamodule, "global_batch_size", None),
+            datamodule.batch_size,
+            trainer.world_size,
+            trainer.accumulate_grad_batches,
+        )
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    if run_config is not None:
+        run_config["trainer"]["accumulate_grad_batches"] = trainer.accumulate_grad_batches
     log.info(
         "global batch %d = micro-batch %d x accumulation %d x %d device(s)",
         datamodule.batch_size * trainer.accumulate_grad_batches * trainer.world_size,
@@ -279,37 +227,38 @@ USER_ERRORS = (
 )
 
 
+def train_until_interrupted(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
+    """:func:`train`; Ctrl-C (which stops a sweep too) exits with its own code, naming the checkpoint it saved."""
+    try:
+        return train(cfg)
+    except Interrupted as stop:
+        print(f"bksdm_lab.train: {stop}; resume with the same hydra.run.dir and ckpt_path=last", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns ``cfg.optimized_metric`` (its last logged value) for sweepers."""
+    quiet_libraries()
     torch.set_float32_matmul_precision("high")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if cfg.offline:
         os.environ["WANDB_MODE"] = "offline"
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        summary, trainer = train(cfg)
-    except Interrupted as stop:  # Ctrl-C stops a sweep too
-        print(f"bksdm_lab.train: {stop}; resume with the same hydra.run.dir and ckpt_path=last", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT) from None
-    except USER_ERRORS as err:  # a clear message, not a traceback
-        print(f"bksdm_lab.train: error: {err}", file=sys.stderr)
-        if not multirun:
-            raise SystemExit(2) from None
-        Path(cfg.paths.output_dir, FAILED_MARKER).write_text(f"{type(err).__name__}: {err}\n")
+    finished = guarded("train", train_until_interrupted, cfg, USER_ERRORS)
+    if finished is None:  # a failed job of a sweep (marked FAILED; the others still run)
         return None
-    except Exception as err:
-        if not multirun:
-            raise
-        # one failed sweep job must not stop the others: record it, SweepFailures reports at the end
-        traceback.print_exc()
-        Path(cfg.paths.output_dir, FAILED_MARKER).write_text(f"{type(err).__name__}: {err}\n")
-        return None
+    summary, trainer = finished
     if trainer.is_global_zero:
+        samples = ((cfg.get("callbacks") or {}).get("samples") or {}).get("out_dir")
+        last = trainer.callback_metrics  # the last logged value of each metric
+        losses = [f"{k} {float(v):.4g}" for k, v in last.items() if k == "train/loss" or k.startswith("train/loss_")]
+        rows = {**summary, "samples": samples if samples and Path(samples).is_dir() else None}
         print("\nbksdm_lab: run finished")
-        for key in ("run_dir", "checkpoint", "csv", "wandb", "pipeline", "hub", "steps"):
-            if summary.get(key) is not None:
-                print(f"  {key:<10} {summary[key]}")
+        for key in ("run_dir", "checkpoint", "csv", "wandb", "samples", "pipeline", "hub", "steps"):
+            if rows.get(key) is not None:
+                print(f"  {key:<10} {rows[key]}")
+        if losses:
+            print(f"  {'losses':<10} {', '.join(losses)}")
     metric = trainer.callback_metrics.get(cfg.optimized_metric)
     return float(metric) if metric is not None else None
 

@@ -80,15 +80,16 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_teacher_dir(cache_dir) -> Path:
     """The demo's tiny teacher, built once where `teacher=demo` looks for it (only the teacher goes there)."""
-    from bksdm_lab.tools.demo import build_demo_teacher
+    from bksdm_lab.models.demo import build_demo_teacher
+    from bksdm_lab.models.teachers import shipped_configs
 
-    return build_demo_teacher(cache_dir / "demo" / "teacher")
+    return build_demo_teacher(cache_dir / "demo" / "teacher", shipped_configs("demo"))
 
 
 @pytest.fixture(scope="session")
 def demo_data_dir(tmp_path_factory) -> Path:
     """32 synthetic captioned images (80 px) in a folder of their own: never the demo's 256-image set."""
-    from bksdm_lab.tools.demo import make_synthetic_dataset
+    from bksdm_lab.data.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("shapes32") / "data", num_images=32, size=80)
 

@@ -9,6 +9,7 @@ from conftest import compose_train_cfg
 from hydra.core.hydra_config import HydraConfig
 
 from bksdm_lab import train as train_app
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.distill.callbacks import Throughput, usable_samples
 
 
@@ -35,7 +36,7 @@ def test_one_corrupt_image_at_batch_size_1_is_skipped_and_counted(compose_train,
     """A real demo fit (every default callback: data quality, EMA, samples, throughput, checkpoints, export; W&B
     offline + CSV) on 16 images, one of them corrupt, one image per micro-batch: a whole epoch trains, the corrupt
     one is counted, every step's throughput is logged, and the run exports its pipeline."""
-    from bksdm_lab.tools.demo import make_synthetic_dataset
+    from bksdm_lab.data.synthetic import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "data", num_images=16, size=80)
     (data / "00005.jpg").write_bytes(b"this is not a JPEG")
@@ -61,6 +62,6 @@ def test_one_corrupt_image_at_batch_size_1_is_skipped_and_counted(compose_train,
     steps = {int(r["step"]) for r in rows if r.get("perf/images_per_s")}
     rates = [float(r["perf/images_per_s"]) for r in rows if r.get("perf/images_per_s")]
     assert len(steps) >= 7 and all(math.isfinite(x) and x > 0 for x in rates), rows  # every step's throughput
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 8
     assert (run_dir / "pipeline" / "model_index.json").is_file()

@@ -1,6 +1,6 @@
-"""The benchmark runs the real training path on CPU with the demo's tiny models and a few steps (numbers are not
-asserted, only their structure, their positivity, the step counts, and that the plain loop did the same work: the
-same loss on the first micro-batch)."""
+"""The benchmark runs the real training path and the plain loop on CPU with the demo's tiny models and a few steps
+(numbers are not asserted, only their structure and sanity: step counts, positive times, a breakdown that names the
+model parts, FLOPs of the student below the teacher's, first losses of the same size)."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ from conftest import CONF, PYTHON, subprocess_env
 from bksdm_lab.bench import bench
 
 # the demo's work (demo teacher, 64 px, tiny arch, micro-batch x 2 accumulation), smaller: micro-batch 2 on the
-# 32-image test set, CSV logging, no sample images or export at the end (they are outside the timed window anyway)
+# 32-image test set, CSV logging, no sample images or export at the end (they are outside the timed steps anyway)
 TRAIN = ["experiment=demo", "data.batch_size=2", "logger=csv", "~callbacks.samples", "~callbacks.export"]
 
 
@@ -28,100 +28,79 @@ def train_list(demo_data_dir) -> str:
     return "train=[" + ",".join(f'"{o}"' for o in items) + "]"
 
 
-def test_bench_times_framework_and_plain_loop_with_a_breakdown(
+def test_bench_times_framework_and_plain_loop(
     demo_teacher_dir, demo_data_dir, cache_dir, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
-    extra = tmp_path / "copy.json"
-    cfg = compose(
-        [
-            train_list(demo_data_dir),
-            "steps=2",
-            "warmup=1",
-            "gen_batch=[1]",
-            "sampling.steps=2",
-            f"out={tmp_path / 'run'}",
-            f"json={extra}",
-        ]
-    )
-    result = bench(cfg)
+    run = [train_list(demo_data_dir), "steps=2", "warmup=1", "breakdown=1", "gen_batch=[1]", "sampling.steps=2"]
+    result = bench(compose([*run, f"out={tmp_path / 'run'}"]))
     out = capsys.readouterr().out
 
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == json.loads(json.dumps(result))
-    assert json.loads(extra.read_text()) == json.loads(json.dumps(result))
-    assert (
-        result["weights"] == "pretrained" and result["source"] == "config"
-    )  # the demo teacher: loaded as train loads it
+    assert (result["weights"], result["source"]) == ("pretrained", "config")  # the demo teacher, loaded as train does
     [point] = result["points"]
     fw, plain = point["framework"], point["plain"]
     assert (point["arch"], point["resolution"], point["micro_batch"], point["accumulation"]) == ("tiny", 64, 2, 2)
     assert fw["steps_trained"] == plain["steps_trained"] == 3  # warm-up 1 + 2 timed optimizer steps
-    assert fw["student_params"] == 1_476_484  # the demo teacher's Tiny student
-    assert plain["interleaved"]  # on CPU the plain loop steps between the framework's steps (same load)
-    assert {"EMA", "Throughput", "DataQuality", "ModelCheckpoint"} <= set(fw["callbacks"])
-    for run in (fw, plain):
-        assert run["step_s"] > 0 and run["step_cpu_s"] > 0 and run["startup_s"] > 0
-    phases = fw["startup_phases_s"]  # where the framework's start-up goes: five phases that add up to it
-    assert len(phases) == 5 and min(phases.values()) >= 0
-    assert sum(phases.values()) == pytest.approx(fw["startup_s"])
+    assert {"EMA", "Throughput", "DataQuality", "ModelCheckpoint", "CSVLogger"} <= set(fw["callbacks_loggers"])
+    for loop in (fw, plain):
+        assert loop["step_s"] > 0 and loop["step_cpu_s"] > 0 and loop["startup_s"] > loop["startup_cpu_s"] / 2 > 0
+    phases = fw["startup_phases_s"]  # where the framework's start-up goes: phases that add up to it
+    assert len(phases) == 5 and sum(w for w, _ in phases.values()) == pytest.approx(fw["startup_s"])
     assert point["ratio"] > 0 and point["ratio_cpu_time"] > 0 and point["images_per_s"] > 0
-    # the plain loop does the framework's work: same batch, draws, weights and loss on the first micro-batch
-    assert point["first_loss_rel_diff"] < 1e-5, (fw["first_loss"], plain["first_loss"])
+    # the same loss terms on the same models and data, each loop with its own draws of noise and timesteps
+    assert point["first_loss_rel_diff"] < 0.25, (fw["first_loss"], plain["first_loss"])
 
-    parts = point["breakdown"]["parts"]
-    for name in (
-        "data wait",
-        "VAE encode",
-        "text encode",
-        "teacher forward",
-        "student forward",
-        "backward",
-        "optimizer (clip, step)",
-        "callback EMA",
+    models = {"teacher forward", "student forward", "VAE encode", "text encode", "backward"}
+    assert models <= set(point["breakdown"]["framework, host time"]) and models <= set(
+        point["breakdown"]["plain, host time"]
+    )
+    assert any(k.startswith("Lightning ") for k in point["breakdown"]["framework, host time"])  # its own hooks
+    assert 0.1 < point["flops"]["per_image_gflop"] < 1.0  # the demo's models: about 0.36 GFLOP an image
+    assert set(point["generate"]) == {"teacher", "student"} and point["generate"]["student"]["1"] > 0
+    for line in (
+        "framework/plain step: ",
+        "start-up to the end of the first step",
+        "breakdown, framework",
+        "tiny      64",
     ):
-        assert parts[name] > 0, name
-    assert point["ema_s"] == parts["callback EMA"]
-    plain_parts = point["plain_breakdown"]["parts"]  # the plain loop's parts under the same names, for comparison
-    assert {
-        "VAE encode",
-        "text encode",
-        "teacher forward",
-        "student forward",
-        "backward",
-        "optimizer (clip, step)",
-        "data wait",
-    } <= set(plain_parts) and min(plain_parts.values()) >= 0
-    assert sum(parts.values()) == pytest.approx(point["breakdown"]["step_s"], rel=1e-6)  # 'other' closes the sum
-
-    flops = point["flops"]["per_image_gflop_by_part"]
-    assert set(flops) == {"VAE encode", "text encode", "student forward", "teacher forward", "student backward"}
-    assert flops["teacher forward"] > flops["student forward"] > 0  # the student is the teacher minus blocks
-    assert 1.5 < flops["student backward"] / flops["student forward"] < 2.2  # input and weight gradients
-    assert point["flops"]["per_image_gflop"] == pytest.approx(sum(flops.values()))
-
-    assert set(result["frozen_parts"]) == {"vae_encode_s", "text_encode_s", "teacher_unet_forward_s"}
-    assert [r["batch"] for r in result["generate"]["tiny"]] == [1]
-    assert result["sampling"] == {"scheduler": "pndm", "steps": 2, "guidance": 7.5}  # the bench's sampling group
-    for line in ("framework/plain step time: ", "EMA update: ", "step-time breakdown", "counted GFLOP per image: "):
         assert line in out, line
 
 
-def test_bench_bad_value_is_one_line_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match=r"^weights='bogus' is not one of \['auto', 'random', 'pretrained'\]$"):
-        bench(compose(["weights=bogus", f"out={tmp_path / 'run'}"]))
+def test_bench_bad_values_are_one_line_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"^weights='bogus' is not one of \['auto', 'random', 'pretrained'\]; steps=1"):
+        bench(compose(["weights=bogus", "steps=1", f"out={tmp_path / 'run'}"]))
+    with pytest.raises(ValueError, match=r"^loss: the plain loop writes the paper's loss"):
+        bench(compose(['train=["loss.terms.feat_kd.normalize=teacher"]', f"out={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
 
 
+def test_random_teacher_has_the_real_shapes_and_needs_no_download():
+    from omegaconf import OmegaConf
+
+    from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
+
+    cfg = OmegaConf.load(CONF / "teacher" / "demo.yaml")
+    cfg.pretrained, cfg.weights = "/nowhere", "random"
+    probe_teacher(cfg)  # nothing to find
+    first, again = load_teacher(cfg, load_vae=False), load_teacher(cfg)
+    assert first.vae is None and first.ensure_vae() is not None  # on demand, as for cached latents
+    assert first.unet.config.block_out_channels == again.unet.config.block_out_channels
+    assert all((a == b).all() for a, b in zip(first.unet.parameters(), again.unet.parameters()))  # the same weights
+    cfg.weights = "zero"
+    with pytest.raises(TeacherLoadError, match=r"^teacher.weights='zero' is not one of pretrained, random$"):
+        probe_teacher(cfg)
+
+
 @pytest.mark.slow
-def test_bench_command_prints_the_ratio_and_writes_results(demo_teacher_dir, demo_data_dir, cache_dir, tmp_path):
+def test_bench_command_writes_results(demo_teacher_dir, demo_data_dir, cache_dir, tmp_path):
     out = tmp_path / "run"
     args = [
         train_list(demo_data_dir),
-        "steps=1",
+        "steps=2",
         "warmup=1",
-        "breakdown=false",
+        "breakdown=0",
         "flops=false",
-        "frozen_parts=false",
         "gen_batch=[]",
         f"out={out}",
     ]
@@ -134,7 +113,7 @@ def test_bench_command_prints_the_ratio_and_writes_results(demo_teacher_dir, dem
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "framework/plain step time: " in proc.stdout
+    assert "framework/plain step: " in proc.stdout
     result = json.loads((out / "results.json").read_text())
-    assert result["points"][0]["framework"]["steps_trained"] == 2 and "generate" not in result
+    assert result["points"][0]["framework"]["steps_trained"] == 3 and "generate" not in result["points"][0]
     assert (out / ".hydra" / "config.yaml").is_file()

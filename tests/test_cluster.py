@@ -20,10 +20,11 @@ from omegaconf import OmegaConf, open_dict
 
 from bksdm_lab import train as train_app
 from bksdm_lab.common import rundir
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.data.common import DataError
 from bksdm_lab.data.folder import FolderDataModule
+from bksdm_lab.data.synthetic import make_synthetic_dataset
 from bksdm_lab.distill import checks
-from bksdm_lab.tools.demo import make_synthetic_dataset
 
 # a few optimizer steps of the demo on this module's 32 images, 8 of them held out: micro-batch 4 x 2 accumulation
 # (3 optimizer steps an epoch, the last one of an epoch on a single micro-batch), CSV only, no samples, no export
@@ -77,7 +78,7 @@ def val_losses(run_dir: Path) -> dict[int, float]:
 
 
 def student(run_dir: Path) -> tuple[int, dict]:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return ckpt["global_step"], {k: v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
 
 
@@ -87,7 +88,7 @@ def _indices(loader) -> list[int]:
 
 
 def test_the_last_val_samples_are_held_out_unflipped_and_sharded(shapes):
-    from bksdm_lab.tools.demo import byte_level_tokenizer
+    from bksdm_lab.models.demo import byte_level_tokenizer
 
     def module(**kw):
         return FolderDataModule(shapes, byte_level_tokenizer(), resolution=64, batch_size=3, seed=0, **kw)

@@ -1,13 +1,16 @@
 """The Hydra configuration: every option composes and resolves; the defaults are the paper's recipe."""
 
+import re
+
 import pytest
-from conftest import CONF
+from conftest import CONF, REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
 import bksdm_lab  # noqa: F401  (registers the resolvers conf/train.yaml uses)
+from bksdm_lab.distill.checks import accumulation
 
 GROUPS = [
     "arch",
@@ -58,8 +61,31 @@ def test_every_group_has_options():
     groups = {g for g, _ in OPTIONS}
     assert groups == set(GROUPS)
     assert {o for g, o in OPTIONS if g == "arch"} == {"base", "keep", "small", "tiny"}
-    assert {o for g, o in OPTIONS if g == "experiment"} == {"ablation", "demo", "paper", "paper_2m", "paper_v2", "world"}
+    assert {o for g, o in OPTIONS if g == "experiment"} == {
+        "ablation",
+        "demo",
+        "paper",
+        "paper_2m",
+        "paper_v2",
+        "world",
+    }
     assert {o for g, o in OPTIONS if g == "teacher"} == {"demo", "sd14", "sd15", "sd21", "sd21base", "world"}
+
+
+def test_readme_configuration_table_names_every_option():
+    """The README's table of groups lists exactly the options in conf/: none missing, none removed since."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("| group | options | what |")
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        group, options = (cell.strip() for cell in line.strip("|").split("|")[:2])
+        rows[group.strip("`")] = set(re.findall(r"`(\w+)`", options))
+    assert set(GROUPS) - {"paths"} <= set(rows)
+    for group, options in rows.items():
+        if group != "local":  # the user's own git-ignored file
+            assert options == {p.stem for p in (CONF / group).glob("*.yaml")}, f"README table, group {group}"
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -101,7 +127,8 @@ def test_paper_recipe_defaults(hydra_conf):
     assert cfg.data.random_flip is True
     assert cfg.data.resolution == 512
     assert str(cfg.data.root).endswith("preprocessed_212k")
-    assert cfg.trainer.accumulate_grad_batches == 4
+    assert cfg.data.global_batch_size == 256 and cfg.trainer.accumulate_grad_batches is None  # 64 x 4 on one GPU
+    assert accumulation(cfg.data.global_batch_size, cfg.data.batch_size, 1, cfg.trainer.accumulate_grad_batches) == 4
     assert cfg.trainer.gradient_clip_val == 1.0
     assert cfg.trainer.gradient_clip_algorithm == "norm"
     assert cfg.trainer.max_steps == 50000
@@ -110,7 +137,7 @@ def test_paper_recipe_defaults(hydra_conf):
     assert cfg.teacher.pretrained == "CompVis/stable-diffusion-v1-4"
     assert cfg.teacher.name == "sd14"
     assert cfg.arch.name == "tiny"
-    assert cfg.gradient_checkpointing == "auto"  # the paper checkpointed; we do only when the memory needs it
+    assert cfg.module.step.gradient_checkpointing is True  # as the paper
     assert cfg.lr_scheduler is None  # constant LR
 
 
@@ -121,7 +148,7 @@ def test_paper_experiments_pin_the_recipe(hydra_conf):
     v2 = hydra_conf(["experiment=paper_v2"])
     assert v2.teacher.name == "sd21base"
     assert v2.teacher.pretrained == "stabilityai/stable-diffusion-2-1-base"
-    assert v2.data.batch_size == 32 and v2.trainer.accumulate_grad_batches == 4
+    assert v2.data.batch_size == 32 and accumulation(v2.data.global_batch_size, 32, 1) == 4
 
 
 def test_demo_experiment_is_small_and_offline(hydra_conf):
@@ -129,7 +156,7 @@ def test_demo_experiment_is_small_and_offline(hydra_conf):
     assert cfg.teacher.name == "demo" and cfg.teacher.resolution == 64
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
     assert cfg.logger.wandb.offline is True
-    assert cfg.gradient_checkpointing is False
+    assert cfg.module.step.gradient_checkpointing is False
     assert cfg.data.batch_size == 8 and cfg.data.num_workers == 0
 
 

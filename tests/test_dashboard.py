@@ -136,9 +136,9 @@ def logged(cache_dir, tmp_path_factory) -> dict[str, list]:
     folder (data/skipped_corrupt), sample images every 2 steps (samples/*), and the in-training eval
     (callbacks=with_eval, its tiny offline metric models, reference stats of the good images) every 2 steps
     (eval/*). Returns every history key of the .wandb file with its values."""
+    from bksdm_lab.data.synthetic import make_synthetic_dataset
     from bksdm_lab.evaluation import evaluate as ev
     from bksdm_lab.evaluation import metrics
-    from bksdm_lab.tools.demo import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("dashboard_run")
     data = make_synthetic_dataset(root / "data", num_images=16, size=80)

@@ -11,9 +11,11 @@ import torch
 from conftest import PYTHON, subprocess_env
 from PIL import Image
 
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.data.common import DataError, ResumableSampler, collate
 from bksdm_lab.data.folder import FolderDataModule, ImageCaptionFolder, read_metadata
-from bksdm_lab.tools.demo import byte_level_tokenizer, make_synthetic_dataset
+from bksdm_lab.data.synthetic import make_synthetic_dataset
+from bksdm_lab.models.demo import byte_level_tokenizer
 
 GOOD = 36
 
@@ -125,7 +127,7 @@ def test_demo_trains_through_bad_samples_and_logs_the_counts(bad_folder, cache_d
     assert last["data/skipped_corrupt"] == 2 and last["data/skipped_missing"] == 1
     assert last["data/skipped_caption"] == 2 and last["data/skipped_bomb"] == 1
     assert last["data/converted_mode"] == 2 and last["data/converted_alpha"] == 1
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["callbacks"]["DataQuality"]["counts"]["seen"] == 48
 
     limited = subprocess.run(
@@ -239,8 +241,17 @@ def test_a_synthetic_set_from_before_the_size_was_recorded(tmp_path):
 
 def test_demo_data_module_checks_the_demo_set(tmp_path):
     """data=demo over a folder holding another synthetic set: the error, not 4 images trained as if 256."""
-    from bksdm_lab.tools.demo import DemoDataModule
+    from bksdm_lab.data.synthetic import DemoDataModule
 
     root = make_synthetic_dataset(tmp_path / "data", num_images=4, size=80)
     with pytest.raises(DataError, match="written with num_images=4, size=80, seed=0, not the num_images=256"):
         DemoDataModule(root, byte_level_tokenizer(), synthetic={"num_images": 256, "size": 80})
+
+
+def test_sample_indices_stay_on_the_host_when_a_batch_moves():
+    """The module seeds each sample's draws from ``index``: on the device that would be a host sync per micro-step."""
+    from bksdm_lab.data.common import CaptionDataModule
+
+    batch = {"pixel_values": torch.zeros(2, 3, 8, 8), "index": torch.tensor([3, 7])}
+    moved = CaptionDataModule(tokenizer=None, resolution=8, batch_size=2).transfer_batch_to_device(batch, "meta", 0)
+    assert moved["index"] is batch["index"] and moved["pixel_values"].device.type == "meta"

@@ -11,6 +11,7 @@ import torch
 from conftest import PYTHON, subprocess_env
 from test_module import make_module
 
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.distill.checks import accumulation
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
@@ -41,6 +42,32 @@ def test_accumulation_is_derived_from_the_global_batch():
     assert accumulation(256, 16, 8) == 2
     with pytest.raises(ValueError, match=r"data.global_batch_size=256 .* data.batch_size=48 x 2 device\(s\) = 96"):
         accumulation(256, 48, 2)
+    assert accumulation(256, 64, 4, asked=1) == 1  # an accumulation set beside the global batch that agrees
+    assert accumulation(None, 64, 4, asked=3) == 3 and accumulation(None, 64, 4) == 1  # no global batch: it decides
+
+
+def compose_train(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(Path(__file__).parent.parent / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_an_accumulation_that_disagrees_with_the_global_batch_is_one_line_before_loading():
+    from bksdm_lab.distill.checks import check_global_batch
+
+    # the paper's 256 on 4 GPUs derives 1: an accumulation of 4 written beside it would silently be ignored
+    both = compose_train("trainer=ddp", "trainer.devices=4", "trainer.accumulate_grad_batches=4")
+    assert check_global_batch(both) == [
+        "trainer.accumulate_grad_batches=4 disagrees with data.global_batch_size=256 (= data.batch_size=64 x 1 "
+        "accumulation x 4 device(s)): set one of them, the other null (trainer.accumulate_grad_batches=null, or "
+        "data.global_batch_size=null)"
+    ]
+    assert check_global_batch(compose_train("trainer=ddp", "trainer.devices=4")) == []  # derived: 1
+    assert check_global_batch(compose_train("trainer.accumulate_grad_batches=4")) == []  # agrees on one device
+    demo = compose_train("experiment=demo", *DDP)  # its own accumulation (2), no global batch: it decides
+    assert demo.data.global_batch_size is None and check_global_batch(demo) == []
+    assert len(check_global_batch(compose_train("experiment=demo", *DDP, "data.global_batch_size=16"))) == 1
 
 
 # ---- slow: the real command on 2 processes -------------------------------------------------------------
@@ -63,7 +90,7 @@ def ok(proc):
 
 
 def ckpt(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
 
 # each of these runs 2 ranks: under pytest-xdist (-n 2) they take turns on one worker rather than 4 ranks on 2 cores
@@ -79,6 +106,7 @@ TWO_RANK_DEMO = [
     "trainer.max_steps=8",
     "data.max_samples=48",
     "data.global_batch_size=16",
+    "trainer.accumulate_grad_batches=null",  # the demo's 2 (one device): the global batch decides here
     "trainer.log_every_n_steps=1",
     "callbacks.checkpoint.every_n_train_steps=2",
     "callbacks.ema.decay=0.9",
@@ -109,7 +137,7 @@ def test_demo_on_two_ranks_writes_one_run(two_rank_run):
 def test_two_ranks_equal_one_process_holding_the_same_global_batch(cache_dir, tmp_path):
     """One optimizer step of 8 images: 2 ranks x 4 (DDP averages the gradients) against 1 process x 8."""
     common = [*SHORT, "trainer.max_steps=1", "trainer.accelerator=cpu", "trainer.precision=32-true"]
-    common += ["data.global_batch_size=8", "~callbacks.ema"]
+    common += ["data.global_batch_size=8", "trainer.accumulate_grad_batches=null", "~callbacks.ema"]
     ok(train([*common, *DDP, "data.batch_size=4", f"hydra.run.dir={tmp_path / 'ddp'}"], cache_dir, tmp_path))
     ok(train([*common, "data.batch_size=8", f"hydra.run.dir={tmp_path / 'one'}"], cache_dir, tmp_path))
     ddp, one = ckpt(tmp_path / "ddp"), ckpt(tmp_path / "one")
@@ -145,17 +173,3 @@ def test_kill_then_resume_on_two_ranks_equals_an_uninterrupted_two_rank_run(two_
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-
-
-def test_fsdp_on_cpu_is_refused_before_loading():
-    from hydra import compose, initialize_config_dir
-
-    from bksdm_lab.distill.checks import check_strategy
-
-    with initialize_config_dir(config_dir=str(Path(__file__).parent.parent / "conf"), version_base="1.3"):
-        cpu = compose(config_name="train", overrides=["experiment=demo", "trainer=fsdp", "trainer.accelerator=cpu"])
-        gpu = compose(config_name="train", overrides=["trainer=fsdp"])
-    assert check_strategy(cpu) == [
-        "trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses accelerator=cpu): use trainer=ddp on CPU"
-    ]
-    assert check_strategy(gpu) == []

@@ -23,7 +23,7 @@ from PIL import Image
 
 from bksdm_lab.data import download as dl
 from bksdm_lab.data.folder import ImageCaptionFolder
-from bksdm_lab.tools.demo import byte_level_tokenizer
+from bksdm_lab.models.demo import byte_level_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "preprocessed_11k"

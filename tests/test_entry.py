@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from test_module import make_batch
 
 from bksdm_lab import train as train_app
-from bksdm_lab.common.checkpoint import AtomicCheckpointIO
+from bksdm_lab.common.checkpoint import AtomicCheckpointIO, read_checkpoint
 from bksdm_lab.data.common import DataError, ResumableSampler, StatefulLoader
 from bksdm_lab.distill.callbacks import EMA, DataQuality
 from bksdm_lab.distill.losses import FeatureKD, KDLoss, OutputKD, TaskLoss
@@ -66,7 +66,7 @@ def test_ema_callback_averages_the_student_only_and_checkpoints_it_beside_it(tea
     assert not same(frozen.model, module.student)
     assert same(follow.model, module.student)  # decay 0: the student itself
     assert same(start_late.model, module.student)  # before start_step the EMA copies the student
-    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     prefixes = {k.split(".")[0] for k in ckpt["state_dict"]}
     assert prefixes == {"student", "ema_student"}  # no teacher, VAE or text encoder
     assert ckpt["bksdm"]["ema"] is True
@@ -105,7 +105,9 @@ def batch_report(seen, **skipped):
 
 def test_data_quality_counts_keeps_its_state_and_stops_past_the_limit():
     module = SimpleNamespace(logged={}, log=lambda key, value, **kw: module.logged.__setitem__(key, value))
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(max_skipped_fraction=0.25, skip_check_after=8))
+    data = SimpleNamespace(max_skipped_fraction=0.25, skip_check_after=8)
+    steps = dict(log_every_n_steps=1, accumulate_grad_batches=1, num_training_batches=3, global_step=0)  # all logged
+    trainer = SimpleNamespace(datamodule=data, should_stop=False, **steps)
     quality = DataQuality()
     quality.on_train_batch_start(trainer, module, batch_report(4, corrupt=1), 0)
     assert module.logged == {"data/skipped_corrupt": 1.0}

@@ -285,7 +285,7 @@ def test_train_config_gives_the_sample_callback_its_sampling(teacher, monkeypatc
     from diffusers import StableDiffusionPipeline
     from hydra.utils import instantiate
 
-    from bksdm_lab.distill.callbacks import SampleImages
+    from bksdm_lab.evaluation.callback import SampleImages
 
     cfg = compose("train", ["sampling=fast", "sampling.steps=3", "callbacks.samples.out_dir=null"])
     callback = instantiate(cfg.callbacks.samples)

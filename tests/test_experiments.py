@@ -1,7 +1,7 @@
 """Every recipe in experiments/ composes without running, and each row of the paper table gets what it promises.
 
-Every `python -m bksdm_lab.train ...` command in experiments/README.md and experiments/*.sh is parsed with
-Hydra's own override parser, expanded (each value of a `-m` sweep, each allowed value of a script's shell
+Every `python -m bksdm_lab.train ...` command in experiments/README.md, experiments/*.sh, README.md and docs/ is
+parsed with Hydra's own override parser, expanded (each value of a `-m` sweep, each allowed value of a script's shell
 variable) and composed from conf/ with `compose(config_name="train", return_hydra_config=True)`; no run starts.
 """
 
@@ -17,8 +17,10 @@ from bksdm_lab.evaluation.paper import PAPER_RESULTS
 
 EXPERIMENTS = REPO / "experiments"
 README = EXPERIMENTS / "README.md"
+GUIDES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SCRIPTS = sorted(EXPERIMENTS.glob("*.sh"))
-GROUPS = ("experiment", "arch", "teacher", "trainer", "data", "loss", "optimizer", "logger", "callbacks", "paths")
+GROUPS = ("experiment", "arch", "teacher", "trainer", "data", "loss", "module", "optimizer", "logger", "callbacks")
+GROUPS += ("sampling", "paths", "hparams_search")
 ENTRY = "python -m bksdm_lab.train"
 # The values a script's shell variable may take (a script that uses another variable fails the test).
 SHELL_VARIABLES = {"arch": sorted(p.stem for p in (CONF / "arch").glob("*.yaml"))}
@@ -36,11 +38,13 @@ ABLATIONS = {
 
 
 def commands(path) -> list[str]:
-    """The text from `python -m bksdm_lab.train` to the end of its backtick span (README) or line (scripts)."""
+    """The text from `python -m bksdm_lab.train` to the end of its backtick span or its line of a ```bash block
+    (markdown; a line ending in `\\` goes on) or its line (scripts)."""
     text = path.read_text()
     if path.suffix == ".md":
         spans = re.findall(r"`([^`\n]*)`", text)
-        spans += [line for block in re.findall(r"```\w*\n(.*?)```", text, re.S) for line in block.splitlines()]
+        blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+        spans += [line for block in blocks for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
     else:
         spans = text.splitlines()
     return [s[s.index(ENTRY) :].split("#")[0].strip() for s in spans if ENTRY in s]
@@ -97,8 +101,8 @@ def check_overrides_applied(cfg, overrides: list[str]) -> None:
             continue
         if key in GROUPS:
             assert choices[key] == value, f"{key}={value}: composed {choices[key]}"
-            if key == "experiment":
-                assert cfg.experiment_name == value  # the W&B group is the recipe's name
+            if key == "experiment" and not choices.get("hparams_search"):
+                assert cfg.experiment_name == value  # the W&B group is the recipe's name (a search names its own)
             elif key == "arch":
                 assert cfg.arch.name == value
             elif key == "trainer" and value == "ddp":
@@ -109,7 +113,8 @@ def check_overrides_applied(cfg, overrides: list[str]) -> None:
 
 README_COMMANDS = commands(README)
 SCRIPT_COMMANDS = [(p.name, c) for p in SCRIPTS for c in commands(p)]
-ALL_COMMANDS = [("README.md", c) for c in README_COMMANDS] + SCRIPT_COMMANDS
+GUIDE_COMMANDS = [(str(p.relative_to(REPO)), c) for p in GUIDES for c in dict.fromkeys(commands(p))]
+ALL_COMMANDS = [("experiments/README.md", c) for c in README_COMMANDS] + SCRIPT_COMMANDS + GUIDE_COMMANDS
 
 
 def table(text: str, header_start: str) -> list[dict[str, str]]:
@@ -218,7 +223,8 @@ def test_sweeps_and_shell_variables_expand_into_every_job():
         ["experiment=demo", "arch=small", "loss.weights.feat_kd=1"],
     ]
     assert substitutions(arguments('python -m bksdm_lab.train experiment=paper arch="$arch" "$@"')) == [
-        ["experiment=paper", f"arch={a}"] for a in ("base", "keep", "small", "tiny")  # keep: the pattern template
+        ["experiment=paper", f"arch={a}"]
+        for a in ("base", "keep", "small", "tiny")  # keep: the pattern template
     ]
     with pytest.raises(AssertionError, match="SHELL_VARIABLES"):
         substitutions(["teacher=$teacher"])

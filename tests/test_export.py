@@ -11,6 +11,7 @@ import yaml
 from conftest import PYTHON, subprocess_env, train_in_process
 from safetensors.torch import load_file
 
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.models import export
 
 UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
@@ -56,7 +57,7 @@ def ckpt_path(run_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def ckpt(ckpt_path) -> dict:
-    return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return read_checkpoint(ckpt_path)
 
 
 def export_in_process(args) -> str:

@@ -1,10 +1,9 @@
-"""The fast training path (README 'Fast path'): each switch changes nothing in the loss.
+"""The fast training path (docs/fastpath.md, ``module.step``): each switch changes nothing in the loss.
 
 Every switch is compared with the plain path on the same seed, weights and batch (the loss parts and, where the switch
 touches the backward, the student's gradients), on CPU with the demo-sized teacher and BK-SDM-Tiny student. What
-needs CUDA (gradient_checkpointing=auto's memory probe, the inductor backend, the flash SDPA kernels, 16-mixed on a
-GPU, the absence of host syncs on a GPU) is named in the README; the CPU tests check the decisions and the code paths
-that can run here."""
+needs CUDA (the inductor backend, 16-mixed on a GPU, the speed of each switch) is named in docs/fastpath.md; the CPU tests
+check the decisions and the code paths that can run here."""
 
 import csv
 import functools
@@ -19,8 +18,8 @@ from test_module import make_batch, make_module
 
 from bksdm_lab.distill import callbacks as cb
 from bksdm_lab.distill.checks import check_values
-from bksdm_lab.distill.losses import KDLoss, LossTerm, OutputKD
-from bksdm_lab.distill.module import FROZEN, DistillModule, NonFiniteLossError, needs_checkpointing, set_attention
+from bksdm_lab.distill.fastpath import FastPath
+from bksdm_lab.distill.module import FROZEN, DistillModule
 from bksdm_lab.models.students import init_student_from_teacher
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3)
@@ -29,6 +28,12 @@ ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3)
 def batch_of(teacher, n: int = 2) -> dict:
     """make_batch with sample indices: the draws come from the per-sample generators of (seed, step, index)."""
     return {**make_batch(teacher.tokenizer, n), "index": torch.arange(n)}
+
+
+def fast_module(teacher, **step) -> DistillModule:
+    """make_module's module with the fast-path switches ``step`` (module.step.*)."""
+    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
+    return DistillModule(teacher, student, make_module(teacher).loss, ADAMW, step=step)
 
 
 def loss_and_grads(module, batch) -> tuple[dict, dict]:
@@ -63,36 +68,14 @@ def test_gradient_checkpointing_changes_neither_loss_nor_gradients(teacher):
     assert loss["feat_kd"] > 0
 
 
-def test_gradient_checkpointing_auto_is_off_on_cpu_and_logged(teacher, caplog):
-    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
-    module = DistillModule(teacher, student, make_module(teacher).loss, ADAMW, gradient_checkpointing="auto")
-    assert not module.student.is_gradient_checkpointing  # auto waits for the device
-    with caplog.at_level(logging.INFO, logger="bksdm_lab"):
-        resolved = module.configure_fast_path("cpu")
-    assert resolved["gradient_checkpointing"] is False
-    assert "gradient_checkpointing=False" in caplog.text
-    assert not module.student.is_gradient_checkpointing
-
-
-def test_gradient_checkpointing_auto_rule_and_its_decision_on_cuda(teacher, caplog, monkeypatch):
-    """The decision (the memory probe itself needs CUDA): on when the estimate passes 90% of the free memory."""
-    assert not needs_checkpointing(80 * 2**30, 100 * 2**30)
-    assert needs_checkpointing(95 * 2**30, 100 * 2**30)
-    monkeypatch.setattr(DistillModule, "device", property(lambda self: torch.device("cuda")))
-    for need, on in ((30 * 2**30, False), (130 * 2**30, True)):
-        module = make_module(teacher)
-        module.gradient_checkpointing = "auto"
-        monkeypatch.setattr(module, "estimate_step_memory", lambda batch, need=need: (need, 139 * 2**30))
+def test_gradient_checkpointing_is_set_at_setup_and_logged(teacher, caplog):
+    for on in (True, False):
+        module = fast_module(teacher, gradient_checkpointing=on)
+        assert not module.student.is_gradient_checkpointing  # the switches are set at setup, not at construction
         with caplog.at_level(logging.INFO, logger="bksdm_lab"):
-            assert module.decide_checkpointing(batch_of(teacher)) is on
+            assert module.fast.apply(module, "cpu")["gradient_checkpointing"] is on
         assert module.student.is_gradient_checkpointing is on
-        assert f"gradient_checkpointing=auto: {'on' if on else 'off'} (a micro-batch of 2 needs about" in caplog.text
-
-
-def test_true_still_means_on_from_the_start(teacher):
-    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
-    module = DistillModule(teacher, student, make_module(teacher).loss, ADAMW, gradient_checkpointing=True)
-    assert module.student.is_gradient_checkpointing
+        assert f"gradient_checkpointing={on}" in caplog.text
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
@@ -118,12 +101,10 @@ def test_compile_switches_route_student_and_teacher_through_torch_compile(teache
     loss, grads = loss_and_grads(plain, batch)
     layers = dict(plain.loss.terms["feat_kd"].last_layer_losses)
     monkeypatch.setattr(torch, "compile", CompileSpy)
-    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
-    options = {"student": True, "teacher": True, "backend": "eager", "mode": None}
-    module = DistillModule(teacher, student, make_module(teacher).loss, ADAMW, compile=options)
-    resolved = module.configure_fast_path("cpu")
+    module = fast_module(teacher, compile={"student": True, "teacher": True, "backend": "eager", "mode": None})
+    resolved = module.fast.apply(module, "cpu")
     assert resolved["compile_student"] and resolved["compile_teacher"]
-    spies = module._compiled
+    spies = {name: compiled for name, (_, compiled) in module.fast.compiled.items()}
     assert spies["student"]._orig_mod is module.student and spies["teacher"]._orig_mod is teacher.unet
     assert spies["student"].options == {"backend": "eager", "fullgraph": False}  # null options left to torch
     loss_c, grads_c = loss_and_grads(module, batch)
@@ -132,9 +113,7 @@ def test_compile_switches_route_student_and_teacher_through_torch_compile(teache
     assert_close(grads_c, grads, rtol=0, atol=0)
     assert module.loss.terms["feat_kd"].last_layer_losses.keys() == layers.keys()
     assert not any("_orig_mod" in k for k in module.state_dict())
-    with module.eager():  # the memory probe's way round the compiled models
-        module.compute_loss(batch, step=0)
-    assert spies["student"].calls == 1 and spies["teacher"].calls == 1
+    assert module.fast.model("student", plain.student) is plain.student  # another module in place: called as it is
 
 
 @pytest.mark.slow  # dynamo tracing the student: about 30 s on 2 loaded cores
@@ -146,11 +125,8 @@ def test_compiled_student_gives_the_same_loss_and_gradients_and_taps_fire(teache
     batch = batch_of(teacher)
     loss, grads = loss_and_grads(plain, batch)
     layers = dict(plain.loss.terms["feat_kd"].last_layer_losses)
-    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
-    module = DistillModule(
-        teacher, student, make_module(teacher).loss, ADAMW, compile={"student": True, "backend": "eager"}
-    )
-    assert module.configure_fast_path("cpu")["compile_student"]
+    module = fast_module(teacher, compile={"student": True, "backend": "eager"})
+    assert module.fast.apply(module, "cpu")["compile_student"]
     for _ in range(2):  # the compiling call and a call of the compiled graph
         loss_c, grads_c = loss_and_grads(module, batch)
         assert_close(loss_c, loss, rtol=1e-5, atol=1e-7)
@@ -159,45 +135,31 @@ def test_compiled_student_gives_the_same_loss_and_gradients_and_taps_fire(teache
     torch._dynamo.reset()
 
 
-def test_compile_auto_is_off_on_cpu(teacher):
-    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
-    module = DistillModule(teacher, student, make_module(teacher).loss, ADAMW, compile={"student": "auto"})
-    resolved = module.configure_fast_path("cpu")
-    assert not resolved["compile_student"] and not resolved["compile_teacher"]
-    assert module._model("student") is module.student
+def test_compile_and_channels_last_auto_are_off_on_cpu_and_on_for_cuda(teacher, monkeypatch):
+    module = fast_module(teacher, compile={"student": "auto", "teacher": "auto"}, channels_last="auto")
+    resolved = module.fast.apply(module, "cpu")
+    assert not resolved["compile_student"] and not resolved["compile_teacher"] and not resolved["channels_last"]
+    assert module.fast.model("student", module.student) is module.student
+    monkeypatch.setattr(torch, "compile", CompileSpy)  # the decision for a CUDA device; nothing runs there
+    resolved = module.fast.apply(module, "cuda")
+    assert resolved["compile_student"] and resolved["compile_teacher"] and resolved["channels_last"]
 
 
-# ---- channels_last, attention, frozen dtype -----------------------------------------------------
+# ---- channels_last, frozen dtype -----------------------------------------------------------------
 
 
 def test_channels_last_changes_nothing(teacher):
     plain = make_module(teacher)
     batch = batch_of(teacher)
     loss, grads = loss_and_grads(plain, batch)
-    plain.channels_last = True
-    assert plain.configure_fast_path("cpu")["channels_last"]
+    plain.fast.channels_last = True
+    assert plain.fast.apply(plain, "cpu")["channels_last"]
     conv = plain.student.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert teacher.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     loss_cl, grads_cl = loss_and_grads(plain, batch)
     assert_close(loss_cl, loss, rtol=1e-5, atol=1e-6)
     assert_close(grads_cl, grads, rtol=1e-4, atol=1e-6)
-
-
-def test_sdpa_is_the_default_and_the_classic_attention_gives_the_same_loss(teacher):
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    module = make_module(teacher)
-    for part in (module.student, module.teacher_unet, module.vae):
-        assert {type(p) for p in part.attn_processors.values()} == {AttnProcessor2_0}
-    batch = batch_of(teacher)
-    loss, grads = loss_and_grads(module, batch)
-    for part in (module.student, module.teacher_unet, module.vae):
-        set_attention(part, "classic")
-        assert {type(p) for p in part.attn_processors.values()} == {AttnProcessor}
-    loss_classic, grads_classic = loss_and_grads(module, batch)
-    assert_close(loss_classic, loss, rtol=1e-5, atol=1e-6)
-    assert_close(grads_classic, grads, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -212,8 +174,8 @@ def test_sdpa_is_the_default_and_the_classic_attention_gives_the_same_loss(teach
 )
 def test_frozen_dtype_follows_the_precision_unless_set(teacher, frozen_dtype, precision, expected):
     module = make_module(teacher)
-    module.frozen_dtype = frozen_dtype
-    module.configure_fast_path("cpu", precision)
+    module.fast.frozen_dtype = frozen_dtype
+    module.fast.apply(module, "cpu", precision)
     for name in FROZEN:
         assert {p.dtype for p in getattr(module, name).parameters()} == {expected}, name
     assert {p.dtype for p in module.student.parameters()} == {torch.float32}
@@ -224,8 +186,8 @@ def test_frozen_parts_in_bf16_and_bf16_autocast_change_the_loss_only_by_rounding
     module = make_module(teacher)
     batch = batch_of(teacher)
     loss, grads = loss_and_grads(module, batch)
-    module.frozen_dtype = "bf16"
-    module.configure_fast_path("cpu", "32-true")
+    module.fast.frozen_dtype = "bf16"
+    module.fast.apply(module, "cpu", "32-true")
     loss_bf16, _ = loss_and_grads(module, batch)  # the student in fp32, fed bf16 text conditioning and teacher
     assert_close(loss_bf16, loss, rtol=5e-2, atol=1e-3)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # trainer.precision=bf16-mixed
@@ -351,49 +313,12 @@ def test_logging_every_n_steps_changes_no_weight_and_logs_what_it_did(teacher, t
     assert_close(finals[1], finals[0], rtol=0, atol=0)
 
 
-class NaNOnCall(LossTerm):
-    def __init__(self, n: int):
-        super().__init__()
-        self.n, self.calls = n, 0
-
-    def forward(self, x):
-        self.calls += 1
-        value = torch.nn.functional.mse_loss(x.student_out, x.target)
-        return value * float("nan") if self.calls == self.n else value
-
-
-def nan_module(teacher, check: str, policy: str = "stop") -> DistillModule:
-    loss = KDLoss({"task": NaNOnCall(3), "out_kd": OutputKD()}, {"task": 1.0, "out_kd": 1.0})
-    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
-    return DistillModule(teacher, student, loss, optimizer=ADAMW, nonfinite=policy, nonfinite_check=check)
-
-
-def test_deferred_nonfinite_check_stops_at_the_next_logging_step_naming_the_bad_step(teacher, tmp_path):
-    module = nan_module(teacher, "deferred")
-    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(task\), found at step 3"):
-        fit(module, 6, tmp_path, log_every_n_steps=4, callbacks=[ckpt], enable_checkpointing=True)
-    saved = sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt"))
-    assert len(saved) == 2  # steps 1 and 2: the checkpoint after the bad step was refused, none is a NaN one
-    for name in saved:
-        state = torch.load(tmp_path / "ckpt" / name, map_location="cpu", weights_only=False)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values()), name
-
-
-def test_nonfinite_check_values(teacher):
-    assert nan_module(teacher, "auto").configure_fast_path("cpu")["nonfinite_check"] == "step"  # CPU: exact
-    with pytest.raises(ValueError, match="nonfinite_check=deferred cannot skip a batch"):
-        nan_module(teacher, "deferred", policy="skip")
-    with pytest.raises(ValueError, match=r"module.nonfinite_check='later' is not one of auto, step, deferred"):
-        nan_module(teacher, "later")
-
-
 def test_no_log_and_no_host_read_on_steps_that_log_nothing(teacher, tmp_path, monkeypatch):
     """Between logging steps neither the module nor the callbacks log anything (a float logged on CUDA is a host
-    sync) nor read a tensor on the host (.item(), bool(), .tolist(), .cpu()): counted on steps 2 and 3 of 4 with
-    log_every_n_steps=4 and the deferred NaN check."""
+    sync) nor read a tensor on the host (.item(), bool(), .tolist(), .cpu()) but for the non-finite check, one
+    bool() a micro-step: counted on steps 2 and 3 of 4 with log_every_n_steps=4."""
     counting = {"on": False, "reads": [], "logs": 0}
-    host_side = set()  # the batch's sample indices: kept on the host by design (transfer_batch_to_device)
+    host_side = set()  # the batch's sample indices, which the per-sample generators read on the host
 
     def count(name, original):
         def wrapper(self, *args, **kwargs):
@@ -423,19 +348,13 @@ def test_no_log_and_no_host_read_on_steps_that_log_nothing(teacher, tmp_path, mo
             counting["on"] = False
 
     module = make_module(teacher)
-    module.nonfinite_check = "deferred"
     callbacks = [cb.DataQuality(), cb.EMA(decay=0.9), cb.Throughput(), Window()]
     fit(module, 4, tmp_path, log_every_n_steps=4, callbacks=callbacks)
-    assert counting == {"on": False, "reads": [], "logs": 0}
-    assert module.fast_path["nonfinite_check"] == "deferred"
+    reads = counting.pop("reads")
+    assert counting == {"on": False, "logs": 0}
+    assert [r.split(" from ")[0] for r in reads] == ["__bool__"] * 2, reads  # torch.isfinite(total), steps 2 and 3
+    assert all("distill/module.py" in r for r in reads), reads
     assert any(r.get("train/loss") for r in read_rows(tmp_path))  # step 4 logged
-
-
-def test_sample_indices_stay_on_the_host(teacher):
-    module = make_module(teacher)
-    batch = batch_of(teacher)
-    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
-    assert moved["index"] is batch["index"] and set(moved) == set(batch)
 
 
 # ---- config values are checked before anything loads -----------------------------------------------
@@ -444,19 +363,21 @@ def test_sample_indices_stay_on_the_host(teacher):
 def test_bad_fast_path_values_are_one_line_each_before_loading(compose_train):
     cfg = compose_train(
         "experiment=demo",
-        "gradient_checkpointing=sometimes",
-        "module.compile.student=yes",
-        "module.attention=flash3",
-        "module.frozen_dtype=fp8",
-        "+module.compile.backnd=eager",
+        "module.step.gradient_checkpointing=sometimes",
+        "module.step.compile.student=yes",
+        "module.step.frozen_dtype=fp8",
+        "+module.step.compile.backnd=eager",
+        "+module.step.attention=sdpa",
     )
-    problems = check_values(cfg)
-    for line in (
-        "gradient_checkpointing='sometimes' is not one of auto, true, false",
-        "module.compile.student='yes' is not one of auto, true, false",
-        "module.attention='flash3' is not one of sdpa, classic",
-        "module.frozen_dtype='fp8' is not one of auto, fp32, fp16, bf16",
-        "module.compile has no key 'backnd'",
-    ):
-        assert any(p.startswith(line) for p in problems), (line, problems)
-    assert not check_values(compose_train("experiment=demo", "gradient_checkpointing=auto"))
+    lines = [
+        "module.step.gradient_checkpointing='sometimes' is not one of true, false",
+        "module.step.compile.student='yes' is not one of auto, true, false",
+        "module.step.frozen_dtype='fp8' is not one of auto, fp32, fp16, bf16",
+        "module.step.compile has no key 'backnd'; its keys are student, teacher, backend, mode, dynamic, fullgraph",
+        "module.step has no key 'attention'; its keys are seed, gradient_checkpointing, compile, channels_last, "
+        "frozen_dtype",
+    ]
+    assert [p for p in check_values(cfg) if p.startswith("module.step")] == lines
+    with pytest.raises(ValueError, match=r"^module.step.channels_last='yes' is not one of auto, true, false$"):
+        FastPath(channels_last="yes")  # the module refuses the same values
+    assert not check_values(compose_train("experiment=demo", "module.step.channels_last=true"))

@@ -16,9 +16,10 @@ import torch
 from conftest import PYTHON, subprocess_env
 from PIL import Image
 
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.data.common import DataError
 from bksdm_lab.data.webdataset import INDEX_STRIDE, WebDatasetDataModule, expand_braces, expand_shards
-from bksdm_lab.tools.demo import byte_level_tokenizer
+from bksdm_lab.models.demo import byte_level_tokenizer
 
 SHARDS, PER_SHARD = 4, 6  # 24 samples: one corrupt image, one empty caption
 TOTAL, GOOD = SHARDS * PER_SHARD, SHARDS * PER_SHARD - 2
@@ -297,7 +298,7 @@ def train(cache_dir, tmp_path, *data_args):
     with (run / "csv" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     last = {k: float(v) for k, v in rows[-1].items() if k.startswith("data/") and v}
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     return (run / ".hydra" / "config.yaml").read_text(), last, ckpt["callbacks"]["DataQuality"]["counts"]
 
 

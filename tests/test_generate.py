@@ -238,7 +238,7 @@ def test_paper_sampling_is_the_default_everywhere():
     assert OmegaConf.to_container(cfg.sampling) == PAPER_SAMPLING
     assert (PAPER_SAMPLING["scheduler"], PAPER_SAMPLING["steps"], PAPER_SAMPLING["guidance"]) == ("pndm", 25, 7.5)
     assert (PAPER_SAMPLING["seed"], PAPER_SAMPLING["seed_mode"], PAPER_SETTINGS["resolution"]) == (1234, "paper", 512)
-    defaults = inspect.signature(gen.generate_images).parameters
+    defaults = inspect.signature(gen.GenerateOptions).parameters
     for key in gen.SAMPLING_KEYS:
         assert defaults[key].default == PAPER_SAMPLING[key], key
 

@@ -9,8 +9,8 @@ from conftest import arch_cfg
 from diffusers import DDPMScheduler
 from torch.utils.data import DataLoader
 
+from bksdm_lab.common.checkpoint import CheckpointError, read_checkpoint
 from bksdm_lab.data.folder import ImageCaptionFolder
-from bksdm_lab.distill.checks import CheckpointError
 from bksdm_lab.distill.losses import FeatureKD, KDLoss, OutputKD, TaskLoss
 from bksdm_lab.distill.module import FROZEN, DistillModule
 from bksdm_lab.models.students import init_student_from_teacher
@@ -251,7 +251,7 @@ def test_checkpoint_holds_student_only_and_resumes(teacher, demo_data_dir, tmp_p
     path = tmp_path / "two_steps.ckpt"
     trainer.save_checkpoint(path)
 
-    ckpt = torch.load(path, weights_only=False, map_location="cpu")
+    ckpt = read_checkpoint(path)
     keys = list(ckpt["state_dict"])
     assert all(k.startswith("student.") for k in keys), [k for k in keys if not k.startswith("student.")][:5]
     assert len(keys) == len(module.student.state_dict()) == 356

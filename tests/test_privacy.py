@@ -11,11 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import wandb_offline
 from conftest import PYTHON, REPO
 
 from bksdm_lab.common import secrets
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.models import export
 
 
@@ -74,7 +74,7 @@ def shared_files(run_dir: Path) -> dict[str, str]:
     for i, record in enumerate(wandb_offline.records(run_file)):
         if record.WhichOneof("record_type") in kinds:
             texts[f"wandb record {i} ({record.WhichOneof('record_type')})"] = str(record)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     texts["last.ckpt config"] = json.dumps(ckpt["bksdm"]["config"])
     return texts
 

@@ -27,8 +27,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
 from bksdm_lab import train as train_app
+from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.data.common import ResumableSampler
-from bksdm_lab.tools.demo import make_synthetic_dataset
+from bksdm_lab.data.synthetic import make_synthetic_dataset
 
 # a few optimizer steps of the demo on 32 images: micro-batch 8, no accumulation (4 steps an epoch), CSV only
 FAST = [
@@ -181,7 +182,8 @@ def test_a_latent_cache_of_another_teacher_is_refused(run, tmp_path, capsys, no_
     cache.mkdir()
     meta = {"teacher": "sd14", "teacher_source": "CompVis/stable-diffusion-v1-4", "resolution": 64, "complete": True}
     (cache / "meta.json").write_text(json.dumps({**meta, "shards": [{"file": "shard-00000.pt", "count": 32}]}))
-    (line,) = refused(run, tmp_path, capsys, "data=latents", f"data.root={cache}", "data.batch_size=8")
+    overrides = ("data=latents", f"data.root={cache}", "data.batch_size=8", "data.global_batch_size=null")
+    (line,) = refused(run, tmp_path, capsys, *overrides)
     assert f"data.root='{cache}' is a latent cache made with teacher 'sd14' (CompVis/stable-diffusion-v1-4)" in line
     assert "this run's teacher is 'demo'" in line
 
@@ -191,6 +193,23 @@ def test_a_mistyped_demo_teacher_path_is_not_built(run, tmp_path, capsys, no_tea
     (line, *_) = refused(run, tmp_path, capsys, f"teacher.pretrained={typo}")
     assert f"local folder {typo} does not exist" in line
     assert not typo.exists() and not typo.parent.exists()
+
+
+def test_the_demo_teacher_is_built_where_it_is_loaded_and_only_at_its_place(tmp_path):
+    """teacher=demo: every command that loads it (train, prepare, evaluate, generate, bench) builds it the same way."""
+    from omegaconf import OmegaConf
+
+    from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
+
+    home = tmp_path / "cache" / "demo" / "teacher"
+    cfg = OmegaConf.create({"name": "demo", "configs": "demo", "pretrained": "${build_if_missing}"})
+    cfg.build_if_missing = str(home)
+    with pytest.raises(TeacherLoadError, match="does not exist"):
+        probe_teacher(OmegaConf.merge(cfg, {"pretrained": str(tmp_path / "elsewhere")}))
+    assert not (tmp_path / "elsewhere").exists() and not home.exists()
+    teacher = load_teacher(cfg, load_vae=False)
+    assert (home / "model_index.json").is_file() and teacher.source == str(home)
+    assert list(teacher.unet.config.block_out_channels) == [32, 64, 64, 64]  # the shipped demo config's
 
 
 # ---- 9: checkpoints that cannot be resumed, non-UTF-8 metadata, a full disk -------------------------------------
@@ -222,10 +241,68 @@ def test_truncated_and_foreign_checkpoints_are_one_line_without_an_unsafe_hint(r
     for path, why in (
         (truncated, "not a complete PyTorch checkpoint archive"),
         (text, "not a complete PyTorch checkpoint archive"),
-        (pickled, "it holds objects other than tensors and plain data"),
+        (pickled, "it holds objects other than tensors and plain data (pytorch_lightning.callbacks.callback.Callback)"),
     ):
         (line,) = refused(run, tmp_path, capsys, f"ckpt_path={path}")
-        assert f"ckpt_path='{path}' is not a readable checkpoint" in line and line.endswith(why)
+        assert f"ckpt_path='{path}' is not a readable PyTorch checkpoint" in line and line.endswith(why)
+
+
+class Touch:
+    """Unpickled, creates the file ``marker``: code a checkpoint could run if it were read unsafely."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture()
+def code_ckpt(tmp_path) -> tuple[Path, Path]:
+    """A checkpoint in the layout of `python -m bksdm_lab.train` whose pickle would create `marker`: (it, marker)."""
+    path, marker = tmp_path / "code.ckpt", tmp_path / "marker"
+    meta = {"config": {"arch": {"name": "tiny"}, "teacher": {"name": "demo"}}, "payload": Touch(marker)}
+    torch.save({"state_dict": {"student.w": torch.ones(1)}, "global_step": 1, "bksdm": meta}, path)
+    return path, marker
+
+
+def test_lightning_resumes_only_through_the_safe_reader(code_ckpt):
+    from bksdm_lab.common.checkpoint import AtomicCheckpointIO, CheckpointError
+
+    path, marker = code_ckpt
+    with pytest.raises(CheckpointError, match="it holds objects other than tensors and plain data"):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # what any caller asks: never unsafe
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_no_command_runs_the_code_a_checkpoint_holds(code_ckpt, cache_dir, demo_teacher_dir, shapes, tmp_path):
+    path, marker = code_ckpt
+    commands = {
+        "train": [*FAST, f"data.root={shapes}", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}"],
+        "export": [str(path)],
+        "generate": [f"checkpoint={path}", "prompt=a red circle", f"out={tmp_path / 'generate'}"],
+        "evaluate": [f"checkpoint={path}", "prompt=a red circle", "feature_extractor=demo", "clip=demo",
+                     f"out={tmp_path / 'evaluate'}"],
+    }  # fmt: skip
+    procs = {
+        name: subprocess.Popen(
+            [PYTHON, "-m", f"bksdm_lab.{name}", *args],
+            env=subprocess_env(cache_dir),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
+    stderr = {name: proc.communicate(timeout=300)[1] for name, proc in procs.items()}
+    assert not marker.exists(), "reading the checkpoint ran its code"
+    for name, err in stderr.items():
+        errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert procs[name].returncode == 2 and len(errors) == 1, (name, err[-3000:])
+        assert errors[0].startswith(f"bksdm_lab.{name}: error: ") and str(path) in errors[0], errors[0]
+        assert errors[0].endswith("tensors and plain data (builtins.getattr, pathlib.Path, pathlib.PosixPath)")
 
 
 def test_a_finished_checkpoint_with_nothing_left_to_train_is_refused(run, tmp_path, capsys, no_teacher):
@@ -272,7 +349,7 @@ def indices(path: Path) -> list[int]:
 
 
 def student_weights(run_dir: Path) -> dict:
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     return ckpt["global_step"], ckpt["state_dict"]
 
 
@@ -377,7 +454,7 @@ def test_a_run_folder_holding_a_run_is_never_overwritten_unless_asked(cli, tmp_p
     assert steps == [0, 1, 2, 3]  # the first run's rows kept, the resumed run's appended
     records = sorted((run_dir / ".resumes").glob("*/.hydra/overrides.yaml"))
     assert len(records) == 2 and "ckpt_path=last" in records[-1].read_text()
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
 
     # overwrite=true replaces the run: nothing of the old one is left to be mistaken for the new one's
     assert cli(at, "overwrite=true", "trainer.max_steps=1") == 0
@@ -467,6 +544,6 @@ def test_ctrl_c_on_the_real_command_saves_a_checkpoint_and_w_and_b_records_a_fai
     assert proc.returncode == 130, err[-3000:]
     saved = run_dir / "checkpoints" / "last.ckpt"
     assert f"checkpoint saved to {saved}" in err and "resume with the same hydra.run.dir and ckpt_path=last" in err
-    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
+    step = read_checkpoint(saved)["global_step"]
     assert step >= 2 and not (run_dir / "pipeline").exists()
     assert exit_code_of(run_dir) == 130  # W&B: failed, not finished

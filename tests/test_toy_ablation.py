@@ -46,7 +46,7 @@ def test_short_judge_beats_chance_and_is_cached(short_judge, judge_cache, monkey
     # the easy attributes are learned in seconds, far above chance (1/6, 1/2, 1/5, 1/3, 1/2)
     for attr in ("colour", "size", "position", "count", "background"):
         assert acc[attr] >= chance[attr] + 0.3, (attr, acc)
-    # shape (a 2-px small shape at 32 px) is learned last: the full judge gets it (README), the short one need not
+    # shape (a 2-px small shape at 32 px) is learned last: the full judge gets it (docs/world.md), the short one need not
     assert acc["shape"] >= chance["shape"] - 0.05
     folder = J.judge_dir(J.SHORT_JUDGE, judge_cache)
     assert report["path"] == str(folder)

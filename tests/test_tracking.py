@@ -13,7 +13,7 @@ import wandb_offline
 from conftest import PYTHON, arch_cfg, subprocess_env
 from test_module import make_batch
 
-from bksdm_lab.common.checkpoint import AtomicCheckpointIO
+from bksdm_lab.common.checkpoint import AtomicCheckpointIO, read_checkpoint
 from bksdm_lab.distill.losses import KDLoss, LossTerm, OutputKD
 from bksdm_lab.distill.module import DistillModule, NonFiniteLossError
 from bksdm_lab.models.students import init_student_from_teacher
@@ -35,7 +35,7 @@ def train_cmd(*args):
 
 
 def final_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.slow
@@ -131,10 +131,10 @@ def fit(module, tmp_path, steps=5):
 
 def test_nonfinite_loss_stops_naming_the_part_and_saves_the_last_good_state(teacher, tmp_path):
     module = nan_module(teacher, "stop")
-    with pytest.raises(NonFiniteLossError, match=r"step 2 .*task=nan.*loss.nonfinite=stop"):
+    with pytest.raises(NonFiniteLossError, match=r"step 2 .*task=nan.*\(nonfinite=stop\)"):
         fit(module, tmp_path)
     (saved,) = list((tmp_path / "ckpt").glob("nonfinite_step000002.ckpt"))
-    ckpt = torch.load(saved, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(saved)
     assert ckpt["global_step"] == 2
     for key, value in module.student.state_dict().items():  # the NaN step never updated the weights
         assert torch.equal(ckpt["state_dict"][f"student.{key}"], value)
@@ -167,7 +167,7 @@ def test_atomic_checkpoint_write_survives_a_crash(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert torch.load(path, weights_only=False)["step"] == 1
+    assert read_checkpoint(path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 

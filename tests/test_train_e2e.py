@@ -7,9 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 import wandb_offline
 from conftest import PYTHON, run_app, subprocess_env
+
+from bksdm_lab.common.checkpoint import read_checkpoint
 
 
 def run_train(args, cache_dir, cwd, check=True):
@@ -67,7 +68,7 @@ def test_demo_writes_everything_and_learns(demo_run):
 @pytest.mark.slow
 def test_demo_checkpoint_holds_only_the_student(demo_run):
     run_dir, _ = demo_run
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     keys = list(ckpt["state_dict"])
     student = [k for k in keys if k.startswith("student.")]
     assert student and sorted(keys) == sorted(student + [f"ema_{k}" for k in student])  # student + its EMA only
@@ -82,7 +83,7 @@ def test_demo_trains_on_its_own_256_images(demo_run, cache_dir):
     run_dir, _ = demo_run
     readme = json.loads((cache_dir / "demo" / "data" / "README.json").read_text())
     assert (readme["num_images"], readme["size"], readme["seed"]) == (256, 80, 0)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     config = ckpt["bksdm"]["config"]  # the run's resolved config
     assert config["data"]["root"] == str(cache_dir / "demo" / "data")
     # 200 steps of 8 x 2 images over the 256 (less any held out for validation): 12.5 epochs, not 100 of 32 images

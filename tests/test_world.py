@@ -224,7 +224,7 @@ def test_world_teacher_reuses_its_folder_and_refuses_any_other(tmp_path, capsys,
 
 
 def test_world_data_module_writes_the_set_once(tmp_path):
-    from bksdm_lab.tools.demo import byte_level_tokenizer
+    from bksdm_lab.models.demo import byte_level_tokenizer
     from bksdm_lab.world.data import WorldDataModule
 
     root = tmp_path / "data"

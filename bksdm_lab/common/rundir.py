@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import sys
 from datetime import datetime
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+
+from bksdm_lab.common.cli import fail
 
 # what a training run writes into its folder (the Hydra log is <job name>.log); RESULTS make it hold a run (a start
 # that failed its checks leaves only Hydra's record, .hydra/, which the next start may rewrite)
@@ -105,8 +106,7 @@ class GuardRunDir(Callback):
             return
         requeued = config.get("ckpt_path") in (None, "") and requeue_checkpoint(run_dir) is not None
         if not requeued and not resumes_here(config.get("ckpt_path"), run_dir):
-            print(f"bksdm_lab.train: error: {refusal(run_dir, present)}", file=sys.stderr)
-            raise SystemExit(2)
+            fail("train", refusal(run_dir, present))
         record = f"{RESUMES}/{_stamp(run_dir)}"
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = f"{record}/.hydra"
@@ -129,11 +129,7 @@ class GuardRunDir(Callback):
                 config.hydra.overrides.hydra.append(f"hydra.sweep.subdir='{prefix}_{subdir}'")
             return
         if config.get("ckpt_path") in (None, ""):
-            print(
-                f"bksdm_lab.train: error: {refusal(sweep_dir, [p.name for p in jobs], 'hydra.sweep.dir')}",
-                file=sys.stderr,
-            )
-            raise SystemExit(2)
+            fail("train", refusal(sweep_dir, [p.name for p in jobs], "hydra.sweep.dir"))  # the whole sweep
         # every job of a resumed sweep records its start beside its run's (the jobs' configs are composed again
         # from these overrides)
         record = f"{RESUMES}/{_stamp(sweep_dir)}"

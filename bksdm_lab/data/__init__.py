@@ -1,1 +1,2 @@
-"""Captioned-image data: the formats (folder, webdataset, hf, latents), the latent cache and downloads."""
+"""Captioned-image data: the formats (folder, webdataset, hf, latents), the latent cache, downloads and the demo's
+synthetic set."""

@@ -1,5 +1,5 @@
-"""Building blocks shared by every data format: image loading and conversion, bad-sample handling,
-collation and the resumable, rank-sharded sampler and loader.
+"""Building blocks shared by every data format: the arguments every data module takes (:class:`CaptionDataModule`),
+image loading and conversion, bad-sample handling, collation and the resumable, rank-sharded sampler and loader.
 """
 
 from __future__ import annotations
@@ -24,6 +24,44 @@ class DataError(ValueError):
 
 SKIP_REASONS = ("missing", "corrupt", "bomb", "caption", "small")
 CONVERT_REASONS = ("mode", "16bit", "alpha", "small")
+
+
+class CaptionDataModule(pl.LightningDataModule):
+    """What every data format takes (the ``conf/data/*.yaml`` keys of the same names), stored as attributes.
+
+    ``tokenizer`` and ``resolution`` (the teacher's), ``batch_size`` (the micro-batch per device), ``num_workers``,
+    ``random_flip``, ``seed`` (shuffling and flips are a function of (seed, epoch): resumable), ``val_samples`` (the
+    last N samples held out: never trained on, the validation loss), ``global_batch_size`` (images per optimizer step
+    over all devices: decides the accumulation), and the skip limits the DataQuality callback reads: stop when more
+    than ``max_skipped_fraction`` of the samples read were unusable, checked once ``skip_check_after`` were read.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        resolution: int | None,
+        batch_size: int,
+        num_workers: int = 0,
+        random_flip: bool = True,
+        seed: int = 0,
+        val_samples: int = 0,
+        max_skipped_fraction: float | None = 0.05,
+        skip_check_after: int = 1000,
+        global_batch_size: int | None = None,
+    ):
+        super().__init__()
+        self.tokenizer, self.resolution, self.batch_size = tokenizer, resolution, batch_size
+        self.num_workers, self.random_flip, self.seed, self.val_samples = num_workers, random_flip, seed, val_samples
+        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
+        self.global_batch_size = global_batch_size
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """As Lightning (non-blocking copies from pinned memory), but the sample indices stay on the host: the module
+        seeds each sample's draws from them, which on the device would be a host sync per micro-step."""
+        if isinstance(batch, dict) and isinstance(batch.get("index"), torch.Tensor):
+            rest = {k: v for k, v in batch.items() if k != "index"}
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx), "index": batch["index"]}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:

@@ -14,10 +14,10 @@ import logging
 import random
 from pathlib import Path
 
-import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from bksdm_lab.data.common import (
+    CaptionDataModule,
     DataError,
     check_caption,
     collate,
@@ -129,45 +129,36 @@ class ImageCaptionFolder(Dataset):
         return finish_sample(index, self.tokenizer, read)
 
 
-class FolderDataModule(pl.LightningDataModule):
+class FolderDataModule(CaptionDataModule):
+    """``data=folder``: an image folder with metadata; the shared arguments are :class:`CaptionDataModule`'s."""
+
     def __init__(
         self,
         root,
         tokenizer,
         resolution: int,
         batch_size: int,
-        num_workers: int = 0,
-        random_flip: bool = True,
         caption_column: str = "text",
         image_column: str = "file_name",
         max_samples: int | None = None,
-        val_samples: int = 0,
-        seed: int = 0,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
-        max_skipped_fraction: float | None = 0.05,
-        skip_check_after: int = 1000,
-        global_batch_size: int | None = None,
+        **shared,
     ):
-        super().__init__()
-        # read by the DataQuality callback: stop when more than this fraction of the samples read is unusable
-        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
-        self.global_batch_size = global_batch_size  # images per optimizer step, all ranks: sets the accumulation
-        self.seed = seed
+        super().__init__(tokenizer, resolution, batch_size, **shared)
         self.dataset = ImageCaptionFolder(
             root,
             tokenizer,
             resolution,
-            random_flip,
+            self.random_flip,
             caption_column,
             image_column,
             max_samples,
             small_images,
             max_pixels,
         )
-        self.batch_size, self.num_workers = batch_size, num_workers
         # the last val_samples samples are held out: never trained on, served by val_dataloader
-        self.val_samples = check_val_samples(val_samples, len(self.dataset), f"data.root={str(root)!r}")
+        self.val_samples = check_val_samples(self.val_samples, len(self.dataset), f"data.root={str(root)!r}")
 
     def train_dataloader(self) -> DataLoader:
         return resumable_loader(self, TrainPart(self.dataset, len(self.dataset) - self.val_samples), collate)

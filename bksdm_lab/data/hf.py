@@ -18,11 +18,11 @@ import logging
 import random
 from pathlib import Path
 
-import pytorch_lightning as pl
 from torch.utils.data import Dataset
 
 from bksdm_lab.data.common import (
     BadSample,
+    CaptionDataModule,
     DataError,
     check_caption,
     collate,
@@ -134,7 +134,7 @@ class HFImageCaption(Dataset):
         return finish_sample(index, self.tokenizer, read)
 
 
-class HFDataModule(pl.LightningDataModule):
+class HFDataModule(CaptionDataModule):
     """The folder set's sharded, resumable ``train_dataloader`` over an :class:`HFImageCaption` set."""
 
     def __init__(
@@ -143,26 +143,16 @@ class HFDataModule(pl.LightningDataModule):
         tokenizer,
         resolution: int,
         batch_size: int,
-        num_workers: int = 0,
         name: str | None = None,
         split: str = "train",
         image_column: str = "image",
         caption_column: str = "text",
-        random_flip: bool = True,
         max_samples: int | None = None,
-        val_samples: int = 0,
-        seed: int = 0,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
-        max_skipped_fraction: float | None = 0.05,
-        skip_check_after: int = 1000,
-        global_batch_size: int | None = None,
+        **shared,
     ):
-        super().__init__()
-        # read by the DataQuality callback: stop when more than this fraction of the samples read is unusable
-        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
-        self.global_batch_size = global_batch_size  # images per optimizer step, all ranks: sets the accumulation
-        self.seed, self.random_flip = seed, random_flip
+        super().__init__(tokenizer, resolution, batch_size, **shared)
         self.dataset = HFImageCaption(
             path,
             tokenizer,
@@ -171,14 +161,13 @@ class HFDataModule(pl.LightningDataModule):
             split=split,
             image_column=image_column,
             caption_column=caption_column,
-            random_flip=random_flip,
+            random_flip=self.random_flip,
             max_samples=max_samples,
             small_images=small_images,
             max_pixels=max_pixels,
         )
-        self.batch_size, self.num_workers = batch_size, num_workers
         # the last val_samples samples are held out: never trained on, served by val_dataloader
-        self.val_samples = check_val_samples(val_samples, len(self.dataset), f"data.path={path!r}")
+        self.val_samples = check_val_samples(self.val_samples, len(self.dataset), f"data.path={path!r}")
 
     def train_dataloader(self):
         train = TrainPart(self.dataset, len(self.dataset) - self.val_samples)

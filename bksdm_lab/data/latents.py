@@ -14,11 +14,10 @@ import json
 from functools import partial
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bksdm_lab.data.common import DataError, resumable_loader
+from bksdm_lab.data.common import CaptionDataModule, DataError, resumable_loader
 from bksdm_lab.data.split import TrainPart, check_val_samples, held_out_loader
 
 META = "meta.json"
@@ -82,36 +81,21 @@ def collate_latents(samples: list[dict], scaling_factor: float) -> dict:
     return batch
 
 
-class LatentDataModule(pl.LightningDataModule):
-    """Cached latents with the same exactly-once, resumable sampler as the image folder."""
+class LatentDataModule(CaptionDataModule):
+    """Cached latents with the same exactly-once, resumable sampler as the image folder. ``random_flip`` takes the
+    cached mirror-image posterior; ``resolution`` (optional) is checked against the cache; the tokenizer is unused
+    (the captions were tokenised when preparing)."""
 
-    def __init__(
-        self,
-        root,
-        batch_size: int,
-        num_workers: int = 0,
-        random_flip: bool = True,
-        seed: int = 0,
-        val_samples: int = 0,
-        tokenizer=None,
-        resolution: int | None = None,
-        max_skipped_fraction: float | None = 0.05,
-        skip_check_after: int = 1000,
-        global_batch_size: int | None = None,
-    ):
-        super().__init__()
-        # read by the DataQuality callback: stop when more than this fraction of the samples read is unusable
-        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
-        self.global_batch_size = global_batch_size  # images per optimizer step, all ranks: sets the accumulation
+    def __init__(self, root, batch_size: int, tokenizer=None, resolution: int | None = None, **shared):
+        super().__init__(tokenizer, resolution, batch_size, **shared)
         self.dataset = LatentShards(root)
         if resolution is not None and int(self.dataset.meta["resolution"]) != int(resolution):
             raise DataError(
                 f"the latent cache {root} was made at {self.dataset.meta['resolution']} px, the teacher trains at "
                 f"{resolution} px: prepare it again for this teacher"
             )
-        self.batch_size, self.num_workers, self.random_flip, self.seed = batch_size, num_workers, random_flip, seed
         # the last val_samples samples are held out: never trained on, served by val_dataloader
-        self.val_samples = check_val_samples(val_samples, len(self.dataset), f"the latent cache {root}")
+        self.val_samples = check_val_samples(self.val_samples, len(self.dataset), f"the latent cache {root}")
 
     def train_dataloader(self) -> DataLoader:
         collate_fn = partial(collate_latents, scaling_factor=self.dataset.scaling_factor)

@@ -14,7 +14,7 @@ For each image it stores the VAE posterior (mean and std, not a sample) of the i
 image, so training still samples the latent distribution and still flips at random, exactly as the
 online recipe does. Captions are stored as token ids, not text-encoder outputs: ids take 308 bytes a
 sample against 118 KB for SD-v1 encodings (77 x 768 in fp16), and encoding text is the cheapest part of a
-step (4 ms of 1.2 s for a 64-image micro-batch on an H200, see README 'Benchmark').
+step (4 ms of 1.2 s for a 64-image micro-batch on an H200, see docs/benchmark.md).
 
 Shards of ``shard_size`` dataset rows are written atomically as they finish; a killed run resumes at the
 first missing shard. Unusable images are skipped and counted in ``meta.json``, like during training.
@@ -32,12 +32,13 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm import tqdm
 
-from bksdm_lab import CONF_DIR
 from bksdm_lab.common.checkpoint import AtomicCheckpointIO
+from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.conf import CONF_DIR
+from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.data.common import SKIP_REASONS, DataError, collate
 from bksdm_lab.data.latents import META
 from bksdm_lab.models.teachers import TeacherLoadError, load_teacher
-from bksdm_lab.tools import demo
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -110,9 +111,6 @@ class _Counted:
 def prepare(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.teacher.get("build_if_missing"):
-        # only at the demo's own cache place, as train does: a mistyped teacher.pretrained= is never built
-        demo.build_demo_teacher(cfg.teacher.pretrained, configs=cfg.teacher.configs, cache_dir=cfg.paths.cache_dir)
     teacher = load_teacher(cfg.teacher)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = teacher.vae.to(device, torch.float16 if device.type == "cuda" else torch.float32)
@@ -204,8 +202,5 @@ def _prepare_stream(dataset, cfg: DictConfig, out: Path, meta: dict, vae, device
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    try:
-        prepare(cfg)
-    except (TeacherLoadError, DataError) as err:
-        print(f"bksdm_lab.prepare: error: {err}", flush=True)
-        raise SystemExit(2) from None
+    quiet_libraries()
+    guarded("prepare", prepare, cfg, (TeacherLoadError, DataError))

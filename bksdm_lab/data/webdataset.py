@@ -54,13 +54,13 @@ from collections.abc import Iterable, Iterator
 from glob import glob
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from braceexpand import UnbalancedBracesError, braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
 from bksdm_lab.data.common import (
     BadSample,
+    CaptionDataModule,
     DataError,
     StatefulLoader,
     check_caption,
@@ -141,8 +141,6 @@ def iter_shard(stream, shard_index: int) -> Iterator[dict]:
         yield sample
 
 
-# TODO(lead): generalise bksdm_lab.data.common.load_image to take bytes or a PIL image as well as a path, then delete
-# this copy (it mirrors load_image exactly, with an in-memory file instead of a path).
 def worker_batches(batches: int, worker: int, workers: int) -> int:
     """How many of a rank's first ``batches`` batches worker ``worker`` made (the DataLoader takes turns)."""
     return max(0, math.ceil((batches - worker) / workers))
@@ -330,49 +328,47 @@ class StreamLoader(StatefulLoader):
         return self.num_batches
 
 
-class WebDatasetDataModule(pl.LightningDataModule):
+class WebDatasetDataModule(CaptionDataModule):
+    """``data=webdataset``: streamed tar shards; the shared arguments are :class:`CaptionDataModule`'s (a stream holds
+    no samples out: ``val_samples`` must be 0)."""
+
     def __init__(
         self,
         shards,
         tokenizer,
         resolution: int,
         batch_size: int,
-        num_workers: int = 0,
-        random_flip: bool = True,
         caption_field: str = "caption",
         image_extensions: Iterable[str] = IMAGE_EXTENSIONS,
         shuffle_shards: bool = True,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
-        seed: int = 0,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
         retries: int = 3,
         timeout: float = 60.0,
-        max_skipped_fraction: float | None = 0.05,
-        skip_check_after: int = 1000,
-        global_batch_size: int | None = None,
+        **shared,
     ):
-        super().__init__()
-        # read by the DataQuality callback: stop when more than this fraction of the samples read is unusable
-        self.max_skipped_fraction, self.skip_check_after = max_skipped_fraction, skip_check_after
-        self.global_batch_size = global_batch_size  # images per optimizer step, all ranks: sets the accumulation
+        super().__init__(tokenizer, resolution, batch_size, **shared)
+        if self.val_samples:
+            raise DataError(
+                f"data.val_samples={self.val_samples}: data=webdataset streams its samples and holds none out"
+            )
         self.dataset = WebDatasetShards(
             shards,
             tokenizer,
             resolution,
-            random_flip=random_flip,
+            random_flip=self.random_flip,
             caption_field=caption_field,
             image_extensions=image_extensions,
             shuffle_shards=shuffle_shards,
             shuffle_buffer=shuffle_buffer,
-            seed=seed,
+            seed=self.seed,
             small_images=small_images,
             max_pixels=max_pixels,
             retries=retries,
             timeout=timeout,
         )
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.samples_per_epoch = samples_per_epoch
 
     def train_dataloader(self) -> StreamLoader:

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import inspect
 import numbers
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from bksdm_lab.common.checkpoint import CheckpointError, read_checkpoint
 from bksdm_lab.data.common import DataError
 from bksdm_lab.data.folder import check_folder, read_metadata
 from bksdm_lab.data.latents import read_meta
+from bksdm_lab.distill.fastpath import check_config as check_fast_path
 from bksdm_lab.distill.losses import check_config as check_loss_config
-
-
-class CheckpointError(ValueError):
-    """The checkpoint to resume from cannot be used; the message says why in one line."""
 
 
 def _number(v) -> bool:
@@ -49,7 +45,7 @@ RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.num_workers", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     ("data.max_samples", lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1"),
     ("data.val_samples", lambda v: _integer(v) and v >= 0, "an integer >= 0 (0: no held-out set)"),
-    ("trainer.accumulate_grad_batches", lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("trainer.accumulate_grad_batches", lambda v: v is None or (_integer(v) and v >= 1), "an integer >= 1 or null"),
     ("trainer.max_steps", lambda v: _integer(v) and (v >= 1 or v == -1), "an integer >= 1 (-1: max_epochs decides)"),
     ("callbacks.ema.decay", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     ("callbacks.checkpoint.every_n_train_steps", lambda v: _integer(v) and v >= 0, "an integer >= 0"),
@@ -74,7 +70,10 @@ def _expand(cfg: DictConfig, pattern: str) -> list[tuple[str, Any]]:
 
 
 def check_values(cfg: DictConfig) -> list[str]:
-    """One line per config value that breaks a rule of :data:`RULES`, and per bad argument of a loss term."""
+    """One line per config value that breaks a rule of :data:`RULES`, per bad argument of a loss term, per bad
+    fast-path switch (``module.step``), and a Hub push without a repository."""
+    no_repo = _select(cfg, "hub.push") and not _select(cfg, "hub.repo_id")
+    hub = ["hub.push=true needs hub.repo_id=<user>/<name>"] if no_repo else []
     return (
         [
             f"{key}={value} must be {allowed}"
@@ -83,14 +82,13 @@ def check_values(cfg: DictConfig) -> list[str]:
             if not ok(value)
         ]
         + check_loss_config(cfg)
-        + _check_module_config(cfg)
+        + check_fast_path(cfg)
+        + hub
     )
 
 
-def _check_module_config(cfg: DictConfig) -> list[str]:
-    from bksdm_lab.distill.module import check_config  # the module imports this file
-
-    return check_config(cfg)
+def _select(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, default=None)
 
 
 def check_call_args(cfg: DictConfig, key: str, given_later: tuple[str, ...]) -> list[str]:
@@ -112,27 +110,10 @@ def check_call_args(cfg: DictConfig, key: str, given_later: tuple[str, ...]) -> 
 
 
 # ---- the checkpoint to resume from -------------------------------------------------------------------------------
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents without reading its tensors (memory-mapped), or a one-line CheckpointError.
-
-    Only tensors and plain data are unpickled (``weights_only``); a file holding anything else is refused, and no
-    message ever suggests loading it unsafely."""
-    unreadable = f"ckpt_path={str(path)!r} is not a readable checkpoint (truncated, or not written by bksdm_lab.train)"
-    if not zipfile.is_zipfile(path):  # torch.save's format is a zip archive; a truncated one has lost its directory
-        raise CheckpointError(f"{unreadable}: not a complete PyTorch checkpoint archive")
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file: one line, never an unsafe hint
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in first.lower() or "weights only" in first.lower():
-            first = "it holds objects other than tensors and plain data"
-        raise CheckpointError(f"{unreadable}: {first}") from None
-
-
 def check_resume(cfg: DictConfig, path: str | Path) -> list[str]:
     """The checkpoint is readable, holds a student of this ``arch=`` and has steps left to train."""
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, f"ckpt_path={str(path)!r}", mmap=True)  # no tensor is read
     except CheckpointError as err:
         return [str(err)]
     meta = ckpt.get("bksdm") if isinstance(ckpt, dict) else None
@@ -172,34 +153,38 @@ def world_size(cfg: DictConfig) -> int:
     return int(nodes)  # "auto", -1: known once the accelerator is up; at least this many
 
 
-def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
-    """Micro-batches per optimizer step so that ``micro_batch x accumulation x world == global_batch``."""
+def accumulation(global_batch: int | None, micro_batch: int, world: int, asked: int | None = None) -> int:
+    """Micro-batches per optimizer step. ``data.global_batch_size`` decides when set: ``micro_batch x accumulation x
+    world == global_batch``, and a ``trainer.accumulate_grad_batches`` (``asked``) set beside it must be that number;
+    when it is null, ``asked`` decides (null: 1)."""
+    if global_batch is None:
+        return asked or 1
     if global_batch % (micro_batch * world):
         raise ValueError(
             f"data.global_batch_size={global_batch} is not a multiple of data.batch_size={micro_batch} x {world} "
             f"device(s) = {micro_batch * world}: choose a global batch, micro-batch and device count that divide"
         )
-    return global_batch // (micro_batch * world)
-
-
-def check_strategy(cfg: DictConfig) -> list[str]:
-    """Lightning's FSDP strategy needs GPUs: say so before loading rather than when the trainer is built."""
-    strategy = cfg.trainer.get("strategy")
-    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy or "")
-    if "fsdp" in target.lower() and str(cfg.trainer.get("accelerator", "auto")) == "cpu":
-        return ["trainer=fsdp needs GPUs (Lightning's FSDP strategy refuses accelerator=cpu): use trainer=ddp on CPU"]
-    return []
+    derived = global_batch // (micro_batch * world)
+    if asked is not None and asked != derived:
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={asked} disagrees with data.global_batch_size={global_batch} (= "
+            f"data.batch_size={micro_batch} x {derived} accumulation x {world} device(s)): set one of them, the other "
+            f"null (trainer.accumulate_grad_batches=null, or data.global_batch_size=null)"
+        )
+    return derived
 
 
 def check_global_batch(cfg: DictConfig) -> list[str]:
-    """The global batch divides over the micro-batch and the devices (when the device count is in the config)."""
+    """The accumulation is decided in one place (:func:`accumulation`): checked here when the device count is in the
+    config, else once the accelerator is up (``bksdm_lab.train.set_accumulation``)."""
     global_batch, micro = cfg.data.get("global_batch_size"), cfg.data.get("batch_size")
-    devices = cfg.trainer.get("devices", 1)
+    asked, devices = cfg.trainer.get("accumulate_grad_batches"), cfg.trainer.get("devices", 1)
     known = (_integer(devices) and devices > 0) or isinstance(devices, (list, ListConfig))
-    if not (_integer(global_batch) and global_batch >= 1 and _integer(micro) and micro >= 1 and known):
+    valid = (_integer(global_batch) and global_batch >= 1) and (asked is None or (_integer(asked) and asked >= 1))
+    if not (valid and _integer(micro) and micro >= 1 and known):
         return []  # off, a value RULES refuses, or a device count known only once the accelerator is up
     try:
-        accumulation(global_batch, micro, world_size(cfg))
+        accumulation(global_batch, micro, world_size(cfg), asked)
     except ValueError as err:
         return [str(err)]
     return []

@@ -1,4 +1,5 @@
-"""The paper's evaluation, small, during training: a Lightning callback (``callbacks=with_eval``)."""
+"""Callbacks that generate during training: sample images of the teacher, student and EMA (:class:`SampleImages`),
+and the paper's evaluation, small (:class:`EvalCallback`, ``callbacks=with_eval``)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,137 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from pytorch_lightning import Callback
 
+from bksdm_lab.distill.callbacks import find_ema
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.evaluate import DEFAULT_CLIP, evaluate
 from bksdm_lab.evaluation.metrics import check_available, clip_from_spec, extractor_from_spec
+from bksdm_lab.models.export import build_pipeline
 
 
 def ema_of(trainer, module) -> torch.nn.Module | None:
     """The run's EMA student, whichever way the run keeps it (the EMA callback, or the module's attribute)."""
-    from bksdm_lab.distill import callbacks
-
-    find = getattr(callbacks, "find_ema", None)
-    ema = find(trainer) if find is not None and hasattr(trainer, "callbacks") else None
+    ema = find_ema(trainer) if hasattr(trainer, "callbacks") else None
     return ema if ema is not None else getattr(module, "ema_student", None)
+
+
+class SampleImages(Callback):
+    """The teacher's images once at the start; the student's and the EMA student's every ``every_n_steps``
+    optimizer steps and at the end.
+
+    Sampling (scheduler, steps, guidance, resolution, seed) comes from ``sampling``, the run's ``sampling``
+    config group (``conf/sampling/paper.yaml`` by default); ``seed``, ``num_inference_steps`` and
+    ``guidance_scale``, when given, override it for the sample images only. Prompt ``i`` always uses a CPU
+    generator seeded ``seed + i``, so images are comparable across steps and runs. PNGs go to
+    ``out_dir/<model>_step<step>/<i>.png``; W&B gets one image panel per model and a table ``samples/table``
+    (step, prompt, seed, teacher, student, ema) with the models side by side.
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        sampling=None,
+        every_n_steps: int = 1000,
+        out_dir: str | None = None,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ):
+        self.sampling = gen.sampling_dict(sampling)
+        overrides = {"seed": seed, "steps": num_inference_steps, "guidance": guidance_scale}
+        self.sampling.update({k: v for k, v in overrides.items() if v is not None})
+        self.prompts, self.seed, self.every_n_steps = list(prompts), int(self.sampling["seed"]), every_n_steps
+        self.out_dir = Path(out_dir) if out_dir else None
+        self._last_step = -1
+        self._teacher_images: list[Image.Image] = []
+
+    @torch.no_grad()
+    def generate(self, module, unet) -> list[Image.Image]:
+        pipe = gen.set_scheduler(build_pipeline(module.teacher, unet), self.sampling["scheduler"])
+        pipe.set_progress_bar_config(disable=True)
+        size = self.sampling.get("resolution")
+        was_training = unet.training
+        unet.eval()
+        images = []
+        for i, prompt in enumerate(self.prompts):
+            generator = torch.Generator(device="cpu").manual_seed(self.seed + i)
+            with torch.autocast(module.device.type, enabled=module.device.type == "cuda"):
+                out = pipe(
+                    prompt,
+                    num_inference_steps=self.sampling["steps"],
+                    guidance_scale=self.sampling["guidance"],
+                    height=size,
+                    width=size,
+                    generator=generator,
+                    output_type="pil",
+                )
+            images.append(out.images[0])
+        unet.train(was_training)
+        return images
+
+    def _save(self, who: str, step: int, images: list[Image.Image]) -> None:
+        if self.out_dir is None:
+            return
+        folder = self.out_dir / f"{who}_step{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(folder / f"{i:02d}.png")
+
+    def _sample(self, trainer, module, models: dict) -> None:
+        if not self.prompts or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        panels = {}
+        for who, unet in models.items():
+            panels[who] = self.generate(module, unet)
+            self._save(who, step, panels[who])
+        if "teacher" in panels:
+            self._teacher_images = panels["teacher"]
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                for who, images in panels.items():
+                    logger.log_image(key=f"samples/{who}", images=images, caption=self.prompts, step=step)
+        if "student" in panels:
+            self._log_table(trainer, step, panels)
+
+    def _log_table(self, trainer, step: int, panels: dict) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if hasattr(lg, "log_table")]
+        if not wandb_loggers:
+            return
+        import wandb
+
+        columns = ["step", "prompt", "seed", "teacher", "student", "ema"]
+        rows = []
+        for i, prompt in enumerate(self.prompts):
+            cells = [panels.get(w, []) for w in ("teacher", "student", "ema")]
+            cells[0] = cells[0] or self._teacher_images
+            rows.append([step, prompt, self.seed + i, *(wandb.Image(c[i]) if c else None for c in cells)])
+        for logger in wandb_loggers:
+            logger.log_table(key="samples/table", columns=columns, data=rows, step=step)
+
+    def _students(self, module) -> dict:
+        models = {"student": module.student}
+        ema = find_ema(module.trainer)
+        if ema is not None:
+            models["ema"] = ema
+        return models
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.global_step == 0:
+            self._sample(trainer, module, {"teacher": module.teacher_unet})
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self._sample(trainer, module, self._students(module))
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self._sample(trainer, module, self._students(module))
 
 
 class EvalCallback(Callback):

@@ -10,7 +10,7 @@ Where the keys come from (the tests check each against a real offline run, see t
 
 - ``train/loss``, ``train/loss_<term>``, ``train/feat_kd/<student layer>``, ``train/lr``, ``train/grad_norm``:
   ``bksdm_lab.distill.module`` (one ``train/feat_kd/<layer>`` per ``arch.feature_pairs`` student module);
-- ``perf/*`` and ``samples/*``: ``bksdm_lab.distill.callbacks`` (``Throughput``, ``SampleImages``);
+- ``perf/*`` and ``samples/*``: ``Throughput`` (bksdm_lab.distill.callbacks), ``SampleImages`` (bksdm_lab.evaluation.callback);
 - ``data/skipped_<reason>`` / ``data/converted_<reason>``: the data-quality counting, one key per reason of
   ``bksdm_lab.data.common.SKIP_REASONS`` / ``CONVERT_REASONS`` (the collate function reports every reason, so
   each key is logged from the first batch, 0 until a bad sample turns up);
@@ -94,7 +94,7 @@ def arch_feature_layers(arch: str) -> list[str]:
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from bksdm_lab import CONF_DIR
+    from bksdm_lab.common.conf import CONF_DIR
 
     available = sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml"))
     if arch not in available:

@@ -6,7 +6,7 @@ The paper's protocol (BK-SDM, arXiv 2305.15798, MS-COCO 30K): the 30,000 val2014
 ``conf/sampling/paper.yaml``, images squashed to 256 x 256 (PIL bicubic); FID against real-image statistics
 (pytorch-fid ``.npz`` with ``mu``/``sigma``, e.g. the 40,504 val2014 images at 256 px, see
 :func:`compute_stats`), Inception Score (torch-fidelity's way: 10 splits), CLIP score (mean cosine similarity,
-open_clip ViT-g-14 laion2b_s34b_b88k, no x100) on the 256 px images.
+:data:`bksdm_lab.evaluation.metrics.PAPER_CLIP`, no x100) on the 256 px images.
 
 The default models need the ``eval`` extra (``pip install -e ".[eval]"``). ``feature_extractor=demo clip=demo``
 use tiny random models built from config so the command runs offline end to end: smoke tests only, their
@@ -29,6 +29,7 @@ from PIL import Image
 
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.metrics import (
+    PAPER_CLIP,
     FeatureStats,
     ImageMetrics,
     cosine_similarities,
@@ -41,7 +42,7 @@ from bksdm_lab.evaluation.metrics import (
 )
 from bksdm_lab.evaluation.paper import PAPER_IMAGES, PAPER_RESULTS, PAPER_SETTINGS
 
-DEFAULT_CLIP = "open_clip:ViT-g-14:laion2b_s34b_b88k"
+DEFAULT_CLIP = PAPER_CLIP  # the `clip` default of the evaluation callback
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -448,7 +449,7 @@ def comparability_notes(results: dict[str, Any], extractor: str, clip: str, sett
         notes.append("tiny random demo models (feature_extractor/clip=demo): the numbers are meaningless")
     if results.get("num_images") != PAPER_IMAGES:
         notes.append(f"{results.get('num_images'):,} images; the paper uses {PAPER_IMAGES:,} (FID is biased by N)")
-    if extractor != "inception" or clip != DEFAULT_CLIP:
+    if extractor != "inception" or clip not in ("open_clip", PAPER_CLIP):
         if extractor != "demo" and clip != "demo":
             notes.append("not the paper's feature extractor / CLIP model")
     if settings:

@@ -17,7 +17,7 @@ feeds all three. The extractor is any ``nn.Module`` mapping uint8 images ``(N, 3
 
 The paper's models are built lazily and need the ``eval`` extra (``pip install -e ".[eval]"``):
 :func:`inception_extractor` (torch-fidelity's InceptionV3, the FID/IS network of pytorch-fid and torch-fidelity)
-and :func:`open_clip_model` (open_clip ViT-g-14 laion2b_s34b_b88k); :func:`transformers_clip` loads any
+and :func:`open_clip_model` (the paper's CLIP, :data:`PAPER_CLIP`); :func:`transformers_clip` loads any
 ``transformers`` CLIP. :func:`demo_extractor` and :func:`demo_clip` build tiny random models for smoke tests:
 their numbers are meaningless.
 """
@@ -38,7 +38,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.data import dim_zero_cat
 
 EVAL_EXTRA = 'pip install -e ".[eval]"'
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_clip uses the same for ViT-g-14)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_clip's for the paper's CLIP too)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -715,8 +715,14 @@ class OpenClip(ClipModel):
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float()
 
 
-def open_clip_model(name: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k") -> OpenClip:
-    """The paper's CLIP (open_clip ViT-g-14, laion2b_s34b_b88k) or any other open_clip model."""
+# The paper's CLIP-score model as a `clip=` spec (open_clip:NAME:PRETRAINED); a bare `clip=open_clip` names it.
+PAPER_CLIP = "open_clip:ViT-g-14:laion2b_s34b_b88k"
+
+
+def open_clip_model(name: str | None = None, pretrained: str | None = None) -> OpenClip:
+    """An open_clip model; without a name, the paper's (:data:`PAPER_CLIP`)."""
+    if name is None:
+        _, name, pretrained = PAPER_CLIP.split(":")
     open_clip = _require("open_clip", f"The CLIP score with open_clip {name}/{pretrained}")
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
     return OpenClip(model, preprocess, open_clip.get_tokenizer(name), name=f"open_clip:{name}:{pretrained}")
@@ -750,7 +756,7 @@ def demo_clip(config: dict | None = None, seed: int = 0) -> TransformersClip:
     """A tiny random ``transformers.CLIPModel`` with the demo's byte-level tokenizer. Smoke tests only."""
     from transformers import CLIPConfig, CLIPModel
 
-    from bksdm_lab.tools.demo import byte_level_tokenizer
+    from bksdm_lab.models.demo import byte_level_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -767,7 +773,7 @@ def clip_from_spec(spec: str) -> ClipModel:
         name, _, pretrained = rest.partition(":")
         if name and not pretrained:
             raise ValueError(f"CLIP {spec!r}: name the weights too, open_clip:{name}:PRETRAINED")
-        return open_clip_model(name or "ViT-g-14", pretrained or "laion2b_s34b_b88k")
+        return open_clip_model(name or None, pretrained or None)
     if kind in ("transformers", "hf") and rest:
         return transformers_clip(rest)
     raise ValueError(f"unknown CLIP {spec!r}: use demo, open_clip[:NAME[:PRETRAINED]] or transformers:MODEL_ID")

@@ -10,7 +10,7 @@ import re
 
 from omegaconf import OmegaConf
 
-from bksdm_lab import CONF_DIR
+from bksdm_lab.common.conf import CONF_DIR
 
 PAPER_SAMPLING_FILE = CONF_DIR / "sampling" / "paper.yaml"
 # scheduler, steps, guidance, resolution (null: the model's), seed, seed_mode, batch_size, precision, ...

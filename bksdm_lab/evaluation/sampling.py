@@ -2,7 +2,7 @@
 
 The logic behind ``python -m bksdm_lab.generate`` and ``evaluate`` (see :mod:`bksdm_lab.generate`); the
 sampling settings come from the ``sampling`` config group (``conf/sampling/paper.yaml`` by default, whose values
-are also the defaults of :func:`generate_images`).
+are also the defaults of :class:`GenerateOptions`).
 
 Writes ``OUT/images/<prompt index:05d>.png``, ``OUT/grid.png`` (the first ``grid`` images), ``OUT/prompts.csv``
 (``index,file_name,text``) and ``OUT/generation.json`` (the settings). No safety checker.
@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 from bksdm_lab.evaluation.paper import PAPER_SAMPLING
-from bksdm_lab.models.teachers import TeacherLoadError
+from bksdm_lab.models.teachers import TeacherLoadError, teacher_source
 
 # conf/sampling `scheduler` names -> the diffusers class each gives
 SCHEDULERS = {"pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
@@ -428,184 +428,229 @@ class _PaperSequence:
         return before, _clone_generator(self.generator)
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The keyword arguments of :func:`generate_images`: the sampling settings (:data:`SAMPLING_KEYS`, the paper's
+    values by default), what to write and which share of the prompts.
+
+    ``generator_device``: "device" (the pipeline's; the paper's, on CUDA) or "cpu" (the same noise on any device).
+    ``grid``: written only by a single process (with several, call :func:`write_grid` once all are done). ``rank``
+    of ``world_size`` processes generates the prompts ``i`` with ``i % world_size == rank``.
+    """
+
+    steps: int = PAPER_SAMPLING["steps"]
+    guidance: float = PAPER_SAMPLING["guidance"]
+    resolution: int | None = PAPER_SAMPLING["resolution"]
+    batch_size: int | str = PAPER_SAMPLING["batch_size"]
+    max_batch_size: int = PAPER_SAMPLING["max_batch_size"]
+    seed: int = PAPER_SAMPLING["seed"]
+    seed_mode: str = PAPER_SAMPLING["seed_mode"]
+    generator_device: str = PAPER_SAMPLING["generator_device"]
+    grid: int = 16
+    progress: bool = True
+    model: str | None = None
+    rank: int = 0
+    world_size: int = 1
+    write_workers: int = 2
+
+    def __post_init__(self):
+        if self.seed_mode not in SEED_MODES:
+            raise GenerationError(f"sampling.seed_mode={self.seed_mode!r} is not one of {SEED_MODES}")
+        check_batch_size(self.batch_size)
+        if not 0 <= self.rank < self.world_size:
+            raise GenerationError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+
+
 def generate_images(
     pipe,
     prompts: Sequence[str],
     out_dir: str | Path,
     *,
-    steps: int = PAPER_SAMPLING["steps"],
-    guidance: float = PAPER_SAMPLING["guidance"],
-    resolution: int | None = PAPER_SAMPLING["resolution"],
-    batch_size: int | str = PAPER_SAMPLING["batch_size"],
-    max_batch_size: int = PAPER_SAMPLING["max_batch_size"],
-    seed: int = PAPER_SAMPLING["seed"],
-    seed_mode: str = PAPER_SAMPLING["seed_mode"],
-    generator_device: str = PAPER_SAMPLING["generator_device"],
-    grid: int = 16,
-    progress: bool = True,
-    model: str | None = None,
-    rank: int = 0,
-    world_size: int = 1,
     sink: Callable[[list[int], list], None] | None = None,
-    write_workers: int = 2,
+    **options,
 ) -> GenerationResult:
-    """Generate ``OUT/images/<i:05d>.png`` for every prompt ``i`` of this process (``i % world_size == rank``) not
-    already on disk; see the module doc.
+    """Generate ``OUT/images/<i:05d>.png`` for every prompt ``i`` of this process not already on disk; see the
+    module doc. ``options``: the fields of :class:`GenerateOptions`.
 
-    ``generator_device``: "device" (the pipeline's; the paper's, on CUDA) or "cpu" (the same noise on any device).
     ``sink(indices, items)``: called for every prompt of this process, in order within each call: ``items`` are the
-    generated PIL images, or the ``Path`` of images found on disk. ``grid``: written only by a single process (with
-    several, call :func:`write_grid` once all are done).
+    generated PIL images, or the ``Path`` of images found on disk.
     """
     from tqdm.auto import tqdm
 
-    if seed_mode not in SEED_MODES:
-        raise GenerationError(f"sampling.seed_mode={seed_mode!r} is not one of {SEED_MODES}")
-    check_batch_size(batch_size)
-    if not 0 <= rank < world_size:
-        raise GenerationError(f"rank {rank} is not in 0..{world_size - 1}")
+    o = GenerateOptions(**options)
     out_dir = Path(out_dir)
-    image_dir = out_dir / IMAGE_DIR
-    image_dir.mkdir(parents=True, exist_ok=True)
-    resolution = resolution or default_resolution(pipe)
-    device = pipe._execution_device
-    gen_device = torch.device("cpu") if generator_device == "cpu" else torch.device(device)
+    (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    resolution = o.resolution or default_resolution(pipe)
+    gen_device = torch.device("cpu") if o.generator_device == "cpu" else torch.device(pipe._execution_device)
     settings = {  # what the images depend on (not the batch size, nor the number of processes)
-        "model": model,
+        "model": o.model,
         "scheduler": type(pipe.scheduler).__name__,
-        "steps": steps,
-        "guidance": guidance,
+        "steps": o.steps,
+        "guidance": o.guidance,
         "resolution": resolution,
-        "seed": seed,
-        "seed_mode": seed_mode,
+        "seed": o.seed,
+        "seed_mode": o.seed_mode,
         "dtype": str(_latent_dtype(pipe)).removeprefix("torch."),
         "generator_device": gen_device.type,
     }
-    paths = [image_dir / image_name(i) for i in range(len(prompts))]
+    paths = [out_dir / IMAGE_DIR / image_name(i) for i in range(len(prompts))]
     _check_resume(out_dir, settings, prompts, paths)
-    if rank == 0:
-        manifest = {"settings": settings, "num_prompts": len(prompts)}
-        _write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        rows = io.StringIO()
-        writer = csv.writer(rows)
-        writer.writerow(["index", "file_name", "text"])
-        writer.writerows([i, image_name(i), p] for i, p in enumerate(prompts))
-        _write_atomic(out_dir / "prompts.csv", rows.getvalue())
+    if o.rank == 0:
+        _write_manifest(out_dir, settings, prompts)
+    batches = _Batches(pipe, prompts, paths, o, resolution, gen_device, sink)
+    wall_start = time.perf_counter()
+    warmup = batches.warm_up()
+    skipped = len(batches.mine) - len(batches.todo)
+    bar = tqdm(
+        total=len(batches.mine), initial=skipped, unit="img", desc="generate", disable=not o.progress, smoothing=0.1
+    )
+    generated, seconds = batches.run(bar)
+    bar.close()
+    if o.grid and o.world_size == 1:
+        write_grid(out_dir, len(prompts), o.grid)
+    wall = time.perf_counter() - wall_start
+    return GenerationResult(
+        out_dir, paths, generated, skipped, seconds, settings, wall,
+        batch_size=batches.size if batches.todo else None, batch_size_auto=batches.auto,
+        oom_halvings=batches.oom_halvings, warmup_seconds=warmup, rank=o.rank, world_size=o.world_size,
+    )  # fmt: skip
 
-    mine = list(range(rank, len(prompts), world_size))
-    todo = [i for i in mine if not _done(paths[i])]
-    skipped = len(mine) - len(todo)
-    auto = batch_size == "auto"
-    size = first_batch_size(batch_size, torch.device(device), len(todo), max_batch_size)
-    compiled = _is_compiled(pipe.unet)
-    sequence = _PaperSequence(pipe, gen_device, seed, resolution, steps) if seed_mode == "paper" else None
-    states: dict[int, tuple[torch.Generator, torch.Generator]] = {}
 
-    def call(indices: list[int], gens: list[torch.Generator], n_steps: int = steps) -> list[Image.Image]:
-        texts = [prompts[i] for i in indices]
-        if compiled and len(texts) < size:  # pad to the compiled shape (no recompile for the last batch)
-            pad = size - len(texts)
+def _write_manifest(out_dir: Path, settings: dict, prompts: Sequence[str]) -> None:
+    """``generation.json`` (the settings) and ``prompts.csv`` (``index,file_name,text``)."""
+    _write_atomic(out_dir / MANIFEST, json.dumps({"settings": settings, "num_prompts": len(prompts)}, indent=2) + "\n")
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["index", "file_name", "text"])
+    writer.writerows([i, image_name(i), p] for i, p in enumerate(prompts))
+    _write_atomic(out_dir / "prompts.csv", rows.getvalue())
+
+
+class _Batches:
+    """The generation loop of :func:`generate_images`: this process's prompts not on disk, in batches (halved on
+    out-of-memory with ``batch_size=auto``), each prompt with its own generator; PNGs written by a thread pool while
+    the next batch generates; the sink handed every prompt of this process in order."""
+
+    def __init__(self, pipe, prompts, paths, o: GenerateOptions, resolution: int, gen_device: torch.device, sink):
+        self.pipe, self.prompts, self.paths, self.o, self.sink = pipe, prompts, paths, o, sink
+        self.resolution, self.gen_device = resolution, gen_device
+        self.device = torch.device(pipe._execution_device)
+        self.mine = list(range(o.rank, len(prompts), o.world_size))
+        self.todo = [i for i in self.mine if not _done(paths[i])]
+        self.auto = o.batch_size == "auto"
+        self.size = first_batch_size(o.batch_size, self.device, len(self.todo), o.max_batch_size)
+        self.compiled = _is_compiled(pipe.unet)
+        paper = o.seed_mode == "paper"
+        self.sequence = _PaperSequence(pipe, gen_device, o.seed, resolution, o.steps) if paper else None
+        self.states: dict[int, tuple[torch.Generator, torch.Generator]] = {}
+        self.oom_halvings = 0
+        self.emitted = 0  # mine[:emitted] were handed to the sink (or are in the batch being handed)
+
+    def call(self, indices: list[int], gens: list[torch.Generator], steps: int | None = None) -> list[Image.Image]:
+        texts = [self.prompts[i] for i in indices]
+        if self.compiled and len(texts) < self.size:  # pad to the compiled shape (no recompile for the last batch)
+            pad = self.size - len(texts)
             texts += [""] * pad
-            gens = gens + [torch.Generator(device=gen_device).manual_seed(0) for _ in range(pad)]
+            gens = gens + [torch.Generator(device=self.gen_device).manual_seed(0) for _ in range(pad)]
         with torch.inference_mode():
-            out = pipe(
+            out = self.pipe(
                 texts,
-                num_inference_steps=n_steps,
-                guidance_scale=guidance,
-                height=resolution,
-                width=resolution,
+                num_inference_steps=self.o.steps if steps is None else steps,
+                guidance_scale=self.o.guidance,
+                height=self.resolution,
+                width=self.resolution,
                 generator=gens,
                 output_type="pil",
             ).images
         return out[: len(indices)]
 
-    def shrink(err: BaseException) -> None:
-        nonlocal size, oom_halvings
-        if not auto or size == 1:
-            what = "at batch size 1" if size == 1 else f"at sampling.batch_size={size}"
-            hint = "" if size == 1 else ": use sampling.batch_size=auto or a smaller batch"
+    def shrink(self, err: BaseException) -> None:
+        if not self.auto or self.size == 1:
+            what = "at batch size 1" if self.size == 1 else f"at sampling.batch_size={self.size}"
+            hint = "" if self.size == 1 else ": use sampling.batch_size=auto or a smaller batch"
             raise GenerationError(f"out of GPU memory {what}{hint} ({str(err).splitlines()[0][:200]})") from err
-        size, oom_halvings = max(1, size // 2), oom_halvings + 1
-        print(f"bksdm_lab.generate: out of GPU memory, batch size halved to {size}", flush=True)
+        self.size, self.oom_halvings = max(1, self.size // 2), self.oom_halvings + 1
+        print(f"bksdm_lab.generate: out of GPU memory, batch size halved to {self.size}", flush=True)
         _free_memory()
 
-    generated, seconds, warmup, oom_halvings, wall_start = 0, 0.0, 0.0, 0, time.perf_counter()
-    if todo and (compiled or (auto and torch.device(device).type == "cuda")):
-        while True:  # a probe at the batch size (auto) and the compile (compiled), with throwaway noise
+    def warm_up(self) -> float:
+        """A probe at the batch size (auto, on CUDA) and of the compile (a compiled U-Net), with throwaway noise;
+        returns its seconds."""
+        seconds = 0.0
+        if not self.todo or not (self.compiled or (self.auto and self.device.type == "cuda")):
+            return seconds
+        while True:
             start = time.perf_counter()
             try:
-                throwaway = [torch.Generator(device=gen_device).manual_seed(0) for _ in range(size)]
-                call(todo[:1] * size, throwaway, n_steps=min(steps, 2))
-                warmup += time.perf_counter() - start
-                break
+                throwaway = [torch.Generator(device=self.gen_device).manual_seed(0) for _ in range(self.size)]
+                self.call(self.todo[:1] * self.size, throwaway, steps=min(self.o.steps, 2))
+                return seconds + time.perf_counter() - start
             except OOM_ERRORS as err:
-                warmup += time.perf_counter() - start
-                shrink(err)
-    bar = tqdm(total=len(mine), initial=skipped, unit="img", desc="generate", disable=not progress, smoothing=0.1)
-    emitted = 0  # mine[:emitted] were handed to the sink (or are in the batch being handed)
+                seconds += time.perf_counter() - start
+                self.shrink(err)
 
-    def emit_disk_up_to(last: int, batch: Sequence[int] = ()) -> None:
+    def generators(self, batch: list[int]) -> list[torch.Generator]:
+        if self.sequence is None:
+            return [torch.Generator(device=self.gen_device).manual_seed(self.o.seed + i) for i in batch]
+        for i in batch:
+            if i not in self.states:
+                self.states[i] = self.sequence.states(i)
+        return [_clone_generator(self.states[i][0]) for i in batch]
+
+    def check_replayed(self, batch: list[int], gens: list[torch.Generator]) -> None:
+        """Paper seeding: each generator ended where the replay said it would."""
+        if self.sequence is None:
+            return
+        for i, g in zip(batch, gens):
+            if not torch.equal(self.states.pop(i)[1].get_state(), g.get_state()):
+                raise GenerationError(
+                    f"the pipeline ({type(self.pipe).__name__}, {type(self.pipe.scheduler).__name__}) draws random "
+                    "numbers that bksdm_lab.evaluation.sampling.replay_draws does not reproduce, so the "
+                    "paper seeding cannot be replayed per prompt; use sampling.seed_mode=per-prompt"
+                )
+
+    def emit_disk_up_to(self, last: int, batch: Sequence[int] = ()) -> None:
         """Hand the sink the images on disk among ``mine`` up to prompt ``last`` (the batch's are coming)."""
-        nonlocal emitted
         on_disk = []
-        while emitted < len(mine) and mine[emitted] <= last:
-            if mine[emitted] not in batch:
-                on_disk.append(mine[emitted])
-            emitted += 1
-        if sink is not None and on_disk:
-            sink(on_disk, [paths[i] for i in on_disk])
+        while self.emitted < len(self.mine) and self.mine[self.emitted] <= last:
+            if self.mine[self.emitted] not in batch:
+                on_disk.append(self.mine[self.emitted])
+            self.emitted += 1
+        if self.sink is not None and on_disk:
+            self.sink(on_disk, [self.paths[i] for i in on_disk])
 
-    with ThreadPoolExecutor(max_workers=max(1, write_workers), thread_name_prefix="png") as writers:
-        pending = []
-        position = 0
-        while position < len(todo):
-            batch = todo[position : position + size]
-            if sequence is not None:
-                for i in batch:
-                    if i not in states:
-                        states[i] = sequence.states(i)
-                gens = [_clone_generator(states[i][0]) for i in batch]
-            else:
-                gens = [torch.Generator(device=gen_device).manual_seed(seed + i) for i in batch]
-            start = time.perf_counter()
-            try:
-                images = call(batch, gens)
-            except OOM_ERRORS as err:
-                shrink(err)
-                continue
-            seconds += time.perf_counter() - start
-            if sequence is not None:
-                for i, g in zip(batch, gens):
-                    if not torch.equal(states.pop(i)[1].get_state(), g.get_state()):
-                        raise GenerationError(
-                            f"the pipeline ({type(pipe).__name__}, {type(pipe.scheduler).__name__}) draws random "
-                            "numbers that bksdm_lab.evaluation.sampling.replay_draws does not reproduce, so the "
-                            "paper seeding cannot be replayed per prompt; use sampling.seed_mode=per-prompt"
-                        )
-            for future in [f for f in pending if f.done()]:
-                future.result()  # a failed write stops the run
-                pending.remove(future)
-            for i, image in zip(batch, images):
-                if not _done(paths[i]):
-                    pending.append(writers.submit(_save_atomic, image, paths[i]))
-            emit_disk_up_to(batch[-1], batch)
-            if sink is not None:
-                sink(batch, images)
-            generated += len(batch)
-            position += len(batch)
-            bar.update(len(batch))
-        for future in pending:
-            future.result()
-    emit_disk_up_to(len(prompts))
-    bar.close()
-    if grid and world_size == 1:
-        write_grid(out_dir, len(prompts), grid)
-    wall = time.perf_counter() - wall_start
-    return GenerationResult(
-        out_dir, paths, generated, skipped, seconds, settings, wall,
-        batch_size=size if todo else None, batch_size_auto=auto, oom_halvings=oom_halvings,
-        warmup_seconds=warmup, rank=rank, world_size=world_size,
-    )  # fmt: skip
+    def run(self, bar) -> tuple[int, float]:
+        """Generate every prompt to do; returns (images generated, seconds in pipeline calls)."""
+        generated, seconds, position = 0, 0.0, 0
+        with ThreadPoolExecutor(max_workers=max(1, self.o.write_workers), thread_name_prefix="png") as writers:
+            pending = []
+            while position < len(self.todo):
+                batch = self.todo[position : position + self.size]
+                gens = self.generators(batch)
+                start = time.perf_counter()
+                try:
+                    images = self.call(batch, gens)
+                except OOM_ERRORS as err:
+                    self.shrink(err)
+                    continue
+                seconds += time.perf_counter() - start
+                self.check_replayed(batch, gens)
+                for future in [f for f in pending if f.done()]:
+                    future.result()  # a failed write stops the run
+                    pending.remove(future)
+                for i, image in zip(batch, images):
+                    if not _done(self.paths[i]):
+                        pending.append(writers.submit(_save_atomic, image, self.paths[i]))
+                self.emit_disk_up_to(batch[-1], batch)
+                if self.sink is not None:
+                    self.sink(batch, images)
+                generated += len(batch)
+                position += len(batch)
+                bar.update(len(batch))
+            for future in pending:
+                future.result()
+        self.emit_disk_up_to(len(self.prompts))
+        return generated, seconds
 
 
 # ---- from a config (conf/generate.yaml, conf/evaluate.yaml and the `sampling` group) ---------------------
@@ -697,10 +742,8 @@ def pipeline_from_config(cfg, device: torch.device | str | None = None):
         )
     if teacher and not (cfg.get("unet") or cfg.get("checkpoint")):
         raise GenerationError("teacher= goes with unet= (a student U-Net) or checkpoint=")
-    if teacher_cfg and teacher_cfg.get("build_if_missing"):  # teacher=demo: the tiny offline teacher
-        from bksdm_lab.tools.demo import build_demo_teacher
-
-        build_demo_teacher(teacher, configs=teacher_cfg.configs)
+    if teacher_cfg:  # a local folder checked (teacher=demo: built first, at its place)
+        teacher = teacher_source(teacher_cfg)
     pipe, name = load_pipeline(
         pipeline=cfg.get("pipeline"),
         teacher=teacher,

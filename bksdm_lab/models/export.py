@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import HfApi
 from omegaconf import OmegaConf
 
+from bksdm_lab.common.checkpoint import CheckpointError, read_checkpoint
+from bksdm_lab.common.cli import fail
+from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.common.secrets import public_source, shareable_text
 from bksdm_lab.models.students import build_student, count_params, removed_blocks, removed_by_stage
 from bksdm_lab.models.teachers import Teacher, TeacherLoadError, load_teacher
@@ -94,15 +96,13 @@ def _hide_sources(pipe) -> dict:
 
 
 # ---- checkpoint -> student -------------------------------------------------------------------------
-def read_checkpoint(ckpt_path: str | Path) -> dict:
-    """The checkpoint dict of a bksdm_lab training run; ExportError / FileNotFoundError otherwise."""
+def read_training_checkpoint(ckpt_path: str | Path) -> dict:
+    """The checkpoint dict of a bksdm_lab training run (tensors and plain data only); ExportError otherwise."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoints: configs, RNG state
-    except Exception as err:
-        raise ExportError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        ckpt = read_checkpoint(path)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     meta = ckpt.get("bksdm") if isinstance(ckpt, dict) else None
     config = meta.get("config") if isinstance(meta, dict) else None
     if not isinstance(config, dict) or not isinstance(ckpt.get("state_dict"), dict):
@@ -194,7 +194,7 @@ def load_checkpoint_student(
     ``teacher_pretrained``: load the teacher from this hub id / folder instead of the one in the run config.
     Returns ``(teacher, unet, info)``; ``info`` describes the model for :func:`write_model_card`.
     """
-    ckpt = read_checkpoint(ckpt_path)
+    ckpt = read_training_checkpoint(ckpt_path)
     cfg, state = ckpt["bksdm"]["config"], ckpt["state_dict"]
     weights = _choose_weights(ckpt, weights, ckpt_path)
 
@@ -262,36 +262,23 @@ def model_card(info: Mapping[str, Any]) -> str:
     }
     if info.get("base_model"):
         front["base_model"] = info["base_model"]
-    arch, teacher = (
-        info.get("arch_title") or info.get("arch_name"),
-        info.get("teacher_title") or info.get("teacher_name"),
-    )
+    arch = info.get("arch_title") or info.get("arch_name")
+    teacher = info.get("teacher_title") or info.get("teacher_name")
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
+    lines += _card_model(info, arch, teacher) + _card_training(info, teacher) + _card_usage(info, teacher)
+    return "\n".join(lines)
+
+
+def _card_model(info: Mapping[str, Any], arch: str, teacher: str) -> list[str]:
+    """The card's title and what the student is: its size, the blocks removed."""
     student_p, teacher_p = info.get("params_student"), info.get("params_teacher")
     share = f" ({100 * student_p / teacher_p:.1f}% of the teacher's)" if student_p and teacher_p else ""
-    weights = (
-        f"the exponential moving average of the student (decay {_fmt(info.get('ema_decay'))})"
-        if info.get("ema")
-        else "the raw student weights (no EMA)"
-    )
-    # sources by hub id or local folder name only: a card is meant to be shared (pushed to the Hub)
-    source = public_source(info.get("teacher_source"))
-    trained = public_source(info.get("teacher_trained_source"))
-    teacher_line = f"{teacher} (`{trained or source}`)"
-    if trained and source and trained != source:
-        teacher_line += f"; VAE, text encoder, tokenizer and scheduler exported from `{source}`"
-    data_root = info.get("data_root")
-    kd = ", ".join(f"{k} {_fmt(v)}" for k, v in (info.get("kd_weights") or {}).items()) or "?"
-    repo = info.get("repo_id") or "path/to/this/folder"
-    res = info.get("resolution")
-    size = f", height={res}, width={res}" if isinstance(res, int) else ""
-
     init_text = (
         "initialised at random (the random-init ablation, arch.init=random)"
         if info.get("init") == "random"
         else "initialised from the teacher's remaining weights"
     )
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
-    lines += [
+    lines = [
         f"# {arch} distilled from {teacher}",
         "",
         f"A block-removed Stable Diffusion U-Net trained by knowledge distillation: **BK-SDM** "
@@ -319,7 +306,25 @@ def model_card(info: Mapping[str, Any]) -> str:
             "> This is the offline demo: the teacher is a tiny, randomly initialised model with the SD-v1 block "
             "topology, trained on synthetic shapes. Its images are not meaningful.",
         ]
-    lines += [
+    return lines
+
+
+def _card_training(info: Mapping[str, Any], teacher: str) -> list[str]:
+    """The card's training section: teacher, data, steps, batch, learning rate, loss weights, weights exported."""
+    weights = (
+        f"the exponential moving average of the student (decay {_fmt(info.get('ema_decay'))})"
+        if info.get("ema")
+        else "the raw student weights (no EMA)"
+    )
+    # sources by hub id or local folder name only: a card is meant to be shared (pushed to the Hub)
+    source = public_source(info.get("teacher_source"))
+    trained = public_source(info.get("teacher_trained_source"))
+    teacher_line = f"{teacher} (`{trained or source}`)"
+    if trained and source and trained != source:
+        teacher_line += f"; VAE, text encoder, tokenizer and scheduler exported from `{source}`"
+    data_root = info.get("data_root")
+    kd = ", ".join(f"{k} {_fmt(v)}" for k, v in (info.get("kd_weights") or {}).items()) or "?"
+    return [
         "",
         "## Training",
         "",
@@ -333,6 +338,15 @@ def model_card(info: Mapping[str, Any]) -> str:
         f"- Precision: {_fmt(info.get('precision'))}; seed: {_fmt(info.get('seed'))}",
         "",
         "Trained with `bksdm_lab` (Hydra + PyTorch Lightning).",
+    ]
+
+
+def _card_usage(info: Mapping[str, Any], teacher: str) -> list[str]:
+    """The card's usage example (the pipeline's hub id or a folder, its resolution) and license sections."""
+    repo = info.get("repo_id") or "path/to/this/folder"
+    res = info.get("resolution")
+    size = f", height={res}, width={res}" if isinstance(res, int) else ""
+    return [
         "",
         "## Usage",
         "",
@@ -362,7 +376,6 @@ def model_card(info: Mapping[str, Any]) -> str:
         "You are responsible for how you use the model and what you generate with it.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def write_model_card(out_dir: str | Path, info: Mapping[str, Any]) -> Path:
@@ -423,12 +436,12 @@ def _scrub(text: str, token: str | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         teacher, unet, info = load_checkpoint_student(args.ckpt, weights=args.weights, teacher_pretrained=args.teacher)
     except (ExportError, TeacherLoadError, FileNotFoundError) as err:
         hint = " (For the export: --teacher PATH_OR_ID loads the teacher from elsewhere.)"
-        print(f"bksdm_lab.export: error: {err}{hint if isinstance(err, TeacherLoadError) else ''}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail("export", f"{err}{hint if isinstance(err, TeacherLoadError) else ''}")
     out_dir = Path(args.out) if args.out else default_out_dir(args.ckpt, info["weights"], info["global_step"])
     if args.push_to_hub:
         info["repo_id"] = args.push_to_hub
@@ -447,9 +460,5 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         except Exception as err:  # network, auth, permissions: a message, never the token
             reason = _scrub(f"{type(err).__name__}: {err}", args.token)
-            print(
-                f"bksdm_lab.export: error: push to {args.push_to_hub} failed ({reason}); the export is in {out_dir}",
-                file=sys.stderr,
-            )
-            raise SystemExit(2) from None
+            fail("export", f"push to {args.push_to_hub} failed ({reason}); the export is in {out_dir}")
         print(f"bksdm_lab.export: pushed to {args.push_to_hub} ({'public' if args.public else 'private'}): {url}")

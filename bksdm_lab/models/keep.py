@@ -36,14 +36,17 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-from bksdm_lab.models.students import WeightMapError
-
 MODEL_CONFIGS = Path(__file__).parent / "configs"
 DERIVED = ("unet_config", "drop_deepest_stages", "weight_map", "feature_pairs", "self_attention_pairs", "derived_from")
 _DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attentions
 _UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 _SELF_ATTN = "transformer_blocks.0.attn1"
+
+
+class WeightMapError(ValueError):
+    """The teacher -> student weight map leaves student tensors uncovered or mismatched (raised by
+    :mod:`bksdm_lab.models.students` when it copies the teacher's weights)."""
 
 
 class KeepPatternError(WeightMapError, InterpolationResolutionError):
@@ -189,32 +192,9 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def derive(
-    keep: Mapping[str, Any] | None,
-    teacher_unet_config: Mapping[str, Any],
-    source: str = "the teacher",
-    key: str = "arch.keep",
-    check_channels: bool = True,
-) -> Derived:
-    """The student a keep pattern describes, against the teacher U-Net config it was written for.
-
-    ``check_channels=False`` skips the check that the teacher's weights fit every kept layer (for tests that show the
-    weight map check refuses exactly the patterns this check refuses)."""
-    keep = _plain(keep) or {}
-    if not isinstance(keep, Mapping):
-        raise KeepPatternError(f"{key}={keep!r} must be a mapping with keys down, up, mid")
-    if unknown := sorted(set(keep) - {"down", "up", "mid"}):
-        raise KeepPatternError(f"{key}.{unknown[0]} is not a keep-pattern key; the keys are: down, up, mid")
-    topo = Topology.of(teacher_unet_config, source)
-    n, layers = topo.n, topo.layers
-    up_sizes = [layers[n - 1 - j] + 1 for j in range(n)]
-    down = _stages(keep.get("down"), f"{key}.down", n, layers, "down_blocks")
-    up = _stages(keep.get("up"), f"{key}.up", n, up_sizes, "up_blocks")
-    mid = keep.get("mid", True)
-    if not isinstance(mid, bool):
-        raise KeepPatternError(f"{key}.mid={mid!r} must be true or false (keep the mid block or not)")
-
-    # derive the missing side; check that the two sides fit diffusers' "up stage = mirrored down stage + 1"
+def _fill_sides(down, up, layers: Sequence[int], up_sizes: Sequence[int], key: str) -> tuple[list, list]:
+    """The pattern with its missing side derived, checked against diffusers' "up stage = mirrored down stage + 1"."""
+    n = len(layers)
     if down is None and up is None:
         down, up = [list(range(m)) for m in layers], [list(range(s)) for s in up_sizes]
     elif down is None:
@@ -243,6 +223,35 @@ def derive(
                 f"than its mirrored down_blocks.{i} keeps ({key}.down.{i}={_fmt(d_i)}): keep {len(d_i) + 1}, or set "
                 f"{key}.down=null to derive the down stages from the up stages"
             )
+    return down, up
+
+
+def derive(
+    keep: Mapping[str, Any] | None,
+    teacher_unet_config: Mapping[str, Any],
+    source: str = "the teacher",
+    key: str = "arch.keep",
+    check_channels: bool = True,
+) -> Derived:
+    """The student a keep pattern describes, against the teacher U-Net config it was written for.
+
+    ``check_channels=False`` skips the check that the teacher's weights fit every kept layer (for tests that show the
+    weight map check refuses exactly the patterns this check refuses)."""
+    keep = _plain(keep) or {}
+    if not isinstance(keep, Mapping):
+        raise KeepPatternError(f"{key}={keep!r} must be a mapping with keys down, up, mid")
+    if unknown := sorted(set(keep) - {"down", "up", "mid"}):
+        raise KeepPatternError(f"{key}.{unknown[0]} is not a keep-pattern key; the keys are: down, up, mid")
+    topo = Topology.of(teacher_unet_config, source)
+    n, layers = topo.n, topo.layers
+    up_sizes = [layers[n - 1 - j] + 1 for j in range(n)]
+    down = _stages(keep.get("down"), f"{key}.down", n, layers, "down_blocks")
+    up = _stages(keep.get("up"), f"{key}.up", n, up_sizes, "up_blocks")
+    mid = keep.get("mid", True)
+    if not isinstance(mid, bool):
+        raise KeepPatternError(f"{key}.mid={mid!r} must be true or false (keep the mid block or not)")
+
+    down, up = _fill_sides(down, up, layers, up_sizes, key)
     dropped = [i for i in range(n) if down[i] is None]
     drop = len(dropped)
     if drop == n:
@@ -274,6 +283,15 @@ def derive(
     if not mid:
         result.unet_config["mid_block_type"] = None
 
+    _fill_maps(result, topo)
+    result.derived_from = {"teacher": source, **topo.structure()}
+    return result
+
+
+def _fill_maps(result: Derived, topo: Topology) -> None:
+    """The weight map, the feature-KD pairs at block outputs and at self-attention outputs of ``result``'s pattern."""
+    n, layers, down, up, drop = topo.n, topo.layers, result.down, result.up, result.drop_deepest_stages
+    ns = n - drop
     wm, pairs, attn_pairs = result.weight_map, result.feature_pairs, result.self_attention_pairs
     for i in range(ns):  # down stages keep their index
         stage = f"down_blocks.{i}"
@@ -300,8 +318,6 @@ def derive(
         if j < n - 1 and s != t:
             wm[f"{s}.upsamplers."] = f"{t}.upsamplers."
         pairs.append([t, s])
-    result.derived_from = {"teacher": source, **topo.structure()}
-    return result
 
 
 def _check_channels(down, up, topo: Topology, drop: int, key: str) -> None:

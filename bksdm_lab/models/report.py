@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from bksdm_lab import CONF_DIR
+from bksdm_lab.common.conf import CONF_DIR
 from bksdm_lab.models.keep import KeepPatternError, derive, teacher_unet_config
 from bksdm_lab.models.students import build_student, count_params, removed_blocks, removed_by_stage
 from bksdm_lab.models.teachers import shipped_configs

@@ -15,14 +15,12 @@ import torch
 from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig, OmegaConf
 
+from bksdm_lab.models.keep import WeightMapError, check_derived_from
+
 # Config keys that hold one value per U-Net stage (down stage i mirrors up stage n-1-i).
 _PER_STAGE_DOWN = ("block_out_channels", "down_block_types")
 _PER_STAGE_UP = ("up_block_types",)
 _MAYBE_PER_STAGE = ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "layers_per_block")
-
-
-class WeightMapError(ValueError):
-    """The teacher -> student weight map leaves student tensors uncovered or mismatched."""
 
 
 def student_config(teacher_config: Mapping[str, Any], arch: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,8 +122,6 @@ def init_student_from_teacher(
     copied, but the weight map is still checked against the teacher, so the architecture is the same.
     """
     init = student_init(arch)
-    from bksdm_lab.models.keep import check_derived_from  # keep imports this module
-
     check_derived_from(arch, teacher.config)
     device = teacher.device
     seeded = seed is not None and device.type != "meta"

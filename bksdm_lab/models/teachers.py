@@ -15,10 +15,13 @@ from typing import Any
 from urllib.parse import urlparse
 
 import diffusers
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from bksdm_lab.models.demo import build_demo_teacher
 
 MODEL_CONFIGS = Path(__file__).parent / "configs"
 
@@ -68,11 +71,16 @@ def _hint() -> str:
     )
 
 
-def _source(cfg) -> str:
-    """The hub id or local folder of a teacher config, checked if it is local."""
+def teacher_source(cfg) -> str:
+    """The hub id or local folder of a teacher config, checked if it is local. A missing folder that is the config's
+    ``build_if_missing`` place (``teacher=demo``) is built there first, from the shipped ``configs`` with random
+    weights; any other missing folder (a mistyped ``teacher.pretrained=``) is never written."""
     name, source = cfg.name, str(cfg.pretrained)
     if _looks_local(source):
         path = Path(source).expanduser()
+        home = cfg.get("build_if_missing")
+        if home and not path.exists() and path.resolve() == Path(str(home)).expanduser().resolve():
+            build_demo_teacher(path, shipped_configs(cfg.configs))
         if not path.is_dir():
             raise TeacherLoadError(
                 f"Teacher {name!r}: local folder {path} does not exist. {cfg.get('if_missing') or _hint()}"
@@ -116,7 +124,10 @@ def _hub_unreachable(repo_id: str) -> str | None:
 
 def probe_teacher(cfg) -> None:
     """Cheaply check that the teacher can be found (its U-Net config), raising TeacherLoadError if not."""
-    source = _source(cfg)
+    if random_weights(cfg):  # nothing to find: only its shipped configs
+        _random_configs(cfg)
+        return
+    source = teacher_source(cfg)
     if not Path(source).is_dir() and (why := _hub_unreachable(source)):
         raise TeacherLoadError(f"Teacher {cfg.name!r} could not be loaded from {source!r}: {why}. {_hint()}")
     try:
@@ -127,7 +138,9 @@ def probe_teacher(cfg) -> None:
 
 def load_teacher(cfg, load_vae: bool = True) -> Teacher:
     """Load every part of the teacher named by a ``conf/teacher/*.yaml`` config (the VAE only if asked)."""
-    source = _source(cfg)
+    if random_weights(cfg):
+        return random_teacher(cfg, load_vae)
+    source = teacher_source(cfg)
     kw = {"revision": cfg.get("revision")}
     try:
         sched_config = DDPMScheduler.load_config(source, subfolder="scheduler", **kw)
@@ -167,3 +180,59 @@ def shipped_configs(configs: str) -> dict[str, dict]:
         out[sub] = json.loads((root / sub / "config.json").read_text())
     out["scheduler"] = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     return out
+
+
+# ---- teacher.weights=random: the real shapes with random weights, for benchmarks without a download ----
+WEIGHTS = ("pretrained", "random")
+
+
+def random_weights(cfg) -> bool:
+    """Whether ``teacher.weights`` (default ``pretrained``) is ``random``."""
+    weights = cfg.get("weights") or "pretrained"
+    if weights not in WEIGHTS:
+        raise TeacherLoadError(f"teacher.weights={weights!r} is not one of {', '.join(WEIGHTS)}")
+    return weights == "random"
+
+
+def _random_configs(cfg) -> dict[str, dict]:
+    try:
+        return shipped_configs(cfg.configs)
+    except ValueError as err:
+        raise TeacherLoadError(f"teacher.weights=random needs shipped configs: {err}") from None
+
+
+@dataclass
+class RandomTeacher(Teacher):
+    """A teacher of the shapes of the shipped ``configs``, with random weights (the byte-level demo tokenizer)."""
+
+    configs: str = ""
+
+    def ensure_vae(self, device=None, dtype=None) -> AutoencoderKL:
+        if self.vae is None:
+            self.vae = AutoencoderKL.from_config(shipped_configs(self.configs)["vae"]).requires_grad_(False).eval()
+        return super().ensure_vae(device, dtype)
+
+
+def random_teacher(cfg, load_vae: bool = True, seed: int = 0) -> RandomTeacher:
+    """``teacher.weights=random``: every part from the shipped ``teacher.configs``, random weights drawn from ``seed``
+    (the same weights on every call; the global random state is left as it was)."""
+    from bksdm_lab.models.demo import byte_level_tokenizer
+
+    parts = _random_configs(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(parts["unet"])
+        vae = AutoencoderKL.from_config(parts["vae"]) if load_vae else None
+        text_encoder = CLIPTextModel(CLIPTextConfig(**parts["text_encoder"]))
+    scheduler_cls = getattr(diffusers, parts["scheduler"].get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+    return RandomTeacher(
+        name=cfg.name,
+        source=f"random weights ({cfg.configs} shapes)",
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_tokenizer(),
+        scheduler=scheduler_cls.from_config(parts["scheduler"]),
+        noise_scheduler=DDPMScheduler.from_config(parts["scheduler"]),
+        configs=str(cfg.configs),
+    )

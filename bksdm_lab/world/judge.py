@@ -251,7 +251,7 @@ def judge_dir(cfg: JudgeConfig = JudgeConfig(), cache_dir: str | Path | None = N
 
 def load_judge(cfg: JudgeConfig = JudgeConfig(), cache_dir: str | Path | None = None, log=None) -> tuple[Judge, dict]:
     """The judge of ``cfg`` from its cache folder, trained and cached there first if missing: (judge, report)."""
-    from bksdm_lab.tools.demo import _publish
+    from bksdm_lab.common.publish import publish
 
     out = judge_dir(cfg, cache_dir)
 
@@ -264,7 +264,7 @@ def load_judge(cfg: JudgeConfig = JudgeConfig(), cache_dir: str | Path | None = 
     if not (out / "judge.pt").is_file():
         if out.exists():
             raise RuntimeError(f"{out} exists but holds no judge.pt: move it away, or delete it to have it rebuilt")
-        _publish(build, out)
+        publish(build, out)
     report = json.loads((out / "judge.json").read_text(encoding="utf-8"))
     if report.get("config") != asdict(cfg):
         raise RuntimeError(f"{out / 'judge.json'} records another judge configuration: delete {out} to rebuild it")

@@ -192,7 +192,7 @@ def write_world(out_dir: str | Path, num_images: int, seed: int, size: int = 64)
     A folder already there is reused only if its ``README.json`` records these same parameters (and the same
     ``WORLD_VERSION``); any other folder is a ``DataError`` naming it: never reused, never deleted.
     """
-    from bksdm_lab.tools.demo import publish_dataset
+    from bksdm_lab.data.synthetic import publish_dataset
 
     if int(num_images) < 1:
         raise ValueError(f"write_world: num_images={num_images} must be at least 1")

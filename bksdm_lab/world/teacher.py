@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from bksdm_lab import CONF_DIR
+from bksdm_lab.common.conf import CONF_DIR
 from bksdm_lab.world import scenes
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def build(cfg: DictConfig, tmp: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from bksdm_lab.models.teachers import shipped_configs
-    from bksdm_lab.tools.demo import byte_level_tokenizer
+    from bksdm_lab.models.demo import byte_level_tokenizer
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -403,21 +403,18 @@ def train_teacher(cfg: DictConfig) -> Path:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     _log(f"training the world teacher (config hash {digest}) into {out}")
-    from bksdm_lab.tools.demo import _publish
+    from bksdm_lab.common.publish import publish
 
-    _publish(lambda tmp: build(cfg, tmp), out)
+    publish(lambda tmp: build(cfg, tmp), out)
     return out
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="world")
 def main(cfg: DictConfig) -> None:
+    from bksdm_lab.common.cli import guarded
     from bksdm_lab.data.common import DataError
 
-    try:
-        out = train_teacher(cfg)
-    except (WorldTeacherError, DataError) as err:
-        print(f"bksdm_lab.world.teacher: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    out = guarded("world.teacher", train_teacher, cfg, (WorldTeacherError, DataError))
     readme = read_readme(out) or {}
     print(f"world teacher: {out}")
     if readme:

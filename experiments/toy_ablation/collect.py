@@ -84,7 +84,7 @@ def fmt(stats: dict, digits: int) -> str:
     )
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="experiments/toy_ablation/collect.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the folder ablation.py wrote")
     parser.add_argument("--prompts", type=int, default=None, help="world prompts per run (default 500; --short 16)")
@@ -94,32 +94,16 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default=None, help="the judge's cache (default $BKSDM_CACHE_DIR)")
     parser.add_argument("--short", action="store_true")
     args = parser.parse_args(argv)
-    out = args.out.expanduser().absolute()
-    n_prompts = args.prompts or (16 if args.short else 500)
-    n_reference = args.reference or (64 if args.short else 1000)
-    judge_cfg = J.JUDGES[args.judge or ("short" if args.short else "full")]
-    if not (out / SETTINGS).is_file() or not (out / RUNS_CSV).is_file():
-        parser.error(f"{out} holds no {SETTINGS} and {RUNS_CSV}: run experiments/toy_ablation/ablation.py first")
-    settings = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
-    runs = read_runs(out)
-    teacher = settings["teacher"]
-    sampling = {
-        "steps": args.steps or (4 if args.short else 25),
-        "guidance": teacher["guidance"],
-        "resolution": teacher["resolution"],
-        "batch_size": 50,
-        "seed": 1234,
-        "seed_mode": "per-prompt",
-        "generator_device": "cpu",
-    }
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    judge, report = J.load_judge(judge_cfg, args.cache_dir, log=print)
-    print(f"judge {report['path']}: held-out accuracy " + json.dumps(report["held_out_accuracy"]))
-    prompts = J.world_prompts(n_prompts)
-    reference = J.reference_images(n_reference, judge_cfg.size)
-    rows = []
-    missing = []
+    args.out = args.out.expanduser().absolute()
+    if not (args.out / SETTINGS).is_file() or not (args.out / RUNS_CSV).is_file():
+        parser.error(f"{args.out} holds no {SETTINGS} and {RUNS_CSV}: run experiments/toy_ablation/ablation.py first")
+    return args
+
+
+def score_runs(out: Path, settings: dict, runs: dict, sampling: dict, judge, prompts, reference) -> tuple[list, list]:
+    """One row of scores per finished run of the ablation's variants, then the teacher's and the real renders';
+    and the runs without an exported pipeline."""
+    rows, missing = [], []
     for (variant, seed), run in sorted(runs.items()):
         if variant not in settings["variants"]:
             continue
@@ -132,18 +116,16 @@ def main(argv=None) -> int:
         scores["task_loss_end"] = task_loss_end(Path(run["run_dir"]))
         rows.append({"model": variant, "seed": seed, "wall_s": float(run["wall_s"]), **scores})
         print(f"{variant} seed {seed}: fid {scores['fid']:.3f} agree/all {scores['agree/all']:.3f}", flush=True)
-    generate(teacher["pretrained"], prompts, out / "teacher_eval", sampling)
+    generate(settings["teacher"]["pretrained"], prompts, out / "teacher_eval", sampling)
     rows.append(
         {"model": "teacher", "seed": "", "wall_s": "", **J.score_folder(judge, out / "teacher_eval", reference)}
     )
     rows.append({"model": "real renders", "seed": "", "wall_s": "", **J.score_real(judge, prompts, reference)})
+    return rows, missing
 
-    fields = ["model", "seed", "wall_s", "n", *METRICS, *RUN_METRICS]
-    with (out / "scores.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
+def variant_table(settings: dict, rows: list[dict]) -> list[dict]:
+    """Per variant the mean, std, min and max over seeds of every metric; then the teacher's and real renders' rows."""
     table = []
     for variant in settings["variants"]:
         mine = [r for r in rows if r["model"] == variant]
@@ -160,25 +142,21 @@ def main(argv=None) -> int:
         for key in METRICS:
             entry.update({f"{key}_mean": r[key], f"{key}_std": "", f"{key}_min": "", f"{key}_max": ""})
         table.append(entry)
-    columns = list(dict.fromkeys(k for e in table for k in e))
-    with (out / "table.csv").open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
+    return table
 
-    def stat(entry, key):
-        get = entry.get
-        return {
-            s: (get(f"{key}_{s}") if get(f"{key}_{s}") not in ("", None) else math.nan)
-            for s in ("mean", "std", "min", "max")
-        }
 
+def stat(entry: dict, key: str) -> dict:
+    """A table entry's mean, std, min and max of ``key`` (nan where it has none)."""
+    get = entry.get
+    return {
+        s: (get(f"{key}_{s}") if get(f"{key}_{s}") not in ("", None) else math.nan)
+        for s in ("mean", "std", "min", "max")
+    }
+
+
+def markdown_rows(table: list[dict]) -> list[str]:
+    """The markdown table, one row per entry."""
     lines = [
-        f"Toy ablation: {settings['base'] + settings['overrides']}, teacher {teacher['pretrained']}, "
-        f"{teacher['max_steps']} steps; {n_prompts} world prompts, {sampling['steps']} PNDM steps, guidance "
-        f"{sampling['guidance']}; judge {Path(report['path']).name}; FID against {n_reference} real renders. "
-        "Mean ± std [min, max] over seeds.",
-        "",
         "| variant | seeds | FID (world) ↓ | agreement, all ↑ | colour | shape | size | position | count | background "
         "| task loss, last 5 logs ↓ | wall s / run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -194,7 +172,12 @@ def main(argv=None) -> int:
         cells.append(fmt(stat(e, "task_loss_end"), 3) if e["seeds"] != "" else "")
         cells.append(fmt({**stat(e, "wall_s"), "std": math.nan}, 0) if e["seeds"] != "" else "")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    return lines
+
+
+def claim_lines(table: list[dict]) -> list[str]:
+    """Each of :data:`CLAIMS` whose two variants ran, checked on FID, agreement and task loss."""
+    lines = []
     by = {e["variant"]: e for e in table}
     for better, worse, claim in CLAIMS:
         if better not in by or worse not in by:
@@ -216,8 +199,56 @@ def main(argv=None) -> int:
                 verdict = ("yes" if wins else "no") + (", seed ranges apart" if apart else ", seed ranges overlap")
             parts.append(f"{name} {b['mean']:.{digits}f} vs {w['mean']:.{digits}f} ({verdict})")
         lines.append(f"- {claim}? {better} vs {worse}: " + "; ".join(parts))
-    lines.append("")
-    lines.append(f"collect: {time.perf_counter() - start:.0f} s wall")
+    return lines
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out
+    n_prompts = args.prompts or (16 if args.short else 500)
+    n_reference = args.reference or (64 if args.short else 1000)
+    judge_cfg = J.JUDGES[args.judge or ("short" if args.short else "full")]
+    settings = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
+    runs = read_runs(out)
+    teacher = settings["teacher"]
+    sampling = {
+        "steps": args.steps or (4 if args.short else 25),
+        "guidance": teacher["guidance"],
+        "resolution": teacher["resolution"],
+        "batch_size": 50,
+        "seed": 1234,
+        "seed_mode": "per-prompt",
+        "generator_device": "cpu",
+    }
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    judge, report = J.load_judge(judge_cfg, args.cache_dir, log=print)
+    print(f"judge {report['path']}: held-out accuracy " + json.dumps(report["held_out_accuracy"]))
+    prompts = J.world_prompts(n_prompts)
+    reference = J.reference_images(n_reference, judge_cfg.size)
+    rows, missing = score_runs(out, settings, runs, sampling, judge, prompts, reference)
+    write_csv(out / "scores.csv", rows, ["model", "seed", "wall_s", "n", *METRICS, *RUN_METRICS])
+    table = variant_table(settings, rows)
+    write_csv(out / "table.csv", table, list(dict.fromkeys(k for e in table for k in e)))
+    lines = [
+        f"Toy ablation: {settings['base'] + settings['overrides']}, teacher {teacher['pretrained']}, "
+        f"{teacher['max_steps']} steps; {n_prompts} world prompts, {sampling['steps']} PNDM steps, guidance "
+        f"{sampling['guidance']}; judge {Path(report['path']).name}; FID against {n_reference} real renders. "
+        "Mean ± std [min, max] over seeds.",
+        "",
+        *markdown_rows(table),
+        "",
+        *claim_lines(table),
+        "",
+        f"collect: {time.perf_counter() - start:.0f} s wall",
+    ]
     (out / "table.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     print(f"wrote {out / 'scores.csv'}, {out / 'table.csv'}, {out / 'table.md'}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's KD ablation in the CPU-scale world (README 'The CPU-scale world'): 4 variants x 3 seeds distilled from
+# The paper's KD ablation in the CPU-scale world (docs/world.md): 4 variants x 3 seeds distilled from
 # the world teacher (build it once: python -m bksdm_lab.world.teacher), scored with the world's judge.
 #   experiments/toy_ablation/run.sh [--out DIR] [--seeds 0,1,2] [--variants bksdm,task_only] [--parallel 2] [--short] [-- overrides]
 # Writes DIR/runs/<variant>/seed<k>/ (each a python -m bksdm_lab.train run folder), DIR/table.md, DIR/table.csv,

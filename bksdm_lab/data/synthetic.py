@@ -1,97 +1,18 @@
-"""The offline demo: a tiny teacher Stable Diffusion with the real SD-v1 block topology and a small
-synthetic captioned-image set in the LAION-Aesthetics on-disk layout. Both are built once and reused.
-"""
+"""The demo's synthetic captioned-image set (coloured shapes in the LAION-Aesthetics folder layout, ``data=demo``)
+and the build-once, check-on-reuse rule every generated data set follows (:func:`publish_dataset`)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image, ImageDraw
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from bksdm_lab.common.publish import publish
+from bksdm_lab.data.common import DataError
 from bksdm_lab.data.folder import FolderDataModule
-from bksdm_lab.models.teachers import shipped_configs
-
-
-def _byte_chars() -> list[str]:
-    """The 256 printable stand-ins CLIP's byte-level BPE uses for the bytes 0..255."""
-    printable = (
-        set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def byte_level_tokenizer(max_length: int = 77) -> CLIPTokenizer:
-    """A CLIP tokenizer over single bytes (no merges): deterministic, offline, 514 tokens."""
-    chars = _byte_chars()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab.update({"<|startoftext|>": 512, "<|endoftext|>": 513})
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
-
-
-def _publish(build, out: Path) -> Path:
-    """Build into a temporary sibling folder and rename it into place, so a crash never leaves half."""
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process published first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-DEMO_TEACHER = Path("demo") / "teacher"  # the demo teacher's place under the cache folder (paths.cache_dir)
-
-
-def build_demo_teacher(
-    out: str | Path, configs: str = "demo", seed: int = 0, cache_dir: str | Path | None = None
-) -> Path:
-    """Save a randomly initialised tiny SD pipeline (from shipped configs) as a diffusers folder, once.
-
-    With ``cache_dir`` (what ``teacher=demo`` passes) it is built only at ``<cache_dir>/demo/teacher``: any other
-    ``out`` (a mistyped ``teacher.pretrained=``) is never written, so loading it fails and says the folder is missing.
-    """
-    if cache_dir is not None:
-        home = (Path(cache_dir).expanduser() / DEMO_TEACHER).resolve()
-        if Path(out).expanduser().resolve() != home:
-            return Path(out).expanduser()
-
-    def build(tmp: Path) -> None:
-        cfg = shipped_configs(configs)
-        torch.manual_seed(seed)
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL.from_config(cfg["vae"]),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
-            tokenizer=byte_level_tokenizer(),
-            unet=UNet2DConditionModel.from_config(cfg["unet"]),
-            scheduler=PNDMScheduler.from_config(cfg["scheduler"]),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(tmp)
-
-    return _publish(build, Path(out).expanduser())
-
 
 COLORS = {
     "red": (220, 40, 40),
@@ -147,17 +68,16 @@ def make_synthetic_dataset(out: str | Path, num_images: int = 256, size: int = 8
 
 
 def publish_dataset(build, out: str | Path, asked: dict, marker: str, what: str, writer: str, upgrade=None) -> Path:
-    """Build a generated data set at ``out`` once (atomically, :func:`_publish`) and check what is there: it is reused
-    only if its ``README.json`` has ``marker: true`` and records the ``asked`` parameters, and its ``metadata.csv``
-    lists ``asked["num_images"]`` rows; anything else is a ``DataError`` naming the folder (never reused, never
-    deleted). ``upgrade(found, out)`` may fill in parameters that older folders did not record."""
-    from bksdm_lab.data.common import DataError
+    """Build a generated data set at ``out`` once (atomically: :func:`bksdm_lab.common.publish.publish`) and check
+    what is there: it is reused only if its ``README.json`` has ``marker: true`` and records the ``asked`` parameters,
+    and its ``metadata.csv`` lists ``asked["num_images"]`` rows; anything else is a ``DataError`` naming the folder
+    (never reused, never deleted). ``upgrade(found, out)`` may fill in parameters that older folders did not record."""
 
     def describe(params: dict) -> str:
         return ", ".join(f"{k}={params.get(k, '?')}" for k in asked if k != marker)
 
     out = Path(out).expanduser()
-    _publish(build, out)  # a no-op if the folder exists: then check what is there
+    publish(build, out)  # a no-op if the folder exists: then check what is there
     readme = out / "README.json"
     try:
         found = json.loads(readme.read_text(encoding="utf-8"))

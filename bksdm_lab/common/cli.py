@@ -1,0 +1,55 @@
+"""A command's user errors (a missing file, a bad value, a model that does not load, ...) as one line,
+``bksdm_lab.<command>: error: <message>`` on stderr, and exit 2, never a traceback. In a multirun (``-m``) of a
+command whose sweep lists its failures at the end (:class:`~bksdm_lab.common.hydra.SweepFailures` in its
+``hydra.callbacks``), a failed job is marked ``FAILED`` in its folder instead and the other jobs still run.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from bksdm_lab.common.hydra import FAILED_MARKER, SweepFailures
+
+
+def fail(command: str, message: object) -> NoReturn:
+    """Print ``bksdm_lab.<command>: error: <message>`` and exit 2."""
+    print(f"bksdm_lab.{command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def guarded(command: str, fn: Callable[[Any], Any], cfg: Any, errors: tuple[type[BaseException], ...]) -> Any:
+    """``fn(cfg)``, with ``errors`` turned into :func:`fail`; in a sweep that goes on past a failure, any error
+    marks the job ``FAILED`` (``errors`` in one line, others with their traceback) and returns None."""
+    try:
+        return fn(cfg)
+    except errors as err:
+        if not _sweep_goes_on():
+            fail(command, err)
+        print(f"bksdm_lab.{command}: error: {err}", file=sys.stderr)
+        _mark_failed(err)
+    except Exception as err:
+        if not _sweep_goes_on():
+            raise
+        traceback.print_exc()
+        _mark_failed(err)
+    return None
+
+
+def _sweep_goes_on() -> bool:
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    target = f"{SweepFailures.__module__}.{SweepFailures.__qualname__}"
+    return any(callback.get("_target_") == target for callback in (HydraConfig.get().callbacks or {}).values())
+
+
+def _mark_failed(err: BaseException) -> None:
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FAILED_MARKER).write_text(f"{type(err).__name__}: {err}\n")
