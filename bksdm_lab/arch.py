@@ -1,11 +1,7 @@
 """python -m bksdm_lab.arch: parameter counts, MACs and the removed blocks of each variant (a Hydra app).
 
-    python -m bksdm_lab.arch                       # SD-v1.4 and BK-SDM-Base/Small/Tiny
-    python -m bksdm_lab.arch teacher=sd21base      # the v2 students
-    python -m bksdm_lab.arch format=json           # one JSON object keyed by variant
-    python -m bksdm_lab.arch 'patterns=[{up: [[0,2],[0,2],[0,1,2],[0,2]]}, {name: lean, up: [[0,2],[0,2],[0,2],[0,2]]}]'
-
-Config: conf/arch.yaml (+ the ``teacher`` group); the logic is :mod:`bksdm_lab.models.report`.
+python -m bksdm_lab.arch teacher=sd21base format=json       # the v2 students, as one JSON object keyed by variant
+python -m bksdm_lab.arch 'patterns=[{up: [[0,2],[0,2],[0,1,2],[0,2]]}]'   # a keep pattern of yours beside the variants
 """
 
 from __future__ import annotations

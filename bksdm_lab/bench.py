@@ -1,9 +1,7 @@
 """python -m bksdm_lab.bench: the real training path against a plain PyTorch loop doing the same work (a Hydra app).
 
-Per sweep point (``variants`` x ``batch`` x ``resolution``): conf/train.yaml composed with the ``train`` overrides, run
-by :func:`bksdm_lab.train.train` (plus a :class:`Clock` callback, by config), then :func:`plain_loop`; a second fit
-under Lightning's ``PyTorchProfiler`` and a profiled stretch of the plain loop give the breakdown. Prints a table and
-writes ``results.json`` in the run folder. Config and examples: conf/bench.yaml; numbers: docs/benchmark.md.
+python -m bksdm_lab.bench 'train=["experiment=demo"]' threads=1 steps=20 warmup=2 gen_batch=[1]   # the demo, CPU
+python -m bksdm_lab.bench 'train=["arch=base"]' batch=[32,64] gen_batch=[1,8]   # SD-v1.4 -> Base, random weights
 """
 
 from __future__ import annotations

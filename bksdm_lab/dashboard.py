@@ -1,10 +1,7 @@
 """python -m bksdm_lab.dashboard: build the W&B workspace of a project and the report of an experiment group.
 
-    python -m bksdm_lab.dashboard --entity me --project bksdm_lab                    # save the workspace
-    python -m bksdm_lab.dashboard --entity me --group paper                          # + the group's report
-    python -m bksdm_lab.dashboard --group demo --dry-run --out dashboard.json        # offline: the spec as JSON
-
-The panels and their keys are in bksdm_lab/evaluation/dashboard.py (workspace_sections).
+python -m bksdm_lab.dashboard --entity me --project bksdm_lab --group paper      # save both (needs wandb login)
+python -m bksdm_lab.dashboard --group demo --dry-run --out dashboard.json        # offline: the spec as JSON
 """
 
 from __future__ import annotations

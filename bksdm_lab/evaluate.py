@@ -1,19 +1,7 @@
-"""python -m bksdm_lab.evaluate: the paper's evaluation (FID, IS, CLIP score) of a model, as a Hydra app.
+"""python -m bksdm_lab.evaluate: the paper's evaluation (FID, IS, CLIP score) of a model (a Hydra app).
 
-    python -m bksdm_lab.evaluate pipeline=nota-ai/bk-sdm-tiny ref_stats=val2014_256.npz out=eval/tiny
-    python -m bksdm_lab.evaluate pipeline=EXPORT_DIR num_prompts=1000 ref_stats=val2014_256.npz
-    python -m bksdm_lab.evaluate out=eval/tiny ref_stats=val2014_256.npz            # score images already there
-    python -m bksdm_lab.evaluate -m pipeline=EXPORT_DIR sampling.guidance=5,7.5,9   # one job (folder) per value
-    python -m bksdm_lab.evaluate stats images=coco/val2014 out=val2014_256.npz     # real-image statistics
-
-Several processes (``torchrun --nproc_per_node N -m bksdm_lab.evaluate ...``) split the prompts; rank 0 scores
-once all images are written. Alone, it scores each finished batch in a background thread (``overlap=true``).
-
-Config: conf/evaluate.yaml (+ the ``sampling``, ``teacher`` and ``paths`` groups) and, for ``stats``,
-conf/evaluate_stats.yaml; ``--help`` lists them. Generation is resumable (rerun with the same ``out=``);
-``results.json`` holds the numbers and the settings, the console shows them beside the paper's for the same
-model (``paper_model=``, or recognised from the model name), ``wandb=true`` logs them. The logic is
-:mod:`bksdm_lab.evaluation.evaluate` and :mod:`bksdm_lab.evaluation.sampling`.
+python -m bksdm_lab.evaluate pipeline=nota-ai/bk-sdm-tiny ref_stats=val2014_256.npz out=eval/tiny
+python -m bksdm_lab.evaluate stats images=coco/val2014 out=val2014_256.npz     # real-image statistics
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
 """python -m bksdm_lab.generate: images from a pipeline, a checkpoint or a teacher + student U-Net (a Hydra app).
 
-    python -m bksdm_lab.generate pipeline=nota-ai/bk-sdm-tiny prompt="a golden retriever" out=samples
-    python -m bksdm_lab.generate pipeline=EXPORT_DIR metadata=coco/metadata.csv num_prompts=1000 sampling=fast
-    python -m bksdm_lab.generate teacher=sd14 unet=EXPORT_DIR prompts_file=p.txt
-    python -m bksdm_lab.generate checkpoint=outputs/<run>/checkpoints/last.ckpt prompt="a red circle"
-
-Several processes split the prompts (prompt ``i`` goes to rank ``i % world size``; the same images as one process):
-
-    torchrun --nproc_per_node 8 -m bksdm_lab.generate pipeline=... metadata=... out=DIR
-
-Config: conf/generate.yaml (+ the ``sampling``, ``teacher`` and ``paths`` groups); ``--help`` lists it. The logic
-is :mod:`bksdm_lab.evaluation.sampling`.
+python -m bksdm_lab.generate pipeline=nota-ai/bk-sdm-tiny prompt="a golden retriever" out=samples
+torchrun --nproc_per_node 8 -m bksdm_lab.generate pipeline=DIR metadata=captions.csv out=DIR   # prompts split
 """
 
 from __future__ import annotations

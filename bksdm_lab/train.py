@@ -1,9 +1,7 @@
 """Distil a block-removed student U-Net from a frozen teacher.
 
 python -m bksdm_lab.train                                  # the paper: BK-SDM-Tiny from SD-v1.4
-python -m bksdm_lab.train arch=base teacher=sd21base       # BK-SDM-v2-Base
 python -m bksdm_lab.train experiment=demo                  # offline, 2 CPU cores, about 70 s
-python -m bksdm_lab.train -m experiment=demo arch=base,small,tiny
 """
 
 from __future__ import annotations
@@ -148,6 +146,8 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     callbacks.append(interrupt := StopOnInterrupt(out_dir))
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     set_accumulation(trainer, datamodule, run_config)
+    if not getattr(datamodule, "val_samples", 0):
+        trainer.limit_val_batches = 0  # nothing held out: no validation loop, so Lightning asks for no empty loader
     summary = parameter_summary(module, teacher, student, cfg)
 
     for logger in loggers:

@@ -1,9 +1,7 @@
 """Ctrl-C during training: finish the optimizer step in progress, save a checkpoint, say where, stop non-zero.
 
-Lightning's own handling of a KeyboardInterrupt stops wherever the interrupt lands (mid-forward, mid-accumulation,
-mid-``optimizer.step``) and exits 1 without a checkpoint. This callback takes SIGINT while the fit runs: the first
-Ctrl-C asks for a stop at the next optimizer-step boundary, where the state is whole (the resumed run then equals an
-uninterrupted one); a second Ctrl-C interrupts at once, as before.
+Lightning's own KeyboardInterrupt handling stops wherever the interrupt lands (mid-accumulation, mid-``optimizer.step``)
+and exits 1 without a checkpoint; at a step boundary the state is whole, so the resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations

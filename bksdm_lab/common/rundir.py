@@ -1,9 +1,7 @@
-"""A run folder holds one run. A new run never writes into a folder that holds another one unless asked
-(``overwrite=true``); a resumed run (``ckpt_path`` inside the folder) adds to it without rewriting what is there:
-its ``.hydra/`` record and ``train.log`` go to ``.resumes/<time>/``, and ``csv/metrics.csv`` is continued.
+"""A run folder holds one run: a new run never writes into a folder holding another unless ``overwrite=true``; a
+resumed run (``ckpt_path`` inside the folder) adds to it, its ``.hydra/`` record and log under ``.resumes/<time>/``.
 
-Hydra writes ``<run dir>/.hydra/`` and opens ``<run dir>/train.log`` before the task function runs, so the guard is
-a Hydra callback: ``on_run_start`` / ``on_multirun_start`` run before either.
+The guard is a Hydra callback because Hydra writes ``.hydra/`` and opens the log before the task function runs.
 """
 
 from __future__ import annotations

@@ -1,27 +1,7 @@
-"""Fetch and unpack the published BK-SDM data: ``python -m bksdm_lab.data.download NAME``.
-
-Own downloader, not pooch: pooch 1.9 does not resume a partial download (a broken 18 GB fetch restarts at 0).
+"""Fetch and unpack the published BK-SDM data (``SOURCES``), resumable and size-checked: an own downloader, as
+pooch 1.9 does not resume a partial download.
 
     python -m bksdm_lab.data.download 212k [--root DIR] [--url URL] [--no-extract] [--force] [--sha256 HEX]
-
-Names (see ``SOURCES``): ``11k``, ``212k``, ``2256k``, the LAION-Aesthetics V2 subsets prepared by the BK-SDM
-authors (a ``.tar.gz`` that unpacks to ``preprocessed_<n>/`` with the images and ``metadata.csv``), and
-``coco30k``, the 30K MS-COCO val2014 prompts used for evaluation (``mscoco_val2014_30k/metadata.csv``). The
-addresses are the ones in the authors' scripts ``scripts/get_laion_data.sh`` and ``scripts/get_mscoco_files.sh``
-of github.com/Nota-NetsPresso/BK-SDM; the authors publish approximate sizes only (no byte count, no checksum),
-so ``size`` and ``sha256`` are ``None`` and the download is checked against the server's ``Content-Length``
-(or ``Content-Range`` total) instead. ``--sha256`` checks a checksum you have from elsewhere.
-
-The download streams to ``<file>.part`` with a progress bar, resumes a ``.part`` left by a broken download with
-``Range: bytes=N-`` (a server that ignores the range and answers 200 restarts it from zero), retries connection
-errors with backoff (``TRIES`` attempts without progress), verifies the size (and the sha256 when known), then
-renames the ``.part`` atomically to the final name. A failed check deletes nothing: the ``.part`` is kept and the
-message says where. Archives (``.tar.gz``, ``.tar``, ``.zip``) are unpacked into a hidden staging folder under
-the root, refusing members with absolute paths, ``..``, links that leave the folder or device files, then moved
-into the root; the archive is removed afterwards (``--keep-archive`` keeps it) and a marker
-(``<root>/<folder>/.bksdm_download.json``) makes a second run a no-op unless ``--force``.
-
-Uses only the standard library and tqdm. Errors exit with status 2 and a one-paragraph message, no traceback.
 """
 
 from __future__ import annotations

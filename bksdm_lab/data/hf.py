@@ -1,15 +1,7 @@
-"""A Hugging Face ``datasets`` dataset of images and captions, by hub name or local path.
+"""A Hugging Face ``datasets`` dataset of images and captions, by hub name or local path (``data=hf``).
 
-``data.path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (read with
-``load_from_disk``), or anything ``load_dataset`` takes: a hub name (``lambdalabs/naruto-blip-captions``), a
-local folder of parquet / imagefolder files, ... with ``data.name`` (the config) and ``data.split``. The
-image column may hold ``datasets.Image`` values (decoded here, not by ``datasets``, so that corrupt files and
-decompression bombs are counted instead of raised), encoded bytes, or file paths; the caption column text.
-
-The set is map-style, so it reuses :class:`bksdm_lab.data.common.ResumableSampler` through
-:func:`bksdm_lab.data.common.resumable_loader`, like the folder set: each sample exactly once per epoch over
-ranks x workers, and a resumed run continues where it stopped. Samples are the same dicts as the folder
-set's (``pixel_values``, ``input_ids``, ``index``, ``converted`` or ``skipped``).
+Map-style, so it shares the folder set's resumable sampler and sample dicts. ``datasets.Image`` columns are decoded
+here, not by ``datasets``, so that corrupt files and decompression bombs are counted instead of raised.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """Precomputed VAE latents: shards written by ``python -m bksdm_lab.prepare``, read without a VAE.
 
-A shard ``shard-<k>.pt`` holds, for the good samples of dataset rows ``[k*S, (k+1)*S)``: ``index``,
-``input_ids`` (int32, the caption's token ids), and the VAE posterior of the image and of its mirror
-image, ``mean``/``std`` and ``mean_flip``/``std_flip`` (not scaled). Training samples
-``(mean + std * eps) * scaling_factor`` exactly as the online path samples the VAE posterior, and takes
-the mirrored posterior where the recipe's random flip says so: caching changes neither the noise of the
-latents nor the flip augmentation. ``meta.json`` describes the set and marks it complete.
+A shard holds ``index``, ``input_ids`` (int32) and the unscaled VAE posterior of each good image (``mean``, ``std``)
+and of its mirror image (``mean_flip``, ``std_flip``), sampled as the online path samples it; ``meta.json`` lists them.
 """
 
 from __future__ import annotations

@@ -1,23 +1,7 @@
 """Precompute the teacher VAE's latents (and token ids) once, so training never loads or runs the VAE.
 
-    python -m bksdm_lab.prepare data=laion_212k teacher=sd14 out=/data/latents_212k_sd14
-    python -m bksdm_lab.prepare data=webdataset "data.shards='/data/laion/{00000..00099}.tar'" out=/data/latents_wds
-    python -m bksdm_lab.prepare data=hf data.path=lambdalabs/naruto-blip-captions out=/data/latents_naruto
-    python -m bksdm_lab.train data=latents data.root=/data/latents_212k_sd14 arch=tiny
-
-The data set is built through the data config (``data._target_``, the training data module, without random
-flips), so every training format caches: an image folder, Hugging Face datasets (map-style: shards of dataset
-rows) and WebDataset tar shards (streamed in order, no shuffling: shards of ``shard_size`` stream positions,
-which must be a multiple of ``batch_size``).
-
-For each image it stores the VAE posterior (mean and std, not a sample) of the image and of its mirror
-image, so training still samples the latent distribution and still flips at random, exactly as the
-online recipe does. Captions are stored as token ids, not text-encoder outputs: ids take 308 bytes a
-sample against 118 KB for SD-v1 encodings (77 x 768 in fp16), and encoding text is the cheapest part of a
-step (4 ms of 1.2 s for a 64-image micro-batch on an H200, see docs/benchmark.md).
-
-Shards of ``shard_size`` dataset rows are written atomically as they finish; a killed run resumes at the
-first missing shard. Unusable images are skipped and counted in ``meta.json``, like during training.
+Captions are cached as token ids, not text-encoder outputs: 308 bytes a sample against 118 KB of SD-v1 encodings
+(77 x 768 in fp16), and encoding text is a small part of a step (the breakdown in docs/benchmark.md).
 """
 
 from __future__ import annotations

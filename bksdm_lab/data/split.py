@@ -1,10 +1,6 @@
 """The held-out split of a map-style data set (``data.val_samples``): the last ``val_samples`` samples are never
-trained on; ``val_dataloader()`` serves them, unflipped and in a fixed order, for a validation loss that compares
+trained on; ``val_dataloader()`` serves them, unflipped and in a fixed order, so that a validation loss compares
 runs (an Optuna trial against another) on the same inputs.
-
-The training part is the first ``len - val_samples`` samples: :class:`TrainPart` is the data set seen through that
-length (items pass through unchanged, so the ``(index, flip)`` items of
-:class:`bksdm_lab.data.common.ResumableSampler` still work, which a ``torch.utils.data.Subset`` would not).
 """
 
 from __future__ import annotations
@@ -27,7 +23,8 @@ def check_val_samples(val_samples, total: int, what: str = "the data set") -> in
 
 
 class TrainPart(Dataset):
-    """The first ``length`` samples of ``dataset`` (the rest is held out); items pass through unchanged."""
+    """The first ``length`` samples of ``dataset`` (the rest is held out). Items pass through unchanged, so the
+    ``(index, flip)`` items of :class:`bksdm_lab.data.common.ResumableSampler` work, unlike with a ``Subset``."""
 
     def __init__(self, dataset: Dataset, length: int):
         self.dataset, self.length = dataset, int(length)

@@ -1,43 +1,7 @@
 """WebDataset tar shards as img2dataset writes them, streamed: for sets too large to list.
 
-Not webdataset 1.0.2: it shards by worker before shuffling, can't skip undecoded samples, hides tar-header cuts.
-
-A shard is a tar file whose members are grouped by key, one sample per key, in order::
-
-    00000000.jpg  00000000.txt  00000000.json  00000001.jpg  00000001.txt  00000001.json ...
-
-The image is the first of ``image_extensions`` present (``jpg``, ``png``, ``webp``, ...); the caption is the
-``.txt`` member if there is one, else the ``caption_field`` of the ``.json`` member. Shards are given as a
-brace pattern (``/data/{00000..00099}.tar``, expanded by braceexpand), a glob of local files, or a list of either;
-local paths, ``file://`` or ``http(s)://`` URLs (streamed with urllib, never written to disk). Members are
-read sequentially with the standard library's ``tarfile`` in stream mode: the ``webdataset`` package is not
-needed.
-
-Each epoch the shard list is shuffled with ``(seed, epoch)``; rank ``r`` of ``world`` takes every
-``world``-th shard (with several ranks the tail that does not give every rank the same number of shards is
-dropped, a different one each epoch), and DataLoader worker ``w`` of ``W`` every ``W``-th shard of its
-rank. So every sample is read exactly once per epoch when there are at least ranks x workers shards (a
-worker without a shard sits idle: warned). Samples are shuffled in a buffer of ``shuffle_buffer`` raw
-samples per worker (decoding happens after the buffer, so it holds compressed bytes).
-
-Bad samples are yielded as ``{"skipped": reason}`` like the folder set (counted by ``collate``): corrupt,
-truncated or bomb images, a missing image member (``missing``), an empty, missing or non-text caption
-(``caption``); a shard that cannot be opened or is cut short is logged and counted as one ``missing`` /
-``corrupt`` sample. Batches are not padded: each worker's last batch of an epoch may be short, so that no
-sample is dropped.
-
-Resume. The order (shards, shuffle buffer, flips) is a function of ``(seed, epoch, rank, worker)`` and of
-the data only, so a resumed run replays the epoch it stopped in without decoding or training on what it
-already consumed: each worker re-reads (I/O only, no image decoding) and discards the samples it had
-yielded, computed from the checkpoint's ``{"epoch", "batches"}``, and goes on with the next one. The cost is
-reading the consumed part of the epoch's shards again (for URL shards: downloading it again). It is exact
-while all of the rank's workers still produce batches; near the end of an epoch, once a worker has run out
-of shards, a few samples of the other workers may be seen twice.
-
-With several ranks (DDP), ranks must run the same number of batches per epoch or the collective ops hang at
-the end of the epoch; shards rarely hold exactly the same number of samples, so set ``samples_per_epoch``
-(e.g. a little under img2dataset's total ``successes``): every rank then stops after
-``samples_per_epoch // (world x batch_size)`` batches.
+Not the webdataset package (1.0.2 shards by worker before shuffling, can't skip undecoded samples, hides tar-header
+cuts): the members are read in order by the standard library's ``tarfile`` in stream mode, from files or URLs.
 """
 
 from __future__ import annotations
@@ -193,7 +157,10 @@ class WebDatasetShards(IterableDataset):
         return int(self._epoch)
 
     def shards_of(self, epoch: int, rank: int, world: int, worker: int = 0, workers: int = 1) -> list[int]:
-        """Indices into ``self.shards`` read by one worker of one rank in ``epoch``."""
+        """Indices into ``self.shards`` read by one worker of one rank in ``epoch``: the shards shuffled by ``(seed,
+        epoch)``, every ``world``-th to rank ``rank`` (the tail that does not divide is dropped, a different one each
+        epoch), every ``workers``-th of those to ``worker``. Each sample is read once per epoch when there are at
+        least ``world x workers`` shards."""
         order = list(range(len(self.shards)))
         if self.shuffle_shards:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -302,7 +269,10 @@ class WebDatasetShards(IterableDataset):
 class StreamLoader(StatefulLoader):
     """A DataLoader that tells its stream the epoch when iterated (Lightning's ``set_epoch`` reaches samplers
     only, and an IterableDataset has none) and, with ``num_batches``, stops every epoch after that many.
-    A resumed run replays each worker's stream without decoding up to the checkpointed position."""
+    A resumed run replays each worker's stream without decoding up to the checkpointed position: it reads (for URL
+    shards: downloads) the consumed part of the epoch again, and is exact while all of the rank's workers still have
+    shards (near an epoch's end a few samples may be seen twice). Batches are not padded: a worker's last may be
+    short."""
 
     def __init__(self, dataset: WebDatasetShards, *, epoch_fn=None, num_batches: int | None = None, **kwargs):
         super().__init__(dataset, **kwargs)

@@ -1,10 +1,6 @@
 """The input checks of a training run that need no model: they run before the teacher loads (a minute at SD-v1.4
-size), and each problem is one line naming the key, the value and what is allowed.
-
-- config values: a table of ``(key pattern, rule)`` (:data:`RULES`), ``*`` standing for every child of a node;
-- the arguments of ``optimizer`` and ``lr_scheduler`` against the signature of their ``_target_``;
-- the checkpoint to resume: readable, a bksdm_lab checkpoint of this ``arch=``, with steps left to train;
-- the data: metadata columns and encoding, a latent cache's teacher and resolution, at least one batch per rank.
+size), and each problem is one line naming the key, the value and what is allowed: config values (:data:`RULES`),
+optimizer and scheduler arguments, the checkpoint to resume, the data.
 """
 
 from __future__ import annotations

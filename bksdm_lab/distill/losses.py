@@ -1,24 +1,7 @@
-"""The BK-SDM loss: a weighted sum of small named terms.
+"""The BK-SDM loss, ``w_task * task + w_out_kd * out_kd + w_feat_kd * feat_kd`` (all weights 1.0 in the paper).
 
-    loss = w_task * task + w_out_kd * out_kd + w_feat_kd * feat_kd      (all weights 1.0 in the paper)
-
-Each term is a module called with a :class:`KDInputs` and returning a scalar. :class:`KDLoss` holds
-the terms by name, skips those weighted 0 (they contribute nothing and cost nothing), and returns
-``(total, parts)`` where ``parts`` maps each active term's name to its unweighted value. Adding a KD
-term means writing a class here and naming it in ``conf/loss/*.yaml``.
-
-Options beyond the paper (each off by default, so the default config is the paper's loss):
-
-- :class:`FeatureKD` ``normalize=teacher``: each pair's squared error divided by the teacher feature's squared
-  norm, so layers of different scale weigh alike;
-- :class:`FeatureKD` ``at=self_attention``: the pairs at the self-attention outputs (``arch.self_attention_pairs``)
-  instead of the block outputs; ``loss=bksdm_attn`` adds them as a separate term ``attn_kd`` beside ``feat_kd``;
-- :class:`FeatureKD` ``layer_weights``: a weight per pair, as a list or by student module;
-- :class:`OutputKD` ``space=x0``: output KD on the predicted clean latents instead of the raw prediction.
-
-A wrong argument raises :class:`LossConfigError`, one line naming the argument and the allowed values;
-:func:`check_config` reports them under their config key (``loss.terms.<term>.<argument>``) before a run loads
-anything heavy.
+Each term is a module taking a :class:`KDInputs` and returning a scalar; a new KD term is a class here, named in
+``conf/loss/*.yaml``. The options beyond the paper (README, 'Research options') are off by default.
 """
 
 from __future__ import annotations
@@ -237,7 +220,8 @@ class FeatureKD(LossTerm):
 
 
 class KDLoss(torch.nn.Module):
-    """Weighted sum of named :class:`LossTerm` s; returns ``(total, parts)``."""
+    """Weighted sum of named :class:`LossTerm` s; returns ``(total, parts)``, ``parts`` the unweighted value of each
+    active term. A term weighted 0 is not computed."""
 
     def __init__(self, terms: Mapping[str, LossTerm], weights: Mapping[str, float]):
         super().__init__()

@@ -1,15 +1,7 @@
 """When the held-out validation loss (``val/loss``, :meth:`DistillModule.validation_step`) is computed during a fit.
 
-Lightning's ``val_check_interval`` counts training micro-batches (per epoch, or over epochs), so with gradient
-accumulation, and epochs whose last micro-batch steps early, it is not a number of optimizer steps; and it runs no
-validation at the last step unless the step count happens to divide. This callback drives Lightning's own
-validation loop in optimizer steps: after every ``every_n_steps``-th optimizer step and, with ``at_end``, after the
-last one (``trainer.max_steps``), so a run always ends with the ``val/loss`` of its final weights (what a sweeper
-compares). Nothing runs when the data module holds no samples out (``data.val_samples=0``).
-
-Validation changes nothing of the training: the held-out samples are never trained on, their loader has its own
-generator, the noise and timesteps of a validation sample come from a fixed key (not the training step), the
-EMA is not touched and no checkpoint is added.
+Lightning's ``val_check_interval`` counts micro-batches, not optimizer steps, and skips the last step unless the count
+divides; :class:`ValidationSchedule` drives Lightning's own validation loop in optimizer steps instead.
 """
 
 from __future__ import annotations
@@ -20,6 +12,10 @@ NEVER = 2**62  # a micro-batch count Lightning never reaches: no validation unle
 
 
 class ValidationSchedule(pl.Callback):
+    """Validate after every ``every_n_steps``-th optimizer step and, with ``at_end``, after the last one, so a run ends
+    with the ``val/loss`` of its final weights (what a sweeper compares); nothing when ``data.val_samples=0``.
+    Validation leaves training unchanged: its own loader generator, fixed-key noise, no EMA update, no checkpoint."""
+
     def __init__(self, every_n_steps: int = 500, at_end: bool = True):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"callbacks.validation.every_n_steps={every_n_steps!r} must be an integer >= 1")

@@ -1,20 +1,7 @@
 """W&B dashboards for BK-SDM runs, built with ``wandb-workspaces``: a project workspace and an experiment-group report.
 
-The dashboards are data first: :func:`workspace_sections` returns the sections and their panels as plain
-:class:`Section` / :class:`Panel` objects holding the exact W&B keys a training run logs (the single source of
-truth; the tests check every key against a real offline run). :func:`build_workspace` and :func:`build_report`
-turn them into ``wandb_workspaces`` objects, :func:`dry_run_spec` serialises both offline, and :func:`save`
-uploads them (that needs a logged-in W&B).
-
-Where the keys come from (the tests check each against a real offline run, see tests/test_dashboard.py):
-
-- ``train/loss``, ``train/loss_<term>``, ``train/feat_kd/<student layer>``, ``train/lr``, ``train/grad_norm``:
-  ``bksdm_lab.distill.module`` (one ``train/feat_kd/<layer>`` per ``arch.feature_pairs`` student module);
-- ``perf/*`` and ``samples/*``: ``Throughput`` (bksdm_lab.distill.callbacks), ``SampleImages`` (bksdm_lab.evaluation.callback);
-- ``data/skipped_<reason>`` / ``data/converted_<reason>``: the data-quality counting, one key per reason of
-  ``bksdm_lab.data.common.SKIP_REASONS`` / ``CONVERT_REASONS`` (the collate function reports every reason, so
-  each key is logged from the first batch, 0 until a bad sample turns up);
-- ``eval/*``: ``EvalCallback`` (only in runs with ``callbacks=with_eval``).
+:func:`workspace_sections` holds the exact W&B keys a run logs (the single source of truth); :func:`build_workspace`,
+:func:`build_report`, :func:`dry_run_spec` (offline JSON) and :func:`save` (needs a logged-in W&B) build on it.
 """
 
 from __future__ import annotations
@@ -115,7 +102,9 @@ def feat_kd_key(layer: str) -> str:
 # ---- the sections: the single source of truth -------------------------------------------------------------
 def workspace_sections(feature_layers: Sequence[str] = ()) -> list[Section]:
     """The workspace, section by section. ``feature_layers``: one per-layer feature-KD panel each (besides the
-    regex panel that plots every ``train/feat_kd/*`` key whatever the arch)."""
+    regex panel that plots every ``train/feat_kd/*`` key whatever the arch). The keys are logged by
+    ``bksdm_lab.distill.module`` (``train/*``), ``Throughput`` (``perf/*``), ``SampleImages`` (``samples/*``), the
+    collate function's counts (``data/*``, every reason from the first batch) and ``EvalCallback`` (``eval/*``)."""
     skipped, converted = data_keys()
     line = lambda key, title=None: Panel("line", title or key, (key,))  # noqa: E731
     feat = [Panel("line", "feature KD, every layer", regex=f"^{FEAT_KD_PREFIX}.*")]

@@ -1,16 +1,6 @@
 """The paper's evaluation: FID, Inception Score and CLIP score of generated images, and the report beside the
-paper's numbers. The command is :mod:`bksdm_lab.evaluate` (conf/evaluate.yaml); during training,
-:class:`bksdm_lab.evaluation.callback.EvalCallback`; W&B logging, :mod:`bksdm_lab.evaluation.wandb_log`.
-
-The paper's protocol (BK-SDM, arXiv 2305.15798, MS-COCO 30K): the 30,000 val2014 captions, sampling as in
-``conf/sampling/paper.yaml``, images squashed to 256 x 256 (PIL bicubic); FID against real-image statistics
-(pytorch-fid ``.npz`` with ``mu``/``sigma``, e.g. the 40,504 val2014 images at 256 px, see
-:func:`compute_stats`), Inception Score (torch-fidelity's way: 10 splits), CLIP score (mean cosine similarity,
-:data:`bksdm_lab.evaluation.metrics.PAPER_CLIP`, no x100) on the 256 px images.
-
-The default models need the ``eval`` extra (``pip install -e ".[eval]"``). ``feature_extractor=demo clip=demo``
-use tiny random models built from config so the command runs offline end to end: smoke tests only, their
-numbers mean nothing.
+paper's numbers (BK-SDM, arXiv 2305.15798, MS-COCO 30K; the protocol: docs/evaluation.md). The command is
+:mod:`bksdm_lab.evaluate`; during training, :class:`bksdm_lab.evaluation.callback.EvalCallback`.
 """
 
 from __future__ import annotations

@@ -1,25 +1,7 @@
 """Image-quality metrics of the paper's protocol: FID, Inception Score, KID, CLIP score; and the models behind them.
 
-FID, IS and KID are torchmetrics' (``FrechetInceptionDistance``, ``InceptionScore``, ``KernelInceptionDistance``)
-with the feature extractor passed in as ``feature=``: :class:`ImageMetrics` runs the extractor once per batch and
-feeds all three. The extractor is any ``nn.Module`` mapping uint8 images ``(N, 3, H, W)`` to pool features
-``(N, D)`` or to ``(pool features, class logits)`` (the logits give IS): the paper's torch-fidelity Inception
-(:func:`inception_extractor`, the ``eval`` extra) on GPU machines, the tiny random :func:`demo_extractor` in tests.
-
-- FID is taken against precomputed reference statistics (:class:`FeatureStats`, a pytorch-fid ``.npz`` with ``mu``,
-  ``sigma`` and ``n``) loaded into torchmetrics' real-feature state, so a 30K evaluation does not read the 40K real
-  images again; or against real images.
-- KID needs the real features themselves, not their mean and covariance: it is computed only when real images
-  (or real features) are given.
-- IS follows torch-fidelity: ``logits_unbiased``, 10 splits, rows shuffled with ``np.random.RandomState(2020)``.
-- The CLIP score is this module's own code (see :func:`cosine_similarities`): a :class:`ClipModel` has
-  ``encode_images(list of PIL images)`` and ``encode_texts(list of str)`` returning embeddings of one width.
-
-The paper's models are built lazily and need the ``eval`` extra (``pip install -e ".[eval]"``):
-:func:`inception_extractor` (torch-fidelity's InceptionV3, the FID/IS network of pytorch-fid and torch-fidelity)
-and :func:`open_clip_model` (the paper's CLIP, :data:`PAPER_CLIP`); :func:`transformers_clip` loads any
-``transformers`` CLIP. :func:`demo_extractor` and :func:`demo_clip` build tiny random models for smoke tests:
-their numbers are meaningless.
+FID, IS and KID are torchmetrics' over one extractor (uint8 images -> pool features, or ``(features, logits)`` for IS)
+that :class:`ImageMetrics` runs once per batch. The paper's models need the ``eval`` extra; ``demo_*``: smoke tests.
 """
 
 from __future__ import annotations

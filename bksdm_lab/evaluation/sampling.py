@@ -1,29 +1,7 @@
 """Text-to-image generation from a (student) Stable Diffusion: reproducible, resumable, with the paper's seeding.
 
-The logic behind ``python -m bksdm_lab.generate`` and ``evaluate`` (see :mod:`bksdm_lab.generate`); the
-sampling settings come from the ``sampling`` config group (``conf/sampling/paper.yaml`` by default, whose values
-are also the defaults of :class:`GenerateOptions`).
-
-Writes ``OUT/images/<prompt index:05d>.png``, ``OUT/grid.png`` (the first ``grid`` images), ``OUT/prompts.csv``
-(``index,file_name,text``) and ``OUT/generation.json`` (the settings). No safety checker.
-
-Seeding (``sampling.seed_mode``): every prompt gets a generator of its own, so the images do not depend on the
-batch size (up to float round-off of batched kernels), nor on which process generates which prompt.
-
-- ``paper`` (default): the BK-SDM evaluation's ONE generator seeded ``sampling.seed`` (1234), consumed in prompt
-  order at batch 1: prompt ``i`` draws from that generator's state after prompts ``0..i-1`` drew theirs. The state is
-  replayed per prompt index (:func:`replay_draws`: the pipeline's own ``prepare_latents``, plus the scheduler's steps
-  where they take a generator, e.g. Euler), so any batch size, a resumed run and several processes give the images of
-  the paper's batch-1 run; every batch checks that the replay consumed exactly what the pipeline did.
-- ``per-prompt``: prompt ``i`` gets its own generator seeded ``seed + i``.
-
-Speed (see README 'Generating and evaluating'): ``sampling.batch_size=auto`` picks the largest batch that fits on
-CUDA (from ``sampling.max_batch_size`` down, halved on out-of-memory and remembered for the run; a fixed
-:data:`AUTO_CPU_BATCH` on the CPU); fp16 by default on CUDA; ``sampling.channels_last`` and ``sampling.compile`` for
-the U-Net (:func:`speed_up`); images are written by a small thread pool while the next batch generates, and a
-``sink`` (the evaluation's background scorer) receives every image in turn. Several processes (``torchrun``:
-``RANK``/``WORLD_SIZE``) split the prompts: rank ``r`` generates prompts ``i`` with ``i % world_size == r`` into the
-same folder.
+The logic behind ``python -m bksdm_lab.generate`` and ``evaluate``; the settings are the ``sampling`` config group
+(``conf/sampling/paper.yaml``, also the defaults of :class:`GenerateOptions`). Seeding, outputs: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -469,8 +447,8 @@ def generate_images(
     sink: Callable[[list[int], list], None] | None = None,
     **options,
 ) -> GenerationResult:
-    """Generate ``OUT/images/<i:05d>.png`` for every prompt ``i`` of this process not already on disk; see the
-    module doc. ``options``: the fields of :class:`GenerateOptions`.
+    """Generate ``OUT/images/<i:05d>.png`` for every prompt ``i`` of this process not already on disk; seeding
+    and resuming: docs/evaluation.md. ``options``: the fields of :class:`GenerateOptions`.
 
     ``sink(indices, items)``: called for every prompt of this process, in order within each call: ``items`` are the
     generated PIL images, or the ``Path`` of images found on disk.

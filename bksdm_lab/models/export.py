@@ -1,12 +1,7 @@
 """Export a student as a plain diffusers ``StableDiffusionPipeline`` folder, with a model card; push it to the Hub.
 
-    python -m bksdm_lab.export outputs/<run>/checkpoints/last.ckpt                  # EMA weights, if the run had EMA
-    python -m bksdm_lab.export CKPT --weights student --out DIR                      # the raw student weights
-    python -m bksdm_lab.export CKPT --teacher /path/to/sd14                          # the teacher from another place
-    python -m bksdm_lab.export CKPT --push-to-hub me/bk-sdm-tiny [--public]          # token: --token or $HF_TOKEN
-
-A checkpoint holds only the student (see ``DistillModule.on_save_checkpoint``) and the run's config; the
-teacher's VAE, text encoder, tokenizer and scheduler are loaded again from the teacher the config names.
+python -m bksdm_lab.export outputs/<run>/checkpoints/last.ckpt                  # EMA weights, if the run had EMA
+python -m bksdm_lab.export CKPT --push-to-hub me/bk-sdm-tiny [--public]          # token: --token or $HF_TOKEN
 """
 
 from __future__ import annotations

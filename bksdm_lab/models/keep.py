@@ -1,27 +1,6 @@
-"""Keep patterns: a student described by the teacher blocks it keeps, and everything derived from that alone.
-
-A pattern (``arch.keep``, see conf/arch/keep.yaml) names, stage by stage, the teacher's (resnet, attention) layers the
-student keeps, in the teacher's order::
-
-    keep:
-      down: [[0], [0], [0], null]        # per down stage, down_blocks.0 (the finest) first; null: the stage is dropped
-      up: [null, [0, 2], [0, 2], [0, 2]]  # per up stage, up_blocks.0 (the deepest) first
-      mid: false                          # keep the mid block
-
-- ``down: null`` (the whole list): derived from ``up``: down stage i keeps the first (kept-up-count - 1) layers of the
-  teacher's stage, because diffusers builds up stage j with one layer more than its mirrored down stage n-1-j keeps.
-- ``up: null``: derived from ``down``: an up stage keeps the teacher's first m layers plus its last one (the layer fed
-  by the skip from the stage's input), m being what the mirrored down stage keeps: BK-SDM's rule. Both null: the teacher.
-- A null stage drops the whole stage: only the deepest stages can go, the down stage with its mirrored up stage.
-
-From a pattern and the teacher's U-Net config come the stock diffusers overrides (``unet_config``: per-stage
-``layers_per_block``, ``mid_block_type``), ``drop_deepest_stages``, the weight map (student key prefix <- teacher key
-prefix), the feature-KD pairs at block outputs and at self-attention outputs. A pattern diffusers cannot build, or whose
-student the teacher's weights cannot initialise, is a :class:`KeepPatternError`: one line naming the key and why.
-
-The arch configs read these through the ``keep_pattern`` OmegaConf resolver (registered in ``bksdm_lab/__init__.py``):
-``weight_map: ${keep_pattern:weight_map}``. The teacher config is ``teacher.pretrained``'s ``unet/config.json`` when
-that is a local folder, else the shipped ``bksdm_lab/models/configs/<teacher.configs>/unet/config.json``.
+"""Keep patterns: a student described by the teacher blocks it keeps (``arch.keep``), and everything derived from it:
+the diffusers overrides, the weight map and the feature-KD pairs, which the arch configs read through the
+``keep_pattern`` resolver (``weight_map: ${keep_pattern:weight_map}``). The rules: docs/architectures.md.
 """
 
 from __future__ import annotations

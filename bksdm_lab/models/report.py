@@ -1,14 +1,7 @@
-"""What each architecture variant keeps and removes, with exact sizes and costs. Offline, on the meta device.
+"""What each architecture variant keeps and removes, with exact sizes and costs (``python -m bksdm_lab.arch``).
 
-    python -m bksdm_lab.arch                       # SD-v1.4 and BK-SDM-Base/Small/Tiny
-    python -m bksdm_lab.arch teacher=sd21base      # the v2 students
-    python -m bksdm_lab.arch format=json           # one JSON object keyed by variant
-    python -m bksdm_lab.arch 'patterns=[{up: [[0,2],[0,2],[0,1,2],[0,2]]}, {up: [[0,2],[0,2],[0,2],[0,2]], mid: false}]'
-
-Parameters and MACs come from the shipped config.json files of the teacher (no weights are loaded).
-"Whole model" is the paper's definition: U-Net + text encoder + VAE decoder. MACs are per U-Net
-forward at the teacher's resolution, counted the paper's way (conv + linear + norm layers, as thop
-does; attention matmuls not counted) and also with every matmul (torch's FLOP counter / 2).
+Offline, from the teacher's shipped config.json files on the meta device. MACs per U-Net forward at the teacher's
+resolution, the paper's way (conv + linear + norm, as thop; no attention matmuls) and with every matmul (FLOPs / 2).
 """
 
 from __future__ import annotations

@@ -55,8 +55,9 @@ class Teacher:
                 self.source, subfolder="vae", revision=self.revision, variant=self.variant
             )
             self.vae = vae.requires_grad_(False).eval()
-        if device is not None or dtype is not None:
-            self.vae.to(device=device, dtype=dtype)
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if moves:  # only what is set: diffusers warns about fp32-only modules whenever dtype is passed, even None
+            self.vae.to(**moves)
         return self.vae
 
 

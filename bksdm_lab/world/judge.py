@@ -1,24 +1,7 @@
 """The world's judge: a small CNN that reads a scene's attributes off an image, and the scores built on it.
 
-A metric that means something in the CPU-scale world (``bksdm_lab.world.scenes``):
-
-- **caption agreement**: the judge predicts each attribute (colour, shape, size, position, count, background) of a
-  generated image; the prompt, parsed by ``scenes.parse_caption``, says what it should be. Reported per attribute
-  and as ``all``: the fraction of images whose six attributes all match their prompt.
-- **FID in this world**: torchmetrics' ``FrechetInceptionDistance`` with the judge's penultimate features as its
-  ``feature=`` module (a module with an int ``num_features`` that maps uint8 ``(N, 3, H, W)`` images to
-  ``(N, D)`` features), against renders of freshly sampled real scenes.
-
-The judge is trained once on freshly rendered scenes (``scenes.sample_scene`` + ``render`` with jitter, plus mild
-pixel noise and blur so that the slightly soft images of a diffusion model are in its range), seeded, and cached at
-``<cache_dir>/world/judge-<hash of its settings>`` (``judge.pt`` + ``judge.json`` with its held-out accuracy per
-attribute). About a minute on one CPU thread with the defaults.
-
-    python -m bksdm_lab.world.judge                       # train (or load) the judge, print its accuracies
-    python -m bksdm_lab.world.judge score DIR [DIR ...]   # score folders of generated images (+ real renders)
-
-A scored folder is what ``python -m bksdm_lab.generate`` writes (``images/`` + ``prompts.csv``) or a world set
-(``metadata.csv`` with ``file_name,text``).
+python -m bksdm_lab.world.judge                       # train (or load) the judge, print its accuracies
+python -m bksdm_lab.world.judge score DIR [DIR ...]   # score folders of generated images (+ real renders)
 """
 
 from __future__ import annotations
@@ -175,7 +158,8 @@ def label_tensor(scene_list: Sequence[scenes.Scene]) -> dict[str, torch.Tensor]:
 
 
 def _augment(x: torch.Tensor, cfg: JudgeConfig, gen: torch.Generator) -> torch.Tensor:
-    """Training-time noise and blur on float images in [0, 1]."""
+    """Training-time noise and blur on float images in [0, 1], so that a diffusion model's slightly soft images are in
+    the judge's range."""
     n = x.shape[0]
     if cfg.blur > 0:
         blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)

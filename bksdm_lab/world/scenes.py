@@ -1,11 +1,7 @@
 """The CPU-scale world: procedural captioned scenes whose caption determines the image up to small jitter.
 
-A scene is a group of ``count`` identical shapes of one colour and size, placed at one position on a plain
-background, e.g. "two large red circles at the top on a black background". ``caption`` and ``parse_caption`` are
-inverses; ``labels`` gives each attribute's index in its vocabulary (the targets of the world's judge);
-``write_world`` writes a set in the LAION-Aesthetics folder layout the framework reads (``data=world``).
-
-Light on purpose (PIL and the standard library only): the judge and the notebooks import it.
+A scene is ``count`` identical shapes of one colour and size at one position on a plain background; ``write_world``
+writes a set in the LAION-Aesthetics folder layout (``data=world``). PIL and the standard library only, on purpose.
 """
 
 from __future__ import annotations

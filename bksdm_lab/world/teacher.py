@@ -1,21 +1,7 @@
 """The CPU-scale world's teacher: a small Stable Diffusion trained on the world's scenes, once, on CPU.
 
-    python -m bksdm_lab.world.teacher                 # conf/world.yaml: about 20 min on one core, then cached
-    python -m bksdm_lab.world.teacher data.num_images=64 vae.steps=4 unet.steps=4 samples.prompts=2   # seconds
-
-Two stages, both seeded and on deterministic data (``bksdm_lab.world.scenes.write_world``):
-
-1. a small ``AutoencoderKL`` (4x downsampling) learns to reconstruct the world images (mean squared error plus a
-   small KL term); its ``scaling_factor`` is set so the scaled latents of the set have unit standard deviation;
-2. the U-Net (the demo's shipped config: the real SD-v1 block topology, so Base/Small/Tiny students and any keep
-   pattern distil from it) learns epsilon prediction in that latent space, conditioned through cross-attention by
-   the demo's frozen, seeded, random CLIP text encoder over the byte-level tokenizer; 10% of the captions are
-   dropped (classifier-free guidance). The saved U-Net is the exponential moving average of the trained one.
-
-The result is a diffusers pipeline folder (vae, text_encoder, tokenizer, unet, scheduler) published atomically at
-``${paths.cache_dir}/world/teacher-<hash of the training config>``, with ``README.json`` (the config, the steps, the
-final losses, the wall times) and ``samples.png`` (the rendered scene above the teacher's sample, per caption). A
-second call with the same config reuses it; a folder there that is not that teacher is refused, never replaced.
+python -m bksdm_lab.world.teacher                 # conf/world.yaml: about 20 min on one core, then cached
+python -m bksdm_lab.world.teacher data.num_images=64 vae.steps=4 unet.steps=4 samples.prompts=2   # seconds
 """
 
 from __future__ import annotations
@@ -290,8 +276,8 @@ def build(cfg: DictConfig, tmp: Path) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bksdm_lab.models.teachers import shipped_configs
     from bksdm_lab.models.demo import byte_level_tokenizer
+    from bksdm_lab.models.teachers import shipped_configs
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
