@@ -138,7 +138,8 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     )
     datamodule = instantiate(cfg.data, tokenizer=teacher.tokenizer)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    if ckpt_path is not None:  # a resumed run continues metrics.csv (Lightning's writer would delete it)
+    # a resumed run continues metrics.csv: Lightning's writer would delete it, and CSVLogger takes no writer argument
+    if ckpt_path is not None:
         for logger in loggers:
             if isinstance(logger, CSVLogger):
                 logger._experiment = rundir.ContinuedCSVWriter(logger.log_dir)

@@ -1,7 +1,9 @@
 """The architecture report: exact sizes, MACs and removed blocks, offline on the meta device."""
 
 import json
+import runpy
 import subprocess
+import sys
 
 import pytest
 from conftest import PYTHON, REPO, subprocess_env
@@ -55,31 +57,27 @@ def test_v2_unet_params():
     assert report["teacher"]["text_encoder_params"] == 340_387_840
 
 
-def test_cli_json_keyed_by_variant():
-    out = subprocess.run(
-        [PYTHON, "-m", "bksdm_lab.arch", "teacher=sd21", "format=json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=REPO,
-        env=subprocess_env(REPO / ".pytest_cache"),
-    ).stdout
-    report = json.loads(out)
+def test_json_keyed_by_variant(capsys):
+    from test_generate import compose
+
+    from bksdm_lab import arch
+
+    report = json.loads(arch.run(compose("arch", ["teacher=sd21", "format=json"])))
     assert list(report) == ["teacher", "base", "small", "tiny"]
     assert report["tiny"]["unet_params"] == V2_UNET["tiny"]
     assert report["teacher"]["config"]["block_out_channels"] == [320, 640, 1280, 1280]
 
 
-def test_cli_table_and_bad_format():
+def test_cli_table_and_bad_format(monkeypatch, capsys):
     env = subprocess_env(REPO / ".pytest_cache")
     table = subprocess.run(
         [PYTHON, "-m", "bksdm_lab.arch"], capture_output=True, text=True, check=True, cwd=REPO, env=env
     )
     assert "BK-SDM-Tiny [tiny]" in table.stdout and "859,520,964" in table.stdout
-    bad = subprocess.run(
-        [PYTHON, "-m", "bksdm_lab.arch", "format=xml"], capture_output=True, text=True, cwd=REPO, env=env
-    )
-    assert bad.returncode != 0 and "table, json" in bad.stderr
+    monkeypatch.setattr(sys, "argv", ["bksdm_lab/arch.py", "format=xml"])  # the same command line, in-process
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module("bksdm_lab.arch", run_name="__main__", alter_sys=False)
+    assert stop.value.code == 2 and "table, json" in capsys.readouterr().err
 
 
 def test_app_in_process(capsys):

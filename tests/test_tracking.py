@@ -20,7 +20,7 @@ from bksdm_lab.models.students import init_student_from_teacher
 
 RESUME_ARGS = [
     "experiment=demo",
-    "trainer.max_steps=40",
+    "trainer.max_steps=24",
     "callbacks.checkpoint.every_n_train_steps=4",
     "callbacks.samples.prompts=[]",
     "logger=csv",
@@ -42,7 +42,7 @@ def final_state(run_dir: Path) -> dict:
 def test_sigkill_then_resume_ends_with_the_same_weights(cache_dir, tmp_path):
     """A run killed with SIGKILL and resumed with ckpt_path=last equals an uninterrupted run, bit for bit.
 
-    64 samples, micro-batch 8 x 2 accumulation: 4 optimizer steps per epoch, so the 40 steps cross
+    64 samples, micro-batch 8 x 2 accumulation: 4 optimizer steps per epoch, so the 24 steps cross
     epochs and the kill lands mid-epoch as often as not.
     """
     env = subprocess_env(cache_dir)
@@ -64,7 +64,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(cache_dir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at = final_state(crashed)["global_step"]
-    assert 8 <= killed_at < 40  # last.ckpt is written right after step_000012.ckpt: it may still hold step 8
+    assert 8 <= killed_at < 24  # last.ckpt is written right after step_000012.ckpt: it may still hold step 8
     # a kill mid-write leaves at most a hidden temporary file, never a corrupt last.ckpt (it loaded above)
 
     resumed = subprocess.run(
@@ -78,7 +78,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(cache_dir, tmp_path):
 
     assert not list((crashed / "checkpoints").glob(".*tmp*"))  # stale temporaries are cleaned up on resume
     a, b = final_state(straight), final_state(crashed)
-    assert a["global_step"] == b["global_step"] == 40
+    assert a["global_step"] == b["global_step"] == 24
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert any(k.startswith("ema_student.") for k in a["state_dict"])
     for key, value in a["state_dict"].items():

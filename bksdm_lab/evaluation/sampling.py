@@ -670,7 +670,7 @@ def check_sampling(sampling: Mapping) -> None:
         if not isinstance(s[key], bool):
             raise GenerationError(f"sampling.{key}={s[key]!r} is not one of [true, false]")
     if s["compile"]:
-        import torch._dynamo
+        import torch._dynamo  # torch.compile's backends are listed by dynamo only (no public torch API)
 
         backends = torch._dynamo.list_backends(exclude_tags=())
         if s["compile_backend"] not in backends:
