@@ -91,7 +91,7 @@ def test_app_in_process(capsys):
 
 
 # ---- keep patterns: reported side by side, refused clearly, trained end to end ------------------------------------
-ISSUE_UP = "[[0,2],[0,2],[0,1,2],[0,2]]"
+EXAMPLE_UP = "[[0,2],[0,2],[0,1,2],[0,2]]"
 
 
 def test_patterns_side_by_side_in_one_report(monkeypatch):
@@ -102,7 +102,7 @@ def test_patterns_side_by_side_in_one_report(monkeypatch):
 
     monkeypatch.setattr(report_mod, "unet_macs", lambda unet: (0, 0))  # MACs are pinned above; this is about patterns
 
-    patterns = f"patterns=[{{up: {ISSUE_UP}}}, {{name: lean, down: [[1],[0],[0,1],null], mid: false}}]"
+    patterns = f"patterns=[{{up: {EXAMPLE_UP}}}, {{name: lean, down: [[1],[0],[0,1],null], mid: false}}]"
     cfg, archs = load_config(["teacher=demo", "variants=[tiny]", patterns])
     result = describe(cfg.teacher, {n: resolve_arch(a, cfg.teacher) for n, a in archs.items()})
     report = result["models"]
@@ -153,10 +153,10 @@ def test_bad_keep_pattern_stops_train_before_loading(compose_train, capsys, monk
 @pytest.mark.parametrize(
     ("overrides", "params"),
     [
-        ([f"arch.keep.up={ISSUE_UP}"], 2_524_740),
+        ([f"arch.keep.up={EXAMPLE_UP}"], 2_524_740),
         (["arch.keep.down=[[1],[0],[0,1],null]", "arch.keep.mid=false"], 1_861_188),
     ],
-    ids=["issue-up", "dropped-stage-down-remap"],
+    ids=["example-up", "dropped-stage-down-remap"],
 )
 def test_new_patterns_train_on_the_demo_and_export(compose_train, tmp_path, overrides, params):
     """Two patterns that are none of the paper's: 2 optimizer steps each, finite loss, the student's size, and the

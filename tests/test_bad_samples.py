@@ -1,4 +1,4 @@
-"""A micro-batch whose samples are all unusable kills nothing: the run goes on and counts it (issue 12, point 8)."""
+"""A micro-batch whose samples are all unusable kills nothing: the run goes on and counts it."""
 
 import csv
 import math

@@ -1,4 +1,4 @@
-"""Clusters and sweeps (issue 9, points 4 and 5): the held-out loss the Optuna sweeper minimises, SLURM requeue
+"""Clusters and sweeps: the held-out loss the Optuna sweeper minimises, SLURM requeue
 resuming from last.ckpt, the SLURM launcher preset with a user's conf/local values, and (slow tier) an Optuna
 sweep of the demo that resumes its SQLite study and a multirun through submitit's local executor.
 """

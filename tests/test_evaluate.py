@@ -343,7 +343,7 @@ def test_a_prompt_alone_does_not_add_the_coco_captions(exported, tmp_path):
     assert paper["num_images"] == 2 and paper["metadata"] == str(coco)
 
 
-# ---- issue 10, point 3: fast evaluation ---------------------------------------------------------------------
+# ---- fast evaluation ---------------------------------------------------------------------------------------
 def test_scoring_beside_the_generation_equals_scoring_afterwards(exported, demo_data_dir, ref_stats, tmp_path, capsys):
     """overlap=true (the default) feeds each finished batch to the metric models in a background thread while the
     next batch generates; overlap=false generates everything, then reads the folder: the same numbers, to the last

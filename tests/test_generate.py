@@ -339,7 +339,7 @@ def test_a_missing_local_source_is_named_as_a_missing_folder(tmp_path, capsys):
     assert not (tmp_path / "o" / "images").exists()
 
 
-# ---- issue 10, point 3: fast generation -----------------------------------------------------------------
+# ---- fast generation ---------------------------------------------------------------------------------------
 def test_paper_seeding_is_replayed_per_prompt_at_any_batch_size_and_rank(pipe, tmp_path, monkeypatch):
     """Paper mode: prompt i draws from the one generator's state after prompts 0..i-1 (as at batch 1), so a batch
     of 3 gives the batch-1 images (up to round-off of batched kernels), and two ranks splitting the prompts

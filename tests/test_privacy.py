@@ -1,4 +1,4 @@
-"""Files meant to be shared name no absolute local path that reveals the home folder (issue 12).
+"""Files meant to be shared name no absolute local path that reveals the home folder.
 
 Shared: the model card and every config of the exported pipeline, the W&B config (and run name), CSV hparams,
 the run config a checkpoint stores (and an export made from it). Local records (``.hydra/``, the console, W&B's

@@ -1,4 +1,4 @@
-"""No run lies and nothing is lost (issue 12): every bad input is refused before the teacher loads, in one line
+"""No run lies and nothing is lost: every bad input is refused before the teacher loads, in one line
 naming the key; a run that trained nothing does not export or exit 0; a run folder holding a run is never
 overwritten unless asked; resumes are exact in samples; Ctrl-C saves a checkpoint; W&B records failures.
 

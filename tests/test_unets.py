@@ -523,7 +523,7 @@ def test_every_pair_names_modules_of_demo_teacher_and_student(teacher, name):
         FeatureTaps(student, [s for _, s in arch[key]]).remove()
 
 
-def test_issue_pattern_sizes_and_config_on_sd14():
+def test_example_pattern_sizes_and_config_on_sd14():
     arch = composed_arch("keep", "+arch.keep.up=[[0,2],[0,2],[0,1,2],[0,2]]".lstrip("+"))
     assert arch["unet_config"] == {"layers_per_block": [1, 2, 1, 1]}  # down derived: [[0], [0, 1], [0], [0]]
     teacher, student = _meta_teacher("sd14"), _meta_student("sd14", arch)
