@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from bksdm_lab import CONF_DIR
 from bksdm_lab.common.cli import guarded
-from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.distill.checks import accumulation
 
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # dense 16-bit peaks by device name; peak_tflops= overrides
@@ -95,7 +94,7 @@ def compose_train(overrides: list[str]) -> DictConfig:
 def framework(overrides: list[str], run_dir: Path, steps: int, profile: int = 0, accum: int = 1) -> tuple:
     """Compose and train (the real path, ``steps`` optimizer steps); ``profile`` > 0: under Lightning's
     PyTorchProfiler, recording ``profile`` optimizer steps after the first ``steps - profile - 1``."""
-    from bksdm_lab.train import train
+    from bksdm_lab.train import start_process, train
 
     start = now()
     extra = [f"trainer.max_steps={steps}", f"paths.output_dir={run_dir}", f"run_name=bench-{run_dir.name}"]
@@ -106,8 +105,7 @@ def framework(overrides: list[str], run_dir: Path, steps: int, profile: int = 0,
         extra += [f"{p}.export_to_chrome=false", f"{p}.schedule._target_=torch.profiler.schedule"]
         extra += [f"{p}.schedule.wait={wait}", f"{p}.schedule.warmup=1", f"{p}.schedule.active={profile * accum}"]
     cfg = compose_train([*overrides, *extra])
-    if cfg.offline:  # as python -m bksdm_lab.train does
-        os.environ["WANDB_MODE"] = "offline"
+    start_process(offline=cfg.offline)  # as python -m bksdm_lab.train does
     _, trainer = train(cfg)
     clock = next(c for c in trainer.callbacks if isinstance(c, Clock))
     return start, clock, trainer
@@ -279,7 +277,9 @@ def generation(module, unet, batch: int, resolution: int, sampling: dict, repeat
     from bksdm_lab.evaluation.sampling import set_scheduler
     from bksdm_lab.models.export import build_pipeline
 
-    pipe = build_pipeline(module.teacher, unet).to(dtype=torch.float16 if unet.device.type == "cuda" else torch.float32)
+    pipe = build_pipeline(module.teacher, unet)
+    if unet.device.type == "cuda":
+        pipe.to(dtype=torch.float16)
     set_scheduler(pipe, sampling["scheduler"])
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a photo of an astronaut riding a horse on mars"] * batch
@@ -484,11 +484,9 @@ def bench(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="bench")
 def main(cfg: DictConfig) -> dict:
-    from bksdm_lab.train import USER_ERRORS
+    from bksdm_lab.train import USER_ERRORS, start_process
 
-    quiet_libraries()
-    torch.set_float32_matmul_precision("high")  # as train does
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start_process()
     return guarded("bench", bench, cfg, (ValueError, *USER_ERRORS))  # a bad option value, a teacher or data
 
 

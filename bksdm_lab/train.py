@@ -228,6 +228,16 @@ USER_ERRORS = (
 )
 
 
+def start_process(offline: bool = False) -> None:
+    """What a command that trains sets first: the libraries' known notes off, TF32 matmuls, no tokenizer threads,
+    and W&B offline when the run config says ``offline``."""
+    quiet_libraries()
+    torch.set_float32_matmul_precision("high")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if offline:
+        os.environ["WANDB_MODE"] = "offline"
+
+
 def train_until_interrupted(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     """:func:`train`; Ctrl-C (which stops a sweep too) exits with its own code, naming the checkpoint it saved."""
     try:
@@ -240,11 +250,7 @@ def train_until_interrupted(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns ``cfg.optimized_metric`` (its last logged value) for sweepers."""
-    quiet_libraries()
-    torch.set_float32_matmul_precision("high")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.offline:
-        os.environ["WANDB_MODE"] = "offline"
+    start_process(offline=cfg.offline)
     finished = guarded("train", train_until_interrupted, cfg, USER_ERRORS)
     if finished is None:  # a failed job of a sweep (marked FAILED; the others still run)
         return None

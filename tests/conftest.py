@@ -60,6 +60,18 @@ def pytest_collection_modifyitems_xdist_group_ids(config, items):
             item._id = type(node_id).parse(f"{item.nodeid}@{'_'.join(sorted(groups))}")
 
 
+@pytest.fixture
+def no_hydra_state_left():
+    """For a command run in-process as ``__main__``: Hydra's --help, and a job ended by SystemExit, leave its global
+    state set; cleared here, so later in-process tests compose from a clean start."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    yield
+    GlobalHydra.instance().clear()
+    HydraConfig.instance().cfg = None
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """The demo's BKSDM_CACHE_DIR, shared by the session, holding only what the demo itself writes there: its

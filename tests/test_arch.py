@@ -68,6 +68,7 @@ def test_json_keyed_by_variant(capsys):
     assert report["teacher"]["config"]["block_out_channels"] == [320, 640, 1280, 1280]
 
 
+@pytest.mark.usefixtures("no_hydra_state_left")
 def test_cli_table_and_bad_format(monkeypatch, capsys):
     env = subprocess_env(REPO / ".pytest_cache")
     table = subprocess.run(

@@ -12,6 +12,7 @@ HYDRA = ["train", "prepare", "generate", "evaluate", "bench", "arch"]
 ARGPARSE = ["export", "data.download"]
 
 
+@pytest.mark.usefixtures("no_hydra_state_left")
 @pytest.mark.parametrize("command", HYDRA + ARGPARSE + ["evaluate stats"])
 def test_help_exits_0(command, tmp_path, monkeypatch, capsys):
     module, *sub = command.split()

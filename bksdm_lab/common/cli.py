@@ -18,9 +18,14 @@ from hydra.types import RunMode
 from bksdm_lab.common.hydra import FAILED_MARKER, SweepFailures
 
 
-def fail(command: str, message: object) -> NoReturn:
-    """Print ``bksdm_lab.<command>: error: <message>`` and exit 2."""
+def say_error(command: str, message: object) -> None:
+    """Print ``bksdm_lab.<command>: error: <message>`` on stderr."""
     print(f"bksdm_lab.{command}: error: {message}", file=sys.stderr)
+
+
+def fail(command: str, message: object) -> NoReturn:
+    """:func:`say_error`, then exit 2."""
+    say_error(command, message)
     raise SystemExit(2) from None
 
 
@@ -32,7 +37,7 @@ def guarded(command: str, fn: Callable[[Any], Any], cfg: Any, errors: tuple[type
     except errors as err:
         if not _sweep_goes_on():
             fail(command, err)
-        print(f"bksdm_lab.{command}: error: {err}", file=sys.stderr)
+        say_error(command, err)
         _mark_failed(err)
     except Exception as err:
         if not _sweep_goes_on():

@@ -21,7 +21,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from bksdm_lab.models.demo import build_demo_teacher
+from bksdm_lab.models.demo import build_demo_teacher, byte_level_tokenizer
 
 MODEL_CONFIGS = Path(__file__).parent / "configs"
 
@@ -155,7 +155,6 @@ def load_teacher(cfg, load_vae: bool = True) -> Teacher:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
     except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
         raise _load_error(cfg, source, err) from err
-    scheduler_cls = getattr(diffusers, sched_config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
     return Teacher(
         name=cfg.name,
         source=source,
@@ -163,11 +162,16 @@ def load_teacher(cfg, load_vae: bool = True) -> Teacher:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=scheduler_cls.from_config(sched_config),
-        noise_scheduler=DDPMScheduler.from_config(sched_config),
+        **schedulers(sched_config),
         revision=cfg.get("revision"),
         variant=cfg.get("variant"),
     )
+
+
+def schedulers(config: dict) -> dict:
+    """A teacher's inference scheduler (its own class, PNDM if unknown) and its DDPM training noise schedule."""
+    inference = getattr(diffusers, config.get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
+    return {"scheduler": inference.from_config(config), "noise_scheduler": DDPMScheduler.from_config(config)}
 
 
 def shipped_configs(configs: str) -> dict[str, dict]:
@@ -217,15 +221,12 @@ class RandomTeacher(Teacher):
 def random_teacher(cfg, load_vae: bool = True, seed: int = 0) -> RandomTeacher:
     """``teacher.weights=random``: every part from the shipped ``teacher.configs``, random weights drawn from ``seed``
     (the same weights on every call; the global random state is left as it was)."""
-    from bksdm_lab.models.demo import byte_level_tokenizer
-
     parts = _random_configs(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(parts["unet"])
         vae = AutoencoderKL.from_config(parts["vae"]) if load_vae else None
         text_encoder = CLIPTextModel(CLIPTextConfig(**parts["text_encoder"]))
-    scheduler_cls = getattr(diffusers, parts["scheduler"].get("_class_name", "PNDMScheduler"), diffusers.PNDMScheduler)
     return RandomTeacher(
         name=cfg.name,
         source=f"random weights ({cfg.configs} shapes)",
@@ -233,7 +234,6 @@ def random_teacher(cfg, load_vae: bool = True, seed: int = 0) -> RandomTeacher:
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=byte_level_tokenizer(),
-        scheduler=scheduler_cls.from_config(parts["scheduler"]),
-        noise_scheduler=DDPMScheduler.from_config(parts["scheduler"]),
+        **schedulers(parts["scheduler"]),
         configs=str(cfg.configs),
     )
