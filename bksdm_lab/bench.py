@@ -115,6 +115,7 @@ def plain_loop(cfg: DictConfig, device: torch.device, accum: int, checkpointing:
     """The loop a user would write for the same work (the config's teacher, student, data, paper loss with its feature
     taps, AdamW, accumulation, clipping; one generator for the noise and timesteps): returns ``step()``, which runs
     one optimizer step and gives the first micro-batch's loss, and the models by name (for the profiler's labels)."""
+    from bksdm_lab.data.common import build_datamodule
     from bksdm_lab.distill.checks import uses_cached_latents
     from bksdm_lab.models.students import init_student_from_teacher
     from bksdm_lab.models.teachers import load_teacher
@@ -136,7 +137,7 @@ def plain_loop(cfg: DictConfig, device: torch.device, accum: int, checkpointing:
     for t_name, s_name in pairs:
         teacher.unet.get_submodule(t_name).register_forward_hook(keep(features["t"], t_name))
         student.get_submodule(s_name).register_forward_hook(keep(features["s"], s_name))
-    loader = instantiate(cfg.data, tokenizer=teacher.tokenizer).train_dataloader()
+    loader = build_datamodule(cfg.data, teacher.tokenizer).train_dataloader()
     batches = (batch for _ in count() for batch in loader)  # epoch after epoch
     optimizer = instantiate(cfg.optimizer)(params=student.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
@@ -376,6 +377,14 @@ def check(cfg, train_cfg: DictConfig) -> None:
     problems = [f"{k}={cfg[k]!r} is not one of {list(v)}" for k, v in CHOICES.items() if cfg[k] not in v]
     problems += [f"{k}={cfg[k]!r} must be an integer >= {n}" for k, n in LOWEST.items() if not _at_least(cfg[k], n)]
     problems += [f"{k}={cfg[k]!r} must be a list, e.g. {k}=[...]" for k in LISTS if not OmegaConf.is_list(cfg[k])]
+    if cfg.threads is not None and not _at_least(cfg.threads, 1):
+        problems.append(f"threads={cfg.threads!r} must be null (torch's default) or an integer >= 1")
+    if OmegaConf.is_list(cfg.gen_batch) and not all(_at_least(b, 1) for b in cfg.gen_batch):
+        problems.append(f"gen_batch={list(cfg.gen_batch)!r} must hold integers >= 1 (or be [], no generation)")
+    if cfg.gen_batch:
+        from bksdm_lab.evaluation.sampling import sampling_problems
+
+        problems += sampling_problems(cfg.sampling)
     precision, terms = str(train_cfg.trainer.precision), train_cfg.loss.terms
     options = [(terms.get(t) or {}).get(k, d) for t, k, d in PAPER_OPTIONS]
     if cfg.plain and precision not in PRECISIONS:
@@ -387,14 +396,14 @@ def check(cfg, train_cfg: DictConfig) -> None:
 
 
 CHOICES = {"weights": ("auto", "random", "pretrained"), "source": ("auto", "config", "latents")}
-LOWEST = {"steps": 2, "warmup": 1, "breakdown": 0}
+LOWEST = {"steps": 2, "warmup": 1, "breakdown": 0, "source_samples": 1}
 LISTS = ("train", "variants", "batch", "resolution", "gen_batch")
 PAPER_OPTIONS = [("out_kd", "space", "output"), ("feat_kd", "at", "blocks"), ("feat_kd", "normalize", "none")]
 PAPER_OPTIONS += [("feat_kd", "layer_weights", None)]
 
 
 def _at_least(value, low: int) -> bool:
-    return isinstance(value, int) and value >= low
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def run(cfg, out: Path) -> dict:

@@ -6,7 +6,9 @@ python -m bksdm_lab.evaluate stats images=coco/val2014 out=val2014_256.npz     #
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from bksdm_lab import CONF_DIR
 from bksdm_lab.common.cli import guarded
 from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.evaluation import sampling as gen
-from bksdm_lab.evaluation.app import LaunchError, Processes, run_dir
+from bksdm_lab.evaluation.app import BOOL, DEVICE, LaunchError, Processes, rule_problems, run_dir, whole
 from bksdm_lab.evaluation.evaluate import (
     BackgroundScorer,
     EvaluationError,
@@ -72,12 +74,19 @@ def check_ref_stats(cfg: DictConfig, extractor: torch.nn.Module) -> None:
         )
 
 
+# conf/evaluate.yaml and conf/evaluate_stats.yaml keys -> the allowed values (the sampling group: sampling_problems)
+RULES = {"num_prompts": whole(1, null=True), "eval_resolution": whole(0), "is_splits": whole(1), "grid": whole(0)}
+RULES |= {"eval_batch_size": whole(1), "overlap": BOOL, "wandb": BOOL, "progress": BOOL, "device": DEVICE}
+STATS_RULES = {"resize": whole(0), "batch_size": whole(1), "num_images": whole(1, null=True), "progress": BOOL}
+STATS_RULES |= {"device": DEVICE}
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
     """Generate (if a model is given) into the run folder, score, report; returns the ``results.json`` record (on
     rank 0; other processes of a torchrun launch generate their share and return None)."""
-    gen.check_sampling(cfg.sampling)
-    if not isinstance(cfg.get("overlap"), bool):
-        raise EvaluationError(f"overlap={cfg.get('overlap')!r} is not one of [true, false]")
+    problems = gen.sampling_problems(cfg.sampling) + rule_problems(cfg, RULES)
+    if problems:
+        raise EvaluationError("\n".join(problems))
     procs = Processes()
     try:
         return _run_evaluation(cfg, procs)
@@ -231,10 +240,19 @@ def scoring_summary(scoring: dict[str, Any]) -> str:
 
 
 def run_stats(cfg: DictConfig) -> Path:
-    """``evaluate stats``: the FID statistics of a folder of real images, saved to ``out``."""
+    """``evaluate stats``: the FID statistics of a folder of real images, saved to ``out``; unusable files are
+    skipped (as in training), counted and named."""
+    problems = rule_problems(cfg, STATS_RULES)
+    folder = Path(cfg.out).parent
+    with contextlib.suppress(OSError):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not (folder.is_dir() and os.access(folder, os.W_OK)):
+        problems.append(f"out={cfg.out!r}: cannot write in {folder}")
+    if problems:
+        raise EvaluationError("\n".join(problems))
     check_available(cfg.feature_extractor)
     extractor = extractor_from_spec(cfg.feature_extractor).to(_device(cfg.device))
-    stats = compute_stats(
+    stats, skipped = compute_stats(
         cfg.images,
         extractor,
         resize=cfg.resize or None,
@@ -242,20 +260,28 @@ def run_stats(cfg: DictConfig) -> Path:
         num_images=cfg.num_images,
         progress=cfg.progress,
     )
+    if skipped:  # each one is in the log too
+        names = "; ".join(map(str, skipped[:3])) + ("; ..." if len(skipped) > 3 else "")
+        print(f"bksdm_lab.evaluate: skipped {len(skipped)} unusable image file(s): {names}", flush=True)
     if stats.n < 2:
-        raise EvaluationError(f"statistics need at least 2 images, found {stats.n}")
+        raise EvaluationError(
+            f"statistics need at least 2 usable images under images={cfg.images}, found {stats.n} "
+            f"({len(skipped)} unusable skipped)"
+        )
     out = stats.save(cfg.out)
     print(
         f"bksdm_lab.evaluate: wrote {out} ({stats.n:,} images, {stats.mu.shape[0]}-d features, "
-        f"feature extractor {cfg.feature_extractor})"
+        f"feature extractor {cfg.feature_extractor}; {len(skipped)} unusable skipped)"
     )
     return out
 
 
 def errors() -> tuple[type[BaseException], ...]:
+    from bksdm_lab.data.common import BadSample  # an image in out= (or of real_images) that cannot be read
     from bksdm_lab.models.export import ExportError
 
     return (
+        BadSample,
         gen.GenerationError,
         gen.TeacherLoadError,
         ExportError,

@@ -17,12 +17,17 @@ from bksdm_lab import CONF_DIR
 from bksdm_lab.common.cli import guarded
 from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.evaluation import sampling as gen
-from bksdm_lab.evaluation.app import LaunchError, Processes, run_dir
+from bksdm_lab.evaluation.app import BOOL, DEVICE, LaunchError, Processes, rule_problems, run_dir, whole
+
+# conf/generate.yaml keys -> the allowed values (the sampling group: sampling_problems)
+RULES = {"num_prompts": whole(1, null=True), "grid": whole(0), "progress": BOOL, "device": DEVICE}
 
 
 def generate(cfg: DictConfig) -> dict[str, Any] | None:
     """Generate into the run folder; write and return its ``results.json`` record (rank 0; other ranks: None)."""
-    gen.check_sampling(cfg.sampling)
+    problems = gen.sampling_problems(cfg.sampling) + rule_problems(cfg, RULES)
+    if problems:
+        raise gen.GenerationError("\n".join(problems))
     procs = Processes()
     try:
         out = Path(procs.broadcast(str(run_dir(cfg))))  # rank 0's folder (a default out= has the time in it)

@@ -17,20 +17,22 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from bksdm_lab import CONF_DIR
 from bksdm_lab.common import rundir
-from bksdm_lab.common.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError
+from bksdm_lab.common.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError, FinalCheckpoint
 from bksdm_lab.common.cli import guarded
 from bksdm_lab.common.interrupt import EXIT_CODE as INTERRUPTED_EXIT
 from bksdm_lab.common.interrupt import Interrupted, StopOnInterrupt
 from bksdm_lab.common.quiet import quiet_libraries
-from bksdm_lab.common.secrets import redact, redact_dirname, shareable
-from bksdm_lab.data.common import DataError
+from bksdm_lab.common.secrets import redact, redact_dirname, redact_text, shareable
+from bksdm_lab.data.common import DataError, build_datamodule
 from bksdm_lab.distill import checks
 from bksdm_lab.distill.callbacks import ExportPipeline
 from bksdm_lab.distill.module import NonFiniteLossError
+from bksdm_lab.evaluation.callback import run_sampling_problems
 from bksdm_lab.models.students import WeightMapError, count_params, init_student_from_teacher, removed_blocks
 from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
 
@@ -53,6 +55,7 @@ def check_inputs(cfg: DictConfig, ckpt_path: str | None, probe_teacher_models: b
     problems += checks.check_call_args(cfg, "optimizer", given_later=("params",))
     problems += checks.check_call_args(cfg, "lr_scheduler", given_later=("optimizer",))
     problems += checks.check_global_batch(cfg)
+    problems += run_sampling_problems(cfg)  # the sampling group, and callbacks.samples' own values
     if ckpt_path is not None:
         problems += checks.check_resume(cfg, ckpt_path)
     if probe_teacher_models:
@@ -125,10 +128,14 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     cfg.run_name = run_name(cfg)
     run_config = shareable(redact(OmegaConf.to_container(cfg, resolve=True)))  # W&B, hparams, checkpoint, card
     pl.seed_everything(cfg.seed, workers=True)
-    ckpt_path = resolve_ckpt_path(cfg, out_dir)
-    check_inputs(cfg, ckpt_path)
+    try:
+        ckpt_path = resolve_ckpt_path(cfg, out_dir)
+        check_inputs(cfg, ckpt_path)
+    except Exception:
+        rundir.drop_staged(out_dir)  # an overwrite=true start refused: the earlier run stays as it was
+        raise
     clear = cfg.overwrite and rundir.launched_rank() == 0 and not rundir.resumes_here(ckpt_path, out_dir)
-    if clear and (removed := rundir.clear_run(out_dir)):
+    if clear and (removed := rundir.replace_run(out_dir)):
         log.info("overwrite=true: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
 
     teacher = load_teacher(cfg.teacher, load_vae=not checks.uses_cached_latents(cfg.data))  # cached: no VAE at all
@@ -136,7 +143,7 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     module = instantiate(cfg.module)(
         teacher=teacher, student=student, loss=instantiate(cfg.loss), run_config=run_config
     )
-    datamodule = instantiate(cfg.data, tokenizer=teacher.tokenizer)
+    datamodule = build_datamodule(cfg.data, teacher.tokenizer)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     # a resumed run continues metrics.csv: Lightning's writer would delete it, and CSVLogger takes no writer argument
     if ckpt_path is not None:
@@ -144,7 +151,8 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
             if isinstance(logger, CSVLogger):
                 logger._experiment = rundir.ContinuedCSVWriter(logger.log_dir)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks.append(interrupt := StopOnInterrupt(out_dir))
+    warn_at_end(callbacks)
+    callbacks = [FinalCheckpoint(), *callbacks, interrupt := StopOnInterrupt(out_dir)]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()])
     set_accumulation(trainer, datamodule, run_config)
     if not getattr(datamodule, "val_samples", 0):
@@ -170,6 +178,24 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
 
         wandb.finish(exit_code=exit_code)  # failed or interrupted runs are marked failed; the next job starts clean
     return {**summary, **outputs(trainer, out_dir)}, trainer
+
+
+def warn_at_end(callbacks: list[pl.Callback]) -> None:
+    """A side job failing as training ends (a logger's upload of the last samples, ...) is a warning, not a failed
+    run: the final checkpoint is written before (:class:`FinalCheckpoint`). The checkpoint and export are no side job."""
+    for callback in callbacks:
+        if not isinstance(callback, (ModelCheckpoint, ExportPipeline)):
+            callback.on_train_end = _warning_on_failure(callback.on_train_end, type(callback).__name__)
+
+
+def _warning_on_failure(hook, name: str):
+    def on_train_end(trainer, module) -> None:
+        try:
+            hook(trainer, module)
+        except Exception as err:  # noqa: BLE001 - the trained weights are saved; say what did not work
+            log.warning("%s failed at the end of training (the checkpoint is saved): %s", name, redact_text(err))
+
+    return on_train_end
 
 
 def set_accumulation(trainer: pl.Trainer, datamodule, run_config: dict | None = None) -> None:

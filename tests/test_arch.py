@@ -151,6 +151,25 @@ def test_bad_keep_pattern_stops_train_before_loading(compose_train, capsys, monk
     assert err.startswith("bksdm_lab.train: error: arch.keep.up.2=[0, 1]: student up_blocks.2.resnets.1 cannot copy")
 
 
+def test_a_resume_compares_the_student_a_keep_pattern_derives_not_its_spelling(compose_train, tmp_path):
+    """base's pattern given by its down stages (up derived) resumes a run of it given by its up stages (down derived);
+    one layer off is another student."""
+    import torch
+
+    from bksdm_lab.distill.checks import check_resume
+
+    ckpt = tmp_path / "keep.ckpt"
+    saved = {"down": None, "up": [[0, 2], [0, 2], [0, 2], [0, 2]], "mid": True}
+    torch.save(
+        {"state_dict": {}, "global_step": 2, "bksdm": {"config": {"arch": {"name": "keep", "keep": saved}}}}, ckpt
+    )
+    same = compose_train("experiment=demo", "arch=keep", "arch.keep.down=[[0],[0],[0],[0]]")
+    assert check_resume(same, ckpt) == []
+    other = compose_train("experiment=demo", "arch=keep", "arch.keep.up=[[0,2],[0,2],[0,2],[0,1]]")
+    (line,) = check_resume(other, ckpt)
+    assert line.startswith(f"ckpt_path='{ckpt}' holds a student of the keep pattern arch.keep={saved}")
+
+
 @pytest.mark.parametrize(
     ("overrides", "params"),
     [

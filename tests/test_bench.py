@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import CONF, PYTHON, subprocess_env
+from conftest import CONF, PYTHON, run_app, subprocess_env
 
 from bksdm_lab.bench import bench
 
@@ -73,6 +73,15 @@ def test_bench_bad_values_are_one_line_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"^loss: the plain loop writes the paper's loss"):
         bench(compose(['train=["loss.terms.feat_kd.normalize=teacher"]', f"out={tmp_path / 'run'}"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_bad_threads_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from bksdm_lab.bench import main
+
+    code, _, err = run_app(main, ["threads=-1", "gen_batch=[]", f"out={tmp_path / 'run'}"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == "bksdm_lab.bench: error: threads=-1 must be null (torch's default) or an integer >= 1"
+    assert not (tmp_path / "run" / "results.json").exists()
 
 
 def test_random_teacher_has_the_real_shapes_and_needs_no_download():

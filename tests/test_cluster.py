@@ -125,8 +125,9 @@ def test_held_out_problems_are_refused_before_loading(compose_run, tmp_path):
     (problem,) = checks.check_data(cfg)
     assert "has 4 samples, fewer than one micro-batch (data.batch_size=8)" in problem
     web = compose_run(tmp_path / "run", "data=webdataset", "data.shards=x.tar", "hparams_search=kd_weights")
-    (problem,) = checks.check_data(web)  # held-out samples (8 here, the preset's 16 otherwise): a stream has none
-    assert problem.startswith("data.val_samples=8: bksdm_lab.data.webdataset.WebDatasetDataModule streams")
+    missing, held_out = checks.check_data(web)  # held-out samples (8 here, the preset's 16 otherwise): none in a stream
+    assert missing == "data.shards: 1 of the 1 shards do not exist, e.g. ['x.tar']"
+    assert held_out.startswith("data.val_samples=8: bksdm_lab.data.webdataset.WebDatasetDataModule streams")
     assert checks.check_values(compose_run(tmp_path / "run", "data.val_samples=-2")) == [
         "data.val_samples=-2 must be an integer >= 0 (0: no held-out set)"
     ]

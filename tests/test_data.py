@@ -7,14 +7,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import PYTHON, subprocess_env
 from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.data.common import DataError, ResumableSampler, collate
 from bksdm_lab.data.folder import FolderDataModule, ImageCaptionFolder, read_metadata
 from bksdm_lab.data.synthetic import make_synthetic_dataset
+from bksdm_lab.distill.callbacks import DataQuality
 from bksdm_lab.models.demo import byte_level_tokenizer
 
 GOOD = 36
@@ -255,3 +258,101 @@ def test_sample_indices_stay_on_the_host_when_a_batch_moves():
     batch = {"pixel_values": torch.zeros(2, 3, 8, 8), "index": torch.tensor([3, 7])}
     moved = CaptionDataModule(tokenizer=None, resolution=8, batch_size=2).transfer_batch_to_device(batch, "meta", 0)
     assert moved["index"] is batch["index"] and moved["pixel_values"].device.type == "meta"
+
+
+# ---- samples come from inside data.root ---------------------------------------------------------------------------
+@pytest.fixture()
+def reaching_out(tmp_path):
+    """A folder whose metadata names 4 images inside it (one through a symlink that stays inside) and 3 outside it:
+    `../`, an absolute path, and a symlink out."""
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    for i in range(3):
+        _jpeg(root / f"in{i}.jpg")
+    _jpeg(elsewhere / "secret.jpg")
+    (root / "inner_link.jpg").symlink_to(root / "in0.jpg")
+    (root / "outer_link.jpg").symlink_to(elsewhere / "secret.jpg")
+    names = ["in0.jpg", "in1.jpg", "../elsewhere/secret.jpg", "in2.jpg", str(elsewhere / "secret.jpg")]
+    names += ["outer_link.jpg", "inner_link.jpg"]
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a shape"}) + "\n" for n in names))
+    return root
+
+
+def test_entries_outside_the_root_are_skipped_and_counted(reaching_out, caplog):
+    ds = ImageCaptionFolder(reaching_out, byte_level_tokenizer(), resolution=64)
+    with caplog.at_level("WARNING"):
+        batch, skipped, _ = counts(ds)
+    assert skipped == {"outside": 3} and batch["index"].tolist() == [0, 1, 3, 6]
+    assert "../elsewhere/secret.jpg is " in caplog.text and "outside data.root" in caplog.text
+    opted_out = ImageCaptionFolder(reaching_out, byte_level_tokenizer(), resolution=64, allow_outside_root=True)
+    assert counts(opted_out)[1] == {}
+
+
+def test_a_folder_whose_entries_all_lie_outside_is_refused_before_loading(reaching_out, compose_train):
+    from bksdm_lab.distill.checks import check_data
+
+    def problems(*overrides):
+        data = [f"data.root={reaching_out}", "~data.synthetic", "data.batch_size=1"]
+        return check_data(compose_train("experiment=demo", *data, *overrides))
+
+    assert problems() == []  # some entries lie inside: those outside are skipped and counted when read
+    lines = (reaching_out / "metadata.jsonl").read_text().splitlines()
+    (reaching_out / "metadata.jsonl").write_text("\n".join(lines[2:3] + lines[4:6]) + "\n")
+    (problem,) = problems()
+    assert "every entry of its metadata resolves outside it" in problem and "data.allow_outside_root=true" in problem
+    assert problems("data.allow_outside_root=true") == []
+
+
+# ---- the data position and the bad-sample counts across a resume, through Lightning's checkpoint ------------------
+class Recorder(pl.LightningModule):
+    """The smallest module that trains: one weight; it records the sample indices it trained on."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.seen = torch.nn.Parameter(torch.zeros(1)), []
+
+    def training_step(self, batch, batch_idx):
+        self.seen += batch["index"].tolist() if "index" in batch else []
+        return (self.weight - 1).pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit_in_two(make_datamodule, stop: int, steps: int, folder) -> tuple[tuple, tuple]:
+    """(samples, DataQuality counts) of a run of ``steps`` optimizer steps, and of one stopped at ``stop`` (its last
+    checkpoint) and resumed to ``steps``."""
+
+    def fit(max_steps, name, ckpt_path=None):
+        module, quality = Recorder(), DataQuality()
+        save = ModelCheckpoint(dirpath=folder / name, save_last=True, every_n_train_steps=1)
+        trainer = pl.Trainer(
+            max_steps=max_steps,
+            max_epochs=4,  # a data position that never advances ends, and fails, instead of looping on
+            accelerator="cpu",
+            logger=False,
+            callbacks=[quality, save],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            default_root_dir=folder,
+        )
+        trainer.fit(module, datamodule=make_datamodule(), ckpt_path=ckpt_path)
+        return module.seen, quality.counts
+
+    whole = fit(steps, "whole")
+    first, _ = fit(stop, "first")
+    rest, counts = fit(steps, "rest", ckpt_path=folder / "first" / "last.ckpt")
+    return whole, (first + rest, counts)
+
+
+def test_a_resumed_folder_run_continues_at_the_next_sample_and_keeps_counting(bad_folder, tmp_path):
+    """48 samples (6 unusable) in micro-batches of 4: 12 steps an epoch; stopped at 5, resumed to 15 (into epoch 1)."""
+
+    def make():
+        return FolderDataModule(bad_folder, byte_level_tokenizer(), 64, batch_size=4, max_pixels=10_000)
+
+    (whole, whole_counts), (resumed, resumed_counts) = fit_in_two(make, 5, 15, tmp_path)
+    assert whole_counts["seen"] == 60 and whole_counts["skipped_corrupt"] >= 2
+    assert resumed == whole and resumed_counts == whole_counts

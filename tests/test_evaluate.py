@@ -4,6 +4,8 @@ import contextlib
 import csv
 import io
 import json
+import pickle
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from test_generate import compose
 from bksdm_lab import evaluate as app
 from bksdm_lab.evaluation import evaluate as ev
 from bksdm_lab.evaluation import metrics
+from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.callback import EvalCallback
 from bksdm_lab.evaluation.paper import paper_model
 
@@ -70,10 +73,44 @@ def test_stats_npz(ref_stats, demo_data_dir):
     with np.load(ref_stats) as data:
         assert sorted(data.files) == ["mu", "n", "sigma"] and int(data["n"]) == 32
         assert data["mu"].shape == (32,) and data["sigma"].shape == (32, 32)
-    stats = ev.compute_stats(demo_data_dir, metrics.demo_extractor(), resize=256)
+    stats, _ = ev.compute_stats(demo_data_dir, metrics.demo_extractor(), resize=256)
     mu, sigma = metrics.load_stats(ref_stats)
     np.testing.assert_allclose(mu, stats.mu, rtol=1e-6)
     np.testing.assert_allclose(sigma, stats.sigma, rtol=1e-5, atol=1e-9)
+
+
+def test_stats_skip_count_and_name_unusable_images(demo_data_dir, tmp_path, capsys, monkeypatch):
+    """`evaluate stats` skips files that are no usable image (as training does): counted and named, and the
+    statistics are those of the usable images; with none usable, one line and exit 2."""
+    images, usable = tmp_path / "images", tmp_path / "usable"
+    usable.mkdir()
+    for path in sorted(demo_data_dir.glob("*.jpg"))[:4]:
+        shutil.copy(path, usable)
+    shutil.copytree(usable, images)
+    (images / "zz_text.jpg").write_text("not an image")
+    whole = (usable / "00000.jpg").read_bytes()
+    (images / "zz_cut.jpg").write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "stats.npz"
+    args = ["stats", f"images={images}", f"out={out}", TINY[0], "progress=false", f"hydra.run.dir={tmp_path / 'h'}"]
+    stdout = run_in_process(args, capsys, monkeypatch)
+    assert "skipped 2 unusable image file(s): " in stdout and "zz_cut.jpg" in stdout and "zz_text.jpg" in stdout
+    assert f"wrote {out} (4 images, 32-d features, feature extractor demo; 2 unusable skipped)" in stdout
+    expected, skipped = ev.compute_stats(usable, metrics.demo_extractor(), resize=256)
+    assert skipped == [] and np.array_equal(metrics.FeatureStats.load(out).mu, expected.mu)
+
+    for path in usable.iterdir():
+        path.write_bytes(b"")
+    args[1:3] = [f"images={usable}", f"out={tmp_path / 'none.npz'}"]
+    code, _, err = run_app(app.main, args, capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert f"error: statistics need at least 2 usable images under images={usable}, found 0 (4 unusable skipped)" in err
+    assert not (tmp_path / "none.npz").exists()
+
+    (tmp_path / "a_file").write_text("")
+    args[1:3] = [f"images={images}", f"out={tmp_path / 'a_file' / 'stats.npz'}", "batch_size=0"]
+    code, stdout, err = run_app(app.main, args, capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err and "skipping" not in stdout  # before any image is read
+    assert "error: batch_size=0 is not a whole number >= 1" in err and f"cannot write in {tmp_path / 'a_file'}" in err
 
 
 def test_evaluate_cli_end_to_end_then_resume(exported, demo_data_dir, ref_stats, tmp_path, capsys, monkeypatch):
@@ -232,6 +269,10 @@ def test_eval_callback_logs_fid_and_clip_score(exported, demo_teacher_dir, demo_
 
     settings = json.loads((tmp_path / "step000002" / "generation.json").read_text())["settings"]
     assert settings["steps"] == 2 and settings["guidance"] == 7.5 and settings["seed_mode"] == "per-prompt"
+    # a resumed run at step 3 again, with other weights: they are evaluated, not the images already there
+    with torch.no_grad():
+        next(student.parameters()).add_(1.0)
+    assert callback.evaluate_now(trainer, module)["eval/fid"] != pytest.approx(logger.logged[1][1]["eval/fid"])
 
     bad = EvalCallback(prompts=["x"], feature_extractor="resnet")
     with pytest.raises(ValueError, match="unknown feature extractor"):
@@ -310,9 +351,15 @@ def test_reference_statistics_are_checked_before_any_image_is_generated(exported
     """Issue 12, point 10: statistics of another feature width (e.g. Inception's 2048-d against the demo extractor's
     32-d) or a file that is no FID statistics fail in one line, exit 2, before the first image."""
     wide = metrics.save_stats(tmp_path / "inception.npz", np.zeros(2048), np.eye(2048))
-    other = tmp_path / "other.npz"
+    other, pickled = tmp_path / "other.npz", tmp_path / "pickled.npz"
     np.savez(other, a=np.zeros(3))
-    for ref, message in ((wide, "holds 2048-d features but feature_extractor=demo gives 32-d ones"), (other, "no mu")):
+    pickled.write_bytes(pickle.dumps({"mu": np.zeros(32), "sigma": np.eye(32)}))
+    not_stats = f"{pickled} is not a statistics file written by `python -m bksdm_lab.evaluate stats`"
+    for ref, message in (
+        (wide, "holds 2048-d features but feature_extractor=demo gives 32-d ones"),
+        (other, "no mu"),
+        (pickled, not_stats),
+    ):
         out = tmp_path / f"out_{ref.stem}"
         args = [f"pipeline={exported}", "prompt=a red circle", f"ref_stats={ref}", f"out={out}", *TINY]
         with pytest.raises(SystemExit) as exc:
@@ -320,6 +367,7 @@ def test_reference_statistics_are_checked_before_any_image_is_generated(exported
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert "bksdm_lab.evaluate: error: ref_stats=" in err and message in err and "Traceback" not in err
+        assert "allow_pickle" not in err  # no advice to load it unsafely
         assert not (out / "images").exists()  # failed before generating
 
 
@@ -415,3 +463,58 @@ def test_two_processes_split_the_prompts_and_rank_0_scores(exported, demo_data_d
     assert generation["world_size"] == 2 and generation["generated"] == 4 and len(generation["ranks"]) == 2
     assert [r["generated"] for r in generation["ranks"]] == [2, 2] and generation["images_per_s"] > 0
     assert (out / "grid.png").is_file()
+
+
+def test_a_resume_refuses_the_images_of_a_model_retrained_at_the_same_path(exported, tmp_path):
+    """out= keeps a fingerprint of the U-Net's weights (sha256): the same pipeline resumes (nothing generated); the
+    pipeline retrained at the same path is refused in one line, its images never scored with the old ones."""
+    from diffusers import UNet2DConditionModel
+
+    pipe_dir = tmp_path / "pipeline"
+    shutil.copytree(exported, pipe_dir)
+    args = [f"pipeline={pipe_dir}", "prompt=[a red circle,a green square]", "sampling.steps=1"]
+    args += ["sampling.resolution=64", "grid=0", "progress=false", f"out={tmp_path / 'eval'}", *TINY]
+    first = app.run_evaluation(compose("evaluate", args))
+    assert app.run_evaluation(compose("evaluate", args))["generation"]["generated"] == 0
+
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir / "unet")
+    with torch.no_grad():
+        next(unet.parameters()).add_(0.1)
+    unet.save_pretrained(pipe_dir / "unet")  # retrained, at the same path
+    refused = r"holds images generated with other settings \(unet_sha256: '[0-9a-f]{64}' on disk vs '[0-9a-f]{64}' now"
+    with pytest.raises(gen.GenerationError, match=refused + r"\); use another out="):
+        app.run_evaluation(compose("evaluate", args))
+    assert len(first["generation"]["unet_sha256"]) == 64  # the fingerprint is in results.json
+
+
+def test_bad_sampling_and_scoring_values_fail_in_one_line_each_before_loading(tmp_path, capsys):
+    """Every bad value at once, one line each naming the key and the allowed values, exit 2, before any model."""
+    args = [f"pipeline={tmp_path / 'missing'}", "prompt=x", f"out={tmp_path / 'o'}", *TINY]
+    bad = ["sampling.steps=0", "sampling.guidance=-1", "sampling.resolution=100", "is_splits=0", "eval_batch_size=0"]
+    with pytest.raises(SystemExit) as exc:
+        app.evaluate_app(compose("evaluate", args + bad))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "does not exist" not in err  # the values come first
+    for line in (
+        "bksdm_lab.evaluate: error: sampling.steps=0 is not a whole number >= 1",
+        "sampling.guidance=-1 is not a number >= 1 (1: no classifier-free guidance)",
+        "sampling.resolution=100 is not null (the model's) or a whole number >= 8 divisible by 8",
+        "is_splits=0 is not a whole number >= 1",
+        "eval_batch_size=0 is not a whole number >= 1",
+    ):
+        assert line in err.splitlines(), line
+
+
+def test_train_checks_the_sampling_of_its_sample_callback_before_loading(compose_train):
+    """The run's sampling group and the sample callback's own values (callbacks.samples.*), in the train command's
+    input check, before any model loads."""
+    from bksdm_lab.train import InputError, check_inputs
+
+    cfg = compose_train("experiment=demo", "sampling.steps=0", "+callbacks.samples.guidance_scale=0.5")
+    with pytest.raises(InputError) as err:
+        check_inputs(cfg, None, probe_teacher_models=False)
+    lines = str(err.value).splitlines()
+    assert "sampling.steps=0 is not a whole number >= 1" in lines
+    assert "callbacks.samples.guidance_scale=0.5 is not a number >= 1 (1: no classifier-free guidance)" in lines
+    assert not any("num_inference_steps" in line for line in lines)  # the demo's own 10 steps are fine

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import PYTHON, subprocess_env, train_in_process
+from conftest import PYTHON, arch_cfg, subprocess_env, train_in_process
 from safetensors.torch import load_file
 
 from bksdm_lab.common.checkpoint import read_checkpoint
@@ -31,21 +31,25 @@ def run_cli(args, cache_dir, cwd, check=True):
     return proc
 
 
+RUN = (
+    "experiment=demo",
+    "data.batch_size=4",
+    "data.global_batch_size=16",  # it decides the accumulation: 4
+    "trainer.accumulate_grad_batches=null",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.samples.prompts=[]",
+    "callbacks.ema.decay=0.5",
+    "logger=csv",
+)
+
+
 @pytest.fixture(scope="module")
 def run_dir(cache_dir, tmp_path_factory) -> Path:
     """A real 4-step demo run (in-process) with EMA (decay 0.5, so the EMA and the raw student differ) and
-    checkpoints."""
+    checkpoints: 2 steps, then resumed for 2 more with another feature-KD weight."""
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    train_in_process(
-        cache_dir,
-        run_dir,
-        "experiment=demo",
-        "trainer.max_steps=4",
-        "callbacks.checkpoint.every_n_train_steps=2",
-        "callbacks.samples.prompts=[]",
-        "callbacks.ema.decay=0.5",
-        "logger=csv",
-    )
+    train_in_process(cache_dir, run_dir, *RUN, "trainer.max_steps=2")
+    train_in_process(cache_dir, run_dir, *RUN, "trainer.max_steps=4", "loss.weights.feat_kd=0.5", "ckpt_path=last")
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     return run_dir
 
@@ -162,13 +166,17 @@ def test_model_card(ema_export, ckpt):
     assert "2305.15798" in card and "BK-SDM-Tiny" in card
     assert "`down_blocks.3`: the whole stage" in card and "`mid_block`: removed" in card
     assert "Steps: 4 optimizer steps" in card
-    assert "Batch: 8 per device x 2 accumulation = 16" in card
-    assert "Loss weights: task 1, out_kd 1, feat_kd 1" in card
+    assert "Batch: 4 per device x 4 accumulation = 16" in card  # the accumulation data.global_batch_size decided
+    assert "Loss weights: task 1, out_kd 1, feat_kd 0.5" in card  # the last options, and before them:
+    assert "- Resumed at step 2: loss.weights.feat_kd 1 -> 0.5; trainer.max_steps 2 -> 4\n" in card
     assert "exponential moving average of the student (decay 0.5)" in card
     assert "CreativeML OpenRAIL-M" in card and "https://huggingface.co/spaces/CompVis/stable-diffusion-license" in card
     assert "same use restrictions" in card and "You are responsible" in card
     assert 'StableDiffusionPipeline.from_pretrained("' in card
-    assert ckpt["bksdm"]["config"]["data"]["root"] in card
+    assert "- Data: `<local>/data`" in card and "- Teacher: tiny SD-v1 (demo) (`<local>/teacher`)" in card
+    local = {"~/", str(Path.home()), ckpt["bksdm"]["config"]["data"]["root"], str(folder.parent.parent.parent)}
+    assert [path for path in local if path in card] == []  # a card is shared: no local path on it
+    assert "No safety checker is included" in card  # the demo teacher has none
 
 
 def test_model_card_base_model_is_a_hub_teacher():
@@ -186,6 +194,8 @@ def test_model_card_base_model_is_a_hub_teacher():
     card = export.model_card(info)
     assert front_matter(card)["base_model"] == "CompVis/stable-diffusion-v1-4"
     assert "64 per device x 4 accumulation x 2 devices = 512" in card
+    auto = export.model_card({**info, "devices": None, "global_batch_size": 512})  # devices=auto: the global batch
+    assert "64 per device x 4 accumulation x 2 ranks = 512" in auto
     assert 'from_pretrained("me/bk-sdm-small"' in card and "height=512, width=512" in card
 
 
@@ -308,3 +318,53 @@ def test_checkpoint_of_another_arch_is_named(ckpt, tmp_path, capsys):
     torch.save(data, path)
     err = main_error([path], capsys)
     assert "do not fit a 'small' student" in err and "missing" in err
+
+
+# ---- the teacher's safety checker ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def teacher_with_safety_checker(demo_teacher_dir, tmp_path_factory) -> Path:
+    """The demo teacher's folder with a tiny real safety checker and its feature extractor, as SD-v1.4 ships them."""
+    import json
+    import shutil
+
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    folder = tmp_path_factory.mktemp("checked") / "teacher"
+    shutil.copytree(demo_teacher_dir, folder)
+    tiny = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 32, "patch_size": 16}, projection_dim=8)
+    torch.manual_seed(0)
+    StableDiffusionSafetyChecker(config).save_pretrained(folder / "safety_checker")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder / "feature_extractor"
+    )
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"])
+    index.update(feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept", "dropped"])
+def test_the_export_keeps_the_teachers_safety_checker_unless_asked(teacher_with_safety_checker, tmp_path, keep):
+    from diffusers import StableDiffusionPipeline
+    from omegaconf import OmegaConf
+
+    from bksdm_lab.models.students import init_student_from_teacher
+    from bksdm_lab.models.teachers import load_teacher
+
+    teacher = load_teacher(OmegaConf.create({"name": "checked", "pretrained": str(teacher_with_safety_checker)}))
+    student = init_student_from_teacher(teacher.unet, arch_cfg("tiny"))
+    out = export.export_pipeline(teacher, student, tmp_path / "out", card={}, safety_checker=keep)
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    card = (out / "README.md").read_text()
+    if keep:
+        shipped = load_file(teacher_with_safety_checker / "safety_checker" / "model.safetensors")
+        assert_same_tensors(load_file(out / "safety_checker" / "model.safetensors"), shipped)
+        assert pipe.safety_checker is not None and pipe.feature_extractor.crop_size == {"height": 32, "width": 32}
+        assert pipe.config.requires_safety_checker is True
+        assert "The teacher's safety checker and its feature extractor are included" in card
+    else:
+        assert pipe.safety_checker is None and pipe.feature_extractor is None
+        assert not (out / "safety_checker").exists() and "No safety checker is included" in card

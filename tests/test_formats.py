@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, subprocess_env
+from conftest import PYTHON, run_app, subprocess_env
 from PIL import Image
 
 from bksdm_lab.common.checkpoint import read_checkpoint
@@ -190,6 +190,74 @@ def test_broken_shards_are_counted_not_fatal(shard_dir, tmp_path):
     assert batch["index"] == sorted(batch["index"])  # shuffle_buffer=1: shard order
 
 
+def cut_shards(root):
+    """Shard 00000 (6 samples of .jpg + .txt, written by tarfile) ended early in every way a shard can end early,
+    as ``{name: (path, samples complete before the cut)}``; ``whole`` is the intact shard."""
+    buf, starts = io.BytesIO(), []  # the offset of each member's header
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(PER_SHARD):
+            for ext, data in (("jpg", _jpeg(i)), ("txt", f"a picture number {i}".encode())):
+                starts.append(buf.tell())
+                _add(tar, f"{i:04d}.{ext}", data)
+        end = buf.tell()  # where the end-of-archive blocks start
+    whole, third = buf.getvalue(), starts[6]  # member 6: the third sample's image
+    cuts = {
+        "whole": (whole, PER_SHARD),
+        "mid_header": (whole[: third + 100], 3),
+        "mid_member": (whole[: third + 512 + 300], 3),
+        "at_a_header_without_end_blocks": (whole[:third], 3),
+        "without_end_blocks": (whole[:end], PER_SHARD),
+        "zero_length": (b"", 0),
+        "garbage": (np.random.default_rng(0).bytes(4000), 0),
+        "garbage_for_a_header": (whole[:third] + np.random.default_rng(1).bytes(2000), 3),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (data, _) in cuts.items():
+        (root / f"{name}.tar").write_bytes(data)
+    return {name: (root / f"{name}.tar", good) for name, (_, good) in cuts.items()}
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        "whole",
+        "mid_header",
+        "mid_member",
+        "at_a_header_without_end_blocks",
+        "without_end_blocks",
+        "zero_length",
+        "garbage",
+        "garbage_for_a_header",
+    ],
+)
+def test_a_shard_that_ends_early_is_logged_and_counted(tmp_path, caplog, cut):
+    """Every sample complete before the cut is trained on; the cut is one skipped sample, logged with the shard."""
+    path, good = cut_shards(tmp_path)[cut]
+    dm = WebDatasetDataModule(str(path), byte_level_tokenizer(), RES, batch_size=64, shuffle_buffer=1)
+    with caplog.at_level("ERROR"):
+        (batch,) = run_epoch(attach(dm))
+    broken = cut != "whole"
+    assert len(batch["index"]) == good
+    assert batch["skipped"] == {**dict.fromkeys(batch["skipped"], 0), "corrupt": int(broken)}
+    assert batch["n"] == good + broken
+    assert (f"shard {path} is broken after {good} samples" in caplog.text) == broken
+
+
+def test_a_resumed_webdataset_run_continues_at_the_next_sample_and_keeps_counting(shard_dir, tmp_path):
+    """4 shards + one cut mid-header (28 samples, 3 unusable) over 2 workers in micro-batches of 2: stopped at step
+    3, resumed to 12, through Lightning's checkpoint (the data position and the DataQuality counts)."""
+    from test_data import fit_in_two
+
+    shards = [str(shard_dir / f"{s:05d}.tar") for s in range(SHARDS)] + [str(cut_shards(tmp_path)["mid_header"][0])]
+
+    def make():
+        return WebDatasetDataModule(shards, byte_level_tokenizer(), RES, batch_size=2, num_workers=2, shuffle_buffer=4)
+
+    (whole, whole_counts), (resumed, resumed_counts) = fit_in_two(make, 3, 12, tmp_path)
+    assert whole_counts["seen"] == 24 and len(whole) == 24 - sum(v for k, v in whole_counts.items() if "skipped" in k)
+    assert resumed == whole and resumed_counts == whole_counts
+
+
 @pytest.fixture()
 def http_root(shard_dir):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shard_dir))
@@ -207,6 +275,38 @@ def test_webdataset_streams_shards_over_http(http_root):
     batches = run_epoch(attach(dm))
     assert sum(len(b["index"]) for b in batches) == GOOD
     assert sum(b["skipped"]["missing"] for b in batches) == 1  # the 404 shard: logged, counted, not fatal
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (
+            ["data=webdataset", "data.shards='/nonexistent/{000..003}.tar'"],
+            "data.shards: 4 of the 4 shards do not exist",
+        ),
+        (["data=webdataset", "data.shards=/nonexistent/*.tar"], "data.shards='/nonexistent/*.tar' matches no shard"),
+        (["data=hf", "data.path=/nonexistent/set"], "data.path='/nonexistent/set' does not exist"),
+        (["data=hf", "data.path=EMPTY"], "is an empty folder: no saved dataset or data files in it"),
+    ],
+)
+def test_data_module_errors_are_one_line_before_the_teacher_loads(
+    data, line, tmp_path, cache_dir, demo_teacher_dir, capsys, monkeypatch, no_hydra_state_left
+):
+    """`python -m bksdm_lab.train experiment=demo <data>` in-process: exit 2, one line, and no teacher loaded."""
+    from bksdm_lab import train as train_app
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
+    monkeypatch.setattr(train_app, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    argv = [
+        "experiment=demo",
+        *(a.replace("EMPTY", str(tmp_path / "empty")) for a in data),
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    code, _, err = run_app(train_app.main, argv, capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err, err
+    (error,) = [row for row in err.splitlines() if row.startswith("bksdm_lab.train: error:")]
+    assert line in error
 
 
 # ---- Hugging Face datasets ------------------------------------------------------------------------
@@ -264,7 +364,7 @@ def test_hf_load_dataset_path_and_exactly_once_sharding(hf_dir, tmp_path, monkey
             loader.sampler.set_epoch(epoch)
             seen += [i for b in run_epoch(loader) for i in b["index"]]
         assert sorted(seen) == [i for i in range(TOTAL) if i not in (7, 13)], epoch
-    with pytest.raises(DataError, match="cannot load data.path"):
+    with pytest.raises(DataError, match=r"data.path=.*nothing_here. does not exist"):
         HFDataModule(str(tmp_path / "nothing_here"), byte_level_tokenizer(), RES, batch_size=2)
 
 

@@ -154,6 +154,12 @@ def test_resume_refuses_other_settings_or_prompts(pndm, tmp_path):
     assert (more.generated, more.skipped) == (2, 2)
 
 
+def test_generate_images_checks_the_sampling_values_too(pndm, tmp_path):
+    with pytest.raises(gen.GenerationError, match=r"^sampling.steps=0 is not a whole number >= 1\nsampling.guidance"):
+        gen.generate_images(pndm, PROMPTS[:1], tmp_path / "run", **{**FAST, "steps": 0, "guidance": -1})
+    assert not (tmp_path / "run").exists()
+
+
 def test_teacher_plus_student_unet_source(exported, demo_teacher_dir):
     pipe, name = gen.load_pipeline(teacher=str(demo_teacher_dir), unet=str(exported), device="cpu")
     assert f"+ unet {exported}" in name
@@ -439,6 +445,10 @@ def test_torch_compile_of_the_unet_changes_nothing(exported, pndm, tmp_path, mon
         ("sampling.batch_size=big", "sampling.batch_size='big' is not one of: auto, a whole number >= 1"),
         ("sampling.compile=true sampling.compile_backend=nope", "sampling.compile_backend='nope' is not one of ["),
         ("sampling.compile=yes", "sampling.compile='yes' is not one of [true, false]"),
+        ("sampling.steps=0", "sampling.steps=0 is not a whole number >= 1"),
+        ("sampling.guidance=0.5", "sampling.guidance=0.5 is not a number >= 1 (1: no classifier-free guidance)"),
+        ("sampling.seed=1.5", "sampling.seed=1.5 is not a whole number from 0 to 2**63 - 1"),
+        ("grid=-1", "grid=-1 is not a whole number >= 0"),
     ],
 )
 def test_wrong_speed_settings_fail_in_one_line_before_loading(tmp_path, capsys, override, message):

@@ -456,6 +456,18 @@ def test_layer_weights_by_student_module_override():
             ["loss=bksdm_attn", "++arch.self_attention_pairs=[[a,b,c]]"],
             "loss.terms.attn_kd.self_attention_pairs.0=['a', 'b', 'c'] must be a [teacher module, student module] pair",
         ),
+        (
+            ["loss.terms.feat_kd.pairs=[[down_blocks.0,down_blocks.0],[up_blocks.3,up_blocks.3]]"],
+            "loss.terms.feat_kd.pairs.1: the student U-Net has no module 'up_blocks.3'; the names there: "
+            "up_blocks.0, up_blocks.1, up_blocks.2",
+        ),
+        (
+            ["loss=bksdm_attn", "++arch.self_attention_pairs=[[down_blocks.0.attentions.0.attn1,up_blocks.1]]"],
+            "loss.terms.attn_kd.self_attention_pairs.0: the teacher U-Net has no module "
+            "'down_blocks.0.attentions.0.attn1'; the names there: down_blocks.0.attentions.0.norm, "
+            "down_blocks.0.attentions.0.proj_in, down_blocks.0.attentions.0.transformer_blocks, "
+            "down_blocks.0.attentions.0.proj_out",
+        ),
     ],
     ids=[
         "normalize",
@@ -466,6 +478,8 @@ def test_layer_weights_by_student_module_override():
         "layer_weights-negative",
         "no-attention-pairs",
         "bad-pair",
+        "no-such-student-module",
+        "no-such-teacher-module",
     ],
 )
 def test_a_wrong_option_is_one_line_naming_the_key_and_the_allowed_values(overrides, line):

@@ -187,6 +187,26 @@ def test_reference_stats_from_an_npz_give_the_fid_of_the_real_images(extractor, 
         metrics.FeatureStats.load(tmp_path / "none.npz")
 
 
+def test_a_file_that_is_no_statistics_npz_is_named_in_one_line_never_with_unsafe_advice(tmp_path):
+    """Read with allow_pickle=False: a pickle, a text file, a bare array, object arrays, an empty file (all named
+    .npz) are each "not a statistics file", and no message suggests loading them unsafely (numpy's would)."""
+    import pickle
+
+    files = {"pickled": pickle.dumps({"mu": [0.0], "sigma": [[1.0]]}), "text": b"mu sigma\n", "empty": b""}
+    for name, data in files.items():
+        (tmp_path / f"{name}.npz").write_bytes(data)
+    with (tmp_path / "array.npz").open("wb") as f:
+        np.save(f, np.zeros(3))
+    np.savez(tmp_path / "objects.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(1))
+    for name in (*files, "array", "objects"):
+        path = tmp_path / f"{name}.npz"
+        with pytest.raises(ValueError) as err:
+            metrics.FeatureStats.load(path)
+        assert str(err.value) == (
+            f"{path} is not a statistics file written by `python -m bksdm_lab.evaluate stats` (an .npz of mu and sigma)"
+        ), name
+
+
 # ---- KID ---------------------------------------------------------------------------------------------------
 def test_kid_of_a_set_against_itself_is_about_zero(extractor, images):
     real, fake = images
@@ -248,8 +268,8 @@ def test_score_images_and_compute_stats(extractor, images, tmp_path):
             Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
     fake_paths = sorted(fake_dir.glob("*.png"))
 
-    stats = compute_stats(real_dir, extractor, resize=None, batch_size=16)
-    assert stats.n == 40 and stats.mu.shape == (32,)
+    stats, skipped = compute_stats(real_dir, extractor, resize=None, batch_size=16)
+    assert stats.n == 40 and stats.mu.shape == (32,) and skipped == []
     with_real = score_images(fake_paths, feature_extractor=extractor, resize=None, batch_size=16, real_images=real_dir)
     assert with_real["kid"] is not None and with_real["is"] is not None and with_real["stats"].n == 36
     assert with_real["fid"] == pytest.approx(

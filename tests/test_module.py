@@ -1,6 +1,8 @@
 """The distillation LightningModule: what trains, what is frozen, what is checkpointed, the target."""
 
 import functools
+import json
+import logging
 
 import pytest
 import pytorch_lightning as pl
@@ -18,12 +20,18 @@ from bksdm_lab.models.students import init_student_from_teacher
 OPTIMIZER = functools.partial(torch.optim.AdamW, lr=1e-4)
 
 
-def make_module(teacher, arch: str = "tiny", task=None) -> DistillModule:
+def make_module(teacher, arch: str = "tiny", task=None, run_config=None) -> DistillModule:
     cfg = arch_cfg(arch)
     student = init_student_from_teacher(teacher.unet, cfg)
     terms = {"task": task or TaskLoss(), "out_kd": OutputKD(), "feat_kd": FeatureKD(cfg["feature_pairs"])}
     loss = KDLoss(terms=terms, weights=dict.fromkeys(terms, 1.0))
-    return DistillModule(teacher, student, loss, optimizer=OPTIMIZER)
+    return DistillModule(teacher, student, loss, optimizer=OPTIMIZER, run_config=run_config)
+
+
+def run_config(feat_kd: float = 1.0, **extra) -> dict:
+    """A run config as train() stores it (redacted), with the options a resume may change."""
+    weights = {"task": 1.0, "out_kd": 1.0, "feat_kd": feat_kd}
+    return {"loss": {"weights": weights}, "hub": {"token": "<redacted>"}, "ckpt_path": None, **extra}
 
 
 def make_batch(tokenizer, n: int = 2) -> dict[str, torch.Tensor]:
@@ -156,6 +164,30 @@ def test_unsupported_prediction_type_raises(teacher):
         module.compute_loss(make_batch(teacher.tokenizer))
 
 
+def test_a_teacher_of_another_prediction_type_is_one_line_before_loading(demo_teacher_dir, tmp_path, monkeypatch):
+    """The teacher's scheduler config is read first: its U-Net is never loaded."""
+    from diffusers import UNet2DConditionModel
+    from omegaconf import OmegaConf
+
+    from bksdm_lab.models import teachers
+
+    folder = tmp_path / "sample_teacher"
+    folder.mkdir()
+    for part in ("unet", "vae", "text_encoder", "tokenizer"):
+        (folder / part).symlink_to(demo_teacher_dir / part)
+    config = json.loads((demo_teacher_dir / "scheduler" / "scheduler_config.json").read_text())
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "sample"}))
+    cfg = OmegaConf.create({"name": "mine", "pretrained": str(folder)})
+    line = f"Teacher 'mine': prediction_type='sample' ({folder}/scheduler) is not supported: bksdm_lab trains "
+    line += "teachers that predict epsilon or v_prediction"
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", lambda *a, **k: pytest.fail("loaded the U-Net"))
+    for check in (teachers.probe_teacher, teachers.load_teacher):
+        with pytest.raises(teachers.TeacherLoadError) as err:
+            check(cfg)
+        assert str(err.value) == line
+
+
 def test_latents_are_scaled_vae_samples(teacher):
     module = make_module(teacher)
     batch = make_batch(teacher.tokenizer)
@@ -238,11 +270,11 @@ def _trainer(tmp_path, max_steps: int) -> pl.Trainer:
     )
 
 
-def test_checkpoint_holds_student_only_and_resumes(teacher, demo_data_dir, tmp_path):
+def test_checkpoint_holds_student_only_and_resumes(teacher, demo_data_dir, tmp_path, caplog):
     dataset = ImageCaptionFolder(demo_data_dir, teacher.tokenizer, resolution=64, max_samples=8)
     loader = DataLoader(dataset, batch_size=2, shuffle=False)
     pl.seed_everything(0)
-    module = make_module(teacher)
+    module = make_module(teacher, run_config=run_config())
     initial = {k: v.clone() for k, v in module.student.state_dict().items()}
     trainer = _trainer(tmp_path, max_steps=2)
     trainer.fit(module, loader)
@@ -263,16 +295,83 @@ def test_checkpoint_holds_student_only_and_resumes(teacher, demo_data_dir, tmp_p
     module.teacher_taps.remove()
 
     # Resume into a fresh module (fresh student from the teacher): the step count and optimizer state carry on.
-    resumed = make_module(teacher)
+    # It changes a loss weight: warned of, recorded in the run config (and so in later checkpoints and on the card).
+    resumed = make_module(teacher, run_config=run_config(feat_kd=0.5, ckpt_path="last"))
     trainer2 = _trainer(tmp_path, max_steps=3)
-    trainer2.fit(resumed, loader, ckpt_path=str(path))
+    with caplog.at_level(logging.WARNING, logger="bksdm_lab"):
+        trainer2.fit(resumed, loader, ckpt_path=str(path))
     assert trainer2.global_step == 3
     state = trainer2.optimizers[0].state[resumed.student.conv_in.weight]
     assert int(state["step"]) == 3  # 2 restored + 1 new; a fresh optimizer would say 1
+    assert "resumed at step 2 with changed options: loss.weights.feat_kd 1.0 -> 0.5" in caplog.text
+    first_resume = {"step": 2, "changes": {"loss.weights.feat_kd": [1.0, 0.5]}}  # ckpt_path is no option
+    assert resumed.run_config["resumes"] == [first_resume]
+    trainer2.save_checkpoint(path := tmp_path / "three_steps.ckpt")
+    assert read_checkpoint(path)["bksdm"]["config"]["resumes"] == [first_resume]
     resumed.student_taps.remove()
     resumed.teacher_taps.remove()
+    again = make_module(teacher, run_config=run_config(feat_kd=0.5, optimizer={"lr": 1e-5}))
+    _trainer(tmp_path, max_steps=3).fit(again, loader, ckpt_path=str(path))  # at max_steps: loads, trains nothing
+    assert again.run_config["resumes"] == [first_resume, {"step": 3, "changes": {"optimizer.lr": ["(unset)", 1e-5]}}]
+    again.student_taps.remove()
+    again.teacher_taps.remove()
 
     # A checkpoint of another architecture is refused with a clear message.
     wrong = make_module(teacher, arch="base")
     with pytest.raises(CheckpointError, match="does not fit this run's student: it lacks 136 student tensors"):
         _trainer(tmp_path, max_steps=3).fit(wrong, loader, ckpt_path=str(path))
+
+
+# ---- the EMA the export ships -------------------------------------------------------------------
+
+
+class StudentAfterEachStep(pl.Callback):
+    """The student's parameters after each optimizer step (run before the EMA callback's update)."""
+
+    def __init__(self):
+        self.steps: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.steps.append([p.detach().clone() for p in module.student.parameters()])
+
+
+def test_ema_is_the_exact_moving_average_of_the_students_steps(teacher, tmp_path):
+    """ema_0 = the initial student; after step s: ema_s = decay * ema_(s-1) + (1 - decay) * student_s."""
+    from bksdm_lab.distill.callbacks import EMA
+
+    module = make_module(teacher)
+    initial = [p.detach().clone() for p in module.student.parameters()]
+    recorder, emas = StudentAfterEachStep(), {decay: EMA(decay=decay) for decay in (0.5, 0.9)}
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.callbacks = [recorder, *emas.values()]  # the recorder first: it sees what the EMA averages
+    batches = DataLoader([make_batch(teacher.tokenizer) for _ in range(3)], batch_size=None)
+    trainer.fit(module, batches)
+    assert len(recorder.steps) == 3
+    for decay, ema in emas.items():
+        expected = initial
+        for student in recorder.steps:
+            expected = [decay * e + (1 - decay) * p for e, p in zip(expected, student, strict=True)]
+        for got, want in zip(ema.model.parameters(), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    module.student_taps.remove()
+    module.teacher_taps.remove()
+
+
+def test_a_checkpoint_of_an_earlier_version_is_one_line_before_loading(compose_train, tmp_path):
+    """Its data position (Lightning's saved train-loader state) has no `samples`: refused, not a KeyError mid-resume."""
+    from bksdm_lab.distill.checks import check_resume
+
+    cfg = compose_train("experiment=demo", "trainer.max_steps=4")
+
+    def checkpoint(position: dict) -> str:
+        path = tmp_path / f"{'_'.join(position)}.ckpt"
+        loops = {"fit_loop": {"state_dict": {"combined_loader": [position]}}}
+        torch.save({"state_dict": {}, "global_step": 2, "bksdm": {"config": {}}, "loops": loops}, path)
+        return str(path)
+
+    assert check_resume(cfg, checkpoint({"epoch": 0, "samples": 32})) == []
+    old = checkpoint({"epoch": 0, "batches": 4})
+    assert check_resume(cfg, old) == [
+        f"ckpt_path={old!r} was written by an earlier bksdm_lab version (its data position has no samples): it cannot "
+        f"be resumed; export its student (`python -m bksdm_lab.export {old}`), or start a new run"
+    ]

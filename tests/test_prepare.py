@@ -4,13 +4,14 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 from unittest import mock
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import CONF, PYTHON, arch_cfg, subprocess_env
+from conftest import CONF, PYTHON, arch_cfg, run_app, subprocess_env
 from omegaconf import OmegaConf
 
 from bksdm_lab.data.common import collate
@@ -256,3 +257,129 @@ def test_prepare_builds_the_data_set_through_the_data_config(cache, wds_shards, 
     assert torch.equal(before["index"], after["index"]) and torch.allclose(before["mean"], after["mean"])
     assert (out / "shard-00000.pt").stat().st_mtime_ns == mtime
     assert json.loads((out / "meta.json").read_text())["complete"]
+
+    # damaged shards in the middle of the stream: encoded again from their place in it, the others untouched
+    middle = {k: torch.load(out / f"shard-0000{k}.pt", weights_only=True) for k in (1, 2)}
+    (out / "shard-00001.pt").write_bytes(b"")
+    (out / "shard-00002.pt").unlink()
+    mtimes = {k: (out / f"shard-0000{k}.pt").stat().st_mtime_ns for k in (0, 3)}
+    prepare(cfg)
+    for k, shard in middle.items():
+        again = torch.load(out / f"shard-0000{k}.pt", weights_only=True)
+        assert torch.equal(shard["index"], again["index"]) and torch.allclose(shard["mean"], again["mean"])
+    assert {k: (out / f"shard-0000{k}.pt").stat().st_mtime_ns for k in (0, 3)} == mtimes
+    assert len(LatentShards(out)) == 32
+
+
+# ---- a cache is checked against its files ---------------------------------------------------------------------------
+def damage(out):
+    """Shard 1 cut short, shard 2 deleted, shard 3 with one byte changed (its size unchanged)."""
+    (out / "shard-00001.pt").write_bytes((out / "shard-00001.pt").read_bytes()[:-100])
+    (out / "shard-00002.pt").unlink()
+    data = bytearray((out / "shard-00003.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "shard-00003.pt").write_bytes(bytes(data))
+
+
+def test_a_damaged_cache_is_refused_named_when_read_and_repaired(cache, cache_dir, compose_train, tmp_path):
+    from bksdm_lab.data.common import DataError
+    from bksdm_lab.distill.checks import check_data
+
+    out = shutil.copytree(cache[0], tmp_path / "cache")
+    before = {k: torch.load(out / f"shard-0000{k}.pt", weights_only=True) for k in (1, 2, 3)}
+    first = (out / "shard-00000.pt").stat().st_mtime_ns
+    damage(out)
+
+    cfg = compose_train("experiment=demo", "data=latents", f"data.root={out}", "data.batch_size=4")
+    (problem,) = check_data(cfg)  # before loading: the sizes (a checksum would read the whole cache)
+    assert "shard-00001.pt is " in problem and "bytes, meta.json lists" in problem
+    assert "shard-00002.pt is missing" in problem and "shard-00003" not in problem
+    assert "`python -m bksdm_lab.prepare " in problem and f"out={out}`" in problem
+
+    shards = LatentShards(out)
+    with pytest.raises(DataError, match="shard-00003.pt does not match its sha256 in meta.json"):
+        shards[24]  # rows 24..31 are shard 3's
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(shards, [25]), num_workers=1)
+    with pytest.raises(DataError) as raised:
+        next(iter(loader))  # raised in a worker: still one line
+    assert str(raised.value).startswith(f"the latent cache {out} is damaged: shard-00003.pt") and "\n" not in str(
+        raised.value
+    )
+
+    args = [a for a in cache[1] if not a.startswith("out=")] + [f"out={out}"]
+    printed = prepare_in_process(args, cache_dir)
+    assert (
+        "3 shard(s) of" in printed
+        and "(shard-00001.pt, shard-00002.pt, shard-00003.pt): encoding them again" in printed
+    )
+    assert "32 of 32 samples cached" in printed
+    assert (out / "shard-00000.pt").stat().st_mtime_ns == first  # the sound shard is not redone
+    for k, shard in before.items():
+        again = torch.load(out / f"shard-0000{k}.pt", weights_only=True)
+        assert torch.equal(again["index"], shard["index"]) and torch.equal(again["mean"], shard["mean"])
+    assert check_data(cfg) == [] and json.loads((out / "meta.json").read_text())["skipped"] == cache_skipped(cache)
+
+
+def cache_skipped(cache):
+    return json.loads((cache[0] / "meta.json").read_text())["skipped"]
+
+
+def test_a_cache_written_without_sizes_and_checksums_still_loads(cache, compose_train, tmp_path):
+    from bksdm_lab.distill.checks import check_data
+
+    out = shutil.copytree(cache[0], tmp_path / "cache")
+    meta = json.loads((out / "meta.json").read_text())
+    for entry in meta["shards"]:
+        for key in ("bytes", "sha256", "skipped"):
+            entry.pop(key, None)
+    (out / "meta.json").write_text(json.dumps(meta))
+    cfg = compose_train("experiment=demo", "data=latents", f"data.root={out}", "data.batch_size=4")
+    assert check_data(cfg) == [] and LatentShards(out)[31]["latent_mean"].shape[0] == 4
+    (out / "shard-00002.pt").unlink()
+    (problem,) = check_data(cfg)
+    assert "shard-00002.pt is missing" in problem and "python -m bksdm_lab.prepare teacher=demo" in problem
+
+
+# ---- a folder that cannot be written -------------------------------------------------------------------------------
+@pytest.fixture()
+def read_only(tmp_path):
+    """An empty folder nobody can write: mode 555, or (for root, whom modes do not stop) a read-only tmpfs."""
+    path = tmp_path / "read_only"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("running as root, and mounting a read-only folder is not allowed here")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.parametrize("where", ["", "/cache"])
+def test_prepare_into_a_folder_that_cannot_be_written_is_one_line(
+    read_only, where, cache_dir, demo_teacher_dir, capsys, monkeypatch, no_hydra_state_left
+):
+    from bksdm_lab.data.prepare import main
+
+    monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
+    code, _, err = run_app(main, ["teacher=demo", "data=demo", f"out={read_only}{where}"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert f"bksdm_lab.prepare: error: out='{read_only}{where}' cannot be written" in err
+
+
+def test_demo_data_that_cannot_be_written_is_one_line(
+    read_only, tmp_path, cache_dir, demo_teacher_dir, compose_train, capsys, monkeypatch, no_hydra_state_left
+):
+    """data=demo writes its set at data.root when it is missing: prepare (after loading) and train (before)."""
+    from bksdm_lab.data.prepare import main
+    from bksdm_lab.distill.checks import check_data
+
+    monkeypatch.setenv("BKSDM_CACHE_DIR", str(cache_dir))
+    argv = ["teacher=demo", "data=demo", f"data.root={read_only}/data", f"out={tmp_path}/cache"]
+    code, _, err = run_app(main, argv, capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("bksdm_lab.prepare: error: ") and str(read_only) in err.splitlines()[-1]
+    (problem,) = check_data(compose_train("experiment=demo", f"data.root={read_only}/data"))
+    assert f"data.root='{read_only}/data' does not exist and {read_only} cannot be written" in problem

@@ -50,7 +50,7 @@ def test_model_card_names_no_local_path(home):
         "teacher_title": "SD-v1.4",
         "teacher_source": f"{home}/other/stable-diffusion-v1-4",
         "teacher_trained_source": f"{home}/models/sd14",
-        "data_root": f"{home}/data/preprocessed_212k",
+        "data": export._public_data(f"{home}/data/preprocessed_212k"),
     }
     card = export.model_card(info)
     assert str(home) not in card and "/home/" not in card
@@ -58,7 +58,7 @@ def test_model_card_names_no_local_path(home):
         "(`<local>/sd14`); VAE, text encoder, tokenizer and scheduler exported from `<local>/stable-diffusion-v1-4`"
         in (card)
     )
-    assert "- Data: `~/data/preprocessed_212k`" in card
+    assert "- Data: `<local>/preprocessed_212k`" in card
 
 
 def shared_files(run_dir: Path) -> dict[str, str]:

@@ -8,10 +8,10 @@ records are the slow tier.
 """
 
 import csv
-import errno
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,7 +183,7 @@ def test_a_latent_cache_of_another_teacher_is_refused(run, tmp_path, capsys, no_
     meta = {"teacher": "sd14", "teacher_source": "CompVis/stable-diffusion-v1-4", "resolution": 64, "complete": True}
     (cache / "meta.json").write_text(json.dumps({**meta, "shards": [{"file": "shard-00000.pt", "count": 32}]}))
     overrides = ("data=latents", f"data.root={cache}", "data.batch_size=8", "data.global_batch_size=null")
-    (line,) = refused(run, tmp_path, capsys, *overrides)
+    line = "\n".join(refused(run, tmp_path, capsys, *overrides))  # its shard is missing too
     assert f"data.root='{cache}' is a latent cache made with teacher 'sd14' (CompVis/stable-diffusion-v1-4)" in line
     assert "this run's teacher is 'demo'" in line
 
@@ -319,17 +319,72 @@ def test_non_utf8_metadata_names_the_file(run, tmp_path, capsys, no_teacher):
     assert f"{folder / 'metadata.csv'} is not UTF-8 text: byte 0xe9 on line 2" in line
 
 
-def test_a_full_disk_while_checkpointing_says_so_and_where(run, tmp_path, capsys, monkeypatch):
-    def full(obj, f, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+# ---- the end of a run: the final checkpoint first; what is exported is what a written checkpoint holds ----------
+EXPORT = "+callbacks.export={_target_: bksdm_lab.distill.callbacks.ExportPipeline, out_dir: %s}"
 
-    monkeypatch.setattr(torch, "save", full)
-    assert run(tmp_path / "run", "trainer.max_steps=1") == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    ckpt_dir = tmp_path / "run" / "checkpoints"
-    assert err.startswith("bksdm_lab.train: error: no space left on device while writing the checkpoint")
-    assert str(ckpt_dir) in err and "Traceback" not in err
-    assert not any(ckpt_dir.iterdir())  # no half-written file left behind
+
+def test_a_full_disk_at_the_end_says_so_keeps_the_last_checkpoint_and_exports_nothing_new(
+    run, tmp_path, capsys, mount_tmpfs
+):
+    run_dir, ckpt_dir = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    export = EXPORT % (run_dir / "pipeline")
+    assert run(run_dir, "trainer.max_steps=2", export) == 0
+    last, pipeline = (ckpt_dir / "last.ckpt").read_bytes(), snapshot(run_dir / "pipeline")
+    shutil.rmtree(ckpt_dir)
+    mount_tmpfs(ckpt_dir, f"size={len(last) * 3 // 2}")  # a real disk with room for one checkpoint, not two
+    (ckpt_dir / "last.ckpt").write_bytes(last)
+    capsys.readouterr()
+    assert run(run_dir, "trainer.max_steps=4", "ckpt_path=last", export) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (
+        f"bksdm_lab.train: error: no space left on device while writing the checkpoint {ckpt_dir / 'last.ckpt'}; the "
+        f"previous last.ckpt is intact: free space in {ckpt_dir} (or point callbacks.checkpoint.dirpath elsewhere) "
+        "and resume with ckpt_path=last"
+    )
+    assert [p.name for p in ckpt_dir.iterdir()] == ["last.ckpt"]  # no half-written file left behind
+    assert read_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 2
+    assert snapshot(run_dir / "pipeline") == pipeline  # still the pipeline of the step the checkpoint holds
+
+
+def test_a_logger_failing_at_the_end_is_a_warning_and_the_trained_weights_are_kept(
+    run, tmp_path, caplog, mount_tmpfs, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(mount_tmpfs(tmp_path / "home", "ro", "size=64k")))  # as on many compute nodes
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    run_dir = tmp_path / "run"
+    samples = ["callbacks.samples.prompts=[a red circle]", "callbacks.samples.every_n_steps=1000"]  # at the end only
+    assert run(run_dir, "trainer.max_steps=2", "logger=wandb_csv", *samples) == 0
+    assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert "SampleImages failed at the end of training (the checkpoint is saved): Unable to write" in caplog.text
+
+
+def test_export_refuses_an_existing_folder_unless_asked_and_then_replaces_it_whole(run, tmp_path, capsys, mount_tmpfs):
+    from bksdm_lab.models.export import main as export_main
+
+    assert run(tmp_path / "run", "trainer.max_steps=1") == 0
+    ckpt, out = str(tmp_path / "run" / "checkpoints" / "last.ckpt"), tmp_path / "pipeline"
+    out.mkdir()
+    (out / "unet").mkdir()
+    (out / "unet" / "stale.bin").write_text("an earlier export")
+    with pytest.raises(SystemExit) as stop:
+        export_main([ckpt, "--out", str(out)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and line == (
+        f"bksdm_lab.export: error: {out} already holds files: nothing there is replaced unless asked (--overwrite "
+        "replaces the whole folder), or choose another --out"
+    )
+    assert (out / "unet" / "stale.bin").is_file()
+    export_main([ckpt, "--out", str(out), "--overwrite"])
+    assert (out / "model_index.json").is_file() and not (out / "unet" / "stale.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline", "run"]  # no temporary folder left beside it
+
+    small = mount_tmpfs(tmp_path / "small", "size=256k")  # an export that fails half-way leaves the folder as it was
+    (small / "pipeline").mkdir()
+    (small / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(Exception, match="No space left on device"):
+        export_main([ckpt, "--out", str(small / "pipeline"), "--overwrite"])
+    assert [p.name for p in small.iterdir()] == ["pipeline"]
+    assert [p.name for p in (small / "pipeline").iterdir()] == ["model_index.json"]
 
 
 # ---- 6: resume is exact in samples ---------------------------------------------------------------------------
@@ -400,7 +455,9 @@ def cli(monkeypatch, cache_dir, demo_teacher_dir, shapes):
 
     def go(*args: str) -> int:
         GlobalHydra.instance().clear()
-        monkeypatch.setattr(sys, "argv", ["bksdm_lab.train", *FAST, f"data.root={shapes}", *args])
+        flags = [a for a in args if a == "-m"]  # before the overrides, as on a command line
+        argv = [*flags, *FAST, f"data.root={shapes}", *(a for a in args if a != "-m")]
+        monkeypatch.setattr(sys, "argv", ["bksdm_lab.train", *argv])
         try:
             train_app.main()
         except SystemExit as stop:
@@ -422,7 +479,7 @@ def test_a_run_folder_holding_a_run_is_never_overwritten_unless_asked(cli, tmp_p
     run_dir = tmp_path / "run"
     at = f"hydra.run.dir={run_dir}"
     assert cli(at, "trainer.max_steps=0") == 2  # a start refused by its checks leaves only Hydra's record ...
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", ".lock", "train.log"]
     assert cli(at, "trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=1") == 0  # ... so the fix may rerun
     first = snapshot(run_dir)
     assert {".hydra/config.yaml", "checkpoints/last.ckpt", "csv/metrics.csv"} <= set(first)
@@ -456,10 +513,16 @@ def test_a_run_folder_holding_a_run_is_never_overwritten_unless_asked(cli, tmp_p
     assert len(records) == 2 and "ckpt_path=last" in records[-1].read_text()
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 4
 
+    # overwrite=true whose inputs fail their checks replaces nothing (Hydra's record of it included)
+    before = snapshot(run_dir)
+    assert cli(at, "overwrite=true", "trainer.max_steps=0") == 2
+    assert snapshot(run_dir) == before
     # overwrite=true replaces the run: nothing of the old one is left to be mistaken for the new one's
     assert cli(at, "overwrite=true", "trainer.max_steps=1") == 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
-    assert not (run_dir / ".resumes").exists()
+    assert not (run_dir / ".resumes").exists() and not (run_dir / ".overwrite").exists()
+    assert "overwrite=true" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "overwrite=true: removed the earlier run's" in (run_dir / "train.log").read_text()
     rows = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     assert sorted({int(r["step"]) for r in rows if r.get("train/loss")}) == [0]
 
@@ -469,16 +532,24 @@ def test_the_guard_refuses_a_checkpoint_of_another_run_into_a_run_folder(tmp_pat
 
     from bksdm_lab.common.rundir import GuardRunDir
 
-    run_dir = tmp_path / "run"
+    run_dir, other = tmp_path / "run", tmp_path / "other" / "checkpoints" / "last.ckpt"
     (run_dir / "pipeline").mkdir(parents=True)
+    other.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 2}, other)  # another run's real checkpoint
     config = OmegaConf.create(
-        {"ckpt_path": str(tmp_path / "other" / "checkpoints" / "last.ckpt"), "overwrite": False,
+        {"ckpt_path": str(other), "overwrite": False,
          "hydra": {"run": {"dir": str(run_dir)}, "output_subdir": ".hydra", "job": {"name": "train"}}}
     )  # fmt: skip
     with pytest.raises(SystemExit) as stop:
         GuardRunDir().on_run_start(config)
     assert stop.value.code == 2 and "already holds a run (pipeline)" in capsys.readouterr().err
+    assert config.hydra.output_subdir == ".hydra"  # nothing redirected: the start is refused
     GuardRunDir().on_run_start(OmegaConf.merge(config, {"hydra": {"run": {"dir": str(tmp_path / "empty")}}}))
+    assert (tmp_path / "empty" / ".lock").is_file()
+    with pytest.MonkeyPatch.context() as env:  # a DDP rank > 0 joins the run rank 0 holds: no lock, no check
+        env.setenv("RANK", "1")
+        GuardRunDir().on_run_start(OmegaConf.merge(config, {"hydra": {"run": {"dir": str(tmp_path / "rank1")}}}))
+    assert not (tmp_path / "rank1").exists()
 
     # a sweep folder holding jobs: refused; resumed, every job's record goes beside its run's
     (tmp_path / "sweep" / "0_lr=1" / "checkpoints").mkdir(parents=True)
@@ -490,6 +561,95 @@ def test_the_guard_refuses_a_checkpoint_of_another_run_into_a_run_folder(tmp_pat
     GuardRunDir().on_multirun_start(resumed)
     (override,) = resumed.hydra.overrides.hydra
     assert override.startswith("hydra.output_subdir=.resumes/") and override.endswith("/.hydra")
+
+
+def test_no_secret_reaches_the_stored_config_the_console_or_the_log(cli, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_SECRET_FROM_ENV")
+    secrets, sweep, failed = ("hf_SECRET_FROM_ENV", "hf_SECRET_FROM_CLI"), tmp_path / "sweep", tmp_path / "failed"
+    assert cli("-m", f"hydra.sweep.dir={sweep}", "hub.token=hf_SECRET_FROM_CLI", "trainer.max_steps=1") == 0
+    (job,) = [p.parent.parent for p in sweep.rglob(".hydra/config.yaml")]
+    # a job failing past its checks: Hydra prints its overrides
+    assert cli(f"hydra.run.dir={failed}", "hub.token=hf_SECRET_FROM_CLI", "+trainer.no_such_argument=1") == 1
+    out, err = capsys.readouterr()
+    assert "hub.token=<redacted>" in out and "Error executing job with overrides: [" in err
+    files = [p for p in [*sweep.rglob("*"), *failed.rglob("*")] if p.is_file()]
+    stored = {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "csv/hparams.yaml", "train.log"}
+    assert stored | {"checkpoints/last.ckpt"} <= {str(p.relative_to(job)) for p in files if job in p.parents}
+    for name, text in [("stdout", out), ("stderr", err), *((p, p.read_bytes().decode("latin-1")) for p in files)]:
+        assert not any(secret in text for secret in secrets), name
+    assert read_checkpoint(job / "checkpoints" / "last.ckpt")["bksdm"]["config"]["hub"]["token"] == "<redacted>"
+
+
+def hold_elsewhere(folder: Path) -> int:
+    """Another process (forked) holds ``folder`` as a run does; returns its pid (kill it to end that run)."""
+    from bksdm_lab.common import rundir
+
+    ready, done = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: hold the folder, say so, wait to be killed
+        try:
+            rundir._HELD.clear()
+            rundir.hold(folder, "hydra.run.dir")
+            os.write(done, b"held")
+            time.sleep(300)
+        finally:
+            os._exit(0)
+    os.close(done)
+    assert os.read(ready, 4) == b"held"
+    os.close(ready)
+    return pid
+
+
+def test_a_run_folder_is_held_by_its_run_until_the_process_ends(cli, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    at = f"hydra.run.dir={run_dir}"
+    holder = hold_elsewhere(run_dir)
+    try:
+        for args in (["trainer.max_steps=1"], ["overwrite=true", "trainer.max_steps=1"]):
+            assert cli(at, *args) == 2  # another run still writes there: refused, nothing written
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith(f"bksdm_lab.train: error: hydra.run.dir='{run_dir}' is in use by a run"), line
+            assert f"(pid {holder} on {os.uname().nodename}, started " in line, line
+            assert [p.name for p in run_dir.iterdir()] == [".lock"]
+    finally:
+        os.kill(holder, signal.SIGKILL)  # the kernel drops the lock with the process
+        os.waitpid(holder, 0)
+    assert cli(at, "trainer.max_steps=0") == 2  # past the lock, to the checks
+    assert "trainer.max_steps=0" in capsys.readouterr().err and (run_dir / ".hydra").is_dir()
+
+
+@pytest.fixture()
+def mount_tmpfs():
+    """Mount a small tmpfs (a real full disk, a read-only folder) at a folder; skipped where mounting is not allowed."""
+    mounted, umount = [], shutil.which("umount") or "umount"
+
+    def mount(at: Path, *options: str) -> Path:
+        at.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(at)], capture_output=True)
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+        mounted.append(at)
+        return at
+
+    yield mount
+    for at in reversed(mounted):
+        subprocess.run([umount, "-l", str(at)], check=False)
+
+
+def test_a_read_only_run_folder_or_a_machine_without_slurm_is_one_line(cli, tmp_path, capsys, mount_tmpfs, monkeypatch):
+    read_only = mount_tmpfs(tmp_path / "ro", "ro", "size=64k")
+    for run_dir in (read_only, read_only / "run"):
+        assert cli(f"hydra.run.dir={run_dir}") == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line == (
+            f"bksdm_lab.train: error: hydra.run.dir='{run_dir}' is not writable (Read-only file system): choose a "
+            "folder you can write to"
+        )
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no SLURM here
+    assert cli("-m", "hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bksdm_lab.train: error: hydra/launcher=slurm submits the jobs with SLURM, but srun and ")
+    assert not (tmp_path / "sweep").exists()
 
 
 # ---- 7: Ctrl-C saves a checkpoint at a step boundary and stops non-zero ----------------------------------------

@@ -1,15 +1,18 @@
-"""Checkpoints written atomically (a write killed half-way never leaves a corrupt file, ``last`` included), and
-read by one reader that unpickles only tensors and plain data: reading a checkpoint never runs code."""
+"""Checkpoints written atomically (a write killed half-way never leaves a corrupt file, ``last`` included), the final
+one before anything else at the end of a fit, and read by one reader that unpickles only tensors and plain data:
+reading a checkpoint never runs code."""
 
 from __future__ import annotations
 
 import errno
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
@@ -75,14 +78,41 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (OSError, RuntimeError) as err:
+            if not (code := _disk_full(err, path.parent)):
                 raise
             kept = f"; the previous {path.name} is intact" if path.is_file() else ""
             raise DiskFullError(
-                err.errno,
+                code,
                 f"no space left on device while writing the checkpoint {path}{kept}: free space in "
                 f"{path.parent} (or point callbacks.checkpoint.dirpath elsewhere) and resume with ckpt_path=last",
             ) from None
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _disk_full(err: BaseException, folder: Path) -> int:
+    """The errno (ENOSPC, EDQUOT) when ``err``, raised while writing into ``folder``, means no space is left, else 0.
+    torch's zip writer reports a failed write as ``RuntimeError: ... unexpected pos ...`` / ``file write failed``,
+    with the OSError at most as its context."""
+    cause, seen = err, 0
+    while cause is not None and seen < 8:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cause.errno
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    try:
+        return errno.ENOSPC if isinstance(err, RuntimeError) and shutil.disk_usage(folder).free == 0 else 0
+    except OSError:
+        return 0
+
+
+class FinalCheckpoint(pl.Callback):
+    """At the end of a fit, write ``last.ckpt`` before any other end hook runs (Lightning runs the checkpoint
+    callback's own last): a logger or side job failing at the end cannot lose the trained weights, and the export,
+    which comes after, holds only what a written checkpoint holds (a failed write stops the fit before it)."""
+
+    def on_train_end(self, trainer, module) -> None:
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None or not ckpt.save_last or ckpt._last_global_step_saved == trainer.global_step:
+            return  # no last.ckpt kept, or written at this step already
+        ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))  # ModelCheckpoint's own bookkeeping

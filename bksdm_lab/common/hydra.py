@@ -2,25 +2,50 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from bksdm_lab.common.secrets import redact_override, scrub_hydra_dir
+from bksdm_lab.common.secrets import redact_override, scrub_config_file, scrub_hydra_dir
 
 FAILED_MARKER = "FAILED"  # written into a multirun job's folder when the job failed
 
 
 class RedactSecrets(Callback):
-    """After Hydra has written ``.hydra/*.yaml``: rewrite them without secret values, and redact the command
-    line (W&B records ``sys.argv``)."""
+    """Before a run: no secret value in its overrides (Hydra writes them to ``.hydra/`` and prints them when the job
+    fails). After Hydra has written ``.hydra/*.yaml``: rewrite them without secret values, and redact the command
+    line (W&B records ``sys.argv``). Hydra's log handlers filter secrets out of messages (``RedactLog``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        with read_write(config.hydra):  # the task's config is composed already: only the record changes
+            config.hydra.overrides.task = [redact_override(a) for a in config.hydra.overrides.task]
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.output_subdir is not None:  # .hydra, or .resumes/<time>/.hydra for a resumed run
             scrub_hydra_dir(Path(config.hydra.runtime.output_dir, config.hydra.output_subdir).parent)
+        if config.hydra.mode == RunMode.MULTIRUN:  # the sweep's record, written after the sweep started
+            scrub_config_file(Path(config.hydra.sweep.dir) / "multirun.yaml")
         sys.argv[:] = [redact_override(a) for a in sys.argv]
+
+
+class SlurmAvailable(Callback):
+    """Before a multirun through SLURM (``hydra/launcher=slurm``): one line and exit 2 where SLURM's ``srun`` and
+    ``sbatch``, which submit the jobs, are not on this machine."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        missing = [tool for tool in ("srun", "sbatch") if shutil.which(tool) is None]
+        if "SlurmLauncher" in str(config.hydra.launcher.get("_target_", "")) and missing:
+            print(
+                f"bksdm_lab.train: error: hydra/launcher=slurm submits the jobs with SLURM, but {' and '.join(missing)} "
+                "is not on this machine's PATH: start the sweep where SLURM is installed (a login node), or leave out "
+                "hydra/launcher=slurm to run the jobs here",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
 
 
 class SweepFailures(Callback):

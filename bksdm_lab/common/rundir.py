@@ -1,5 +1,6 @@
 """A run folder holds one run: a new run never writes into a folder holding another unless ``overwrite=true``; a
 resumed run (``ckpt_path`` inside the folder) adds to it, its ``.hydra/`` record and log under ``.resumes/<time>/``.
+A running run holds its folder (an OS lock on ``.lock``, released by the kernel however the process ends).
 
 The guard is a Hydra callback because Hydra writes ``.hydra/`` and opens the log before the task function runs.
 """
@@ -7,12 +8,15 @@ The guard is a Hydra callback because Hydra writes ``.hydra/`` and opens the log
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import shutil
+import socket
 from datetime import datetime
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
@@ -23,6 +27,39 @@ from bksdm_lab.common.cli import fail
 RESULTS = ("checkpoints", "pipeline", "csv", "samples", "tensorboard", "wandb")
 RUN_FILES = (".hydra", *RESULTS, ".resumes", "FAILED")
 RESUMES = ".resumes"
+STAGED = ".overwrite"  # the Hydra record and log of an overwrite=true start, until its inputs have passed the checks
+LOCK = ".lock"  # held (flock) by the process running in the folder; it says which process that is
+_HELD: dict[str, int] = {}  # folder -> open lock file of this process, kept until the process exits
+
+
+def hold(folder: str | Path, key: str) -> None:
+    """Hold ``folder`` for this process (created if missing) until it exits, however it exits: the kernel drops the
+    lock with the process. Exit 2, one line, if another process holds it (naming it) or the folder is not writable."""
+    folder = Path(folder).resolve()
+    if str(folder) in _HELD:  # this process already runs here (a command run again in-process)
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        fail("train", f"{key}={str(folder)!r} is not writable ({err.strerror}): choose a folder you can write to")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        fail("train", f"{key}={str(folder)!r} is in use by a run that is still going ({holder}): wait for it to end, "
+                      f"or choose another {key}")  # fmt: skip
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.now():%Y-%m-%d %H:%M:%S}".encode())
+    _HELD[str(folder)] = fd
+
+
+def release(folder: str | Path) -> None:
+    """Let go of a folder :func:`hold` took (a multirun job that ended, in the process that runs the next)."""
+    fd = _HELD.pop(str(Path(folder).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def launched_rank() -> int:
@@ -92,20 +129,26 @@ def _stamp(run_dir: Path) -> str:
 
 
 class GuardRunDir(Callback):
-    """Refuse (exit 2, one line) to start a run into a folder holding another run, unless ``overwrite=true`` or
-    the run resumes that folder's checkpoint; a resume writes its Hydra record and log under ``.resumes/<time>/``."""
+    """Hold the run folder (:func:`hold`), then refuse (exit 2, one line) to start a run into a folder holding another
+    run, unless the run resumes that folder's checkpoint (its Hydra record and log go to ``.resumes/<time>/``) or
+    ``overwrite=true`` (they go to ``.overwrite/`` until the inputs have passed their checks: :func:`replace_run`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if launched_rank() > 0:
             return
         run_dir = Path(str(config.hydra.run.dir))
+        hold(run_dir, "hydra.run.dir")
         present = run_files(run_dir)
-        if not present or config.get("overwrite"):
+        if not present:
             return
         requeued = config.get("ckpt_path") in (None, "") and requeue_checkpoint(run_dir) is not None
-        if not requeued and not resumes_here(config.get("ckpt_path"), run_dir):
+        if requeued or resumes_here(config.get("ckpt_path"), run_dir):
+            record = f"{RESUMES}/{_stamp(run_dir)}"
+        elif config.get("overwrite"):
+            shutil.rmtree(run_dir / STAGED, ignore_errors=True)  # left by a start that was killed
+            record = STAGED
+        else:
             fail("train", refusal(run_dir, present))
-        record = f"{RESUMES}/{_stamp(run_dir)}"
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = f"{record}/.hydra"
             handlers = OmegaConf.select(config, "hydra.job_logging.handlers", default=None)
@@ -113,10 +156,23 @@ class GuardRunDir(Callback):
                 (run_dir / record).mkdir(parents=True, exist_ok=True)
                 handlers.file.filename = str(run_dir / record / f"{config.hydra.job.name}.log")
 
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN and launched_rank() == 0:  # each job holds its own folder
+            hold(config.hydra.runtime.output_dir, "hydra.sweep.subdir")
+
+    def on_job_end(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            release(config.hydra.runtime.output_dir)
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = [p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and run_files(p)] if sweep_dir.is_dir() else []
-        if not jobs or config.get("overwrite"):
+        hold(sweep_dir, "hydra.sweep.dir")
+        jobs = [p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and run_files(p)]
+        if not jobs:
+            return
+        if config.get("overwrite"):  # every job's record waits in .overwrite/ until its inputs have passed the checks
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.overrides.hydra.append(f"hydra.output_subdir={STAGED}/.hydra")
             return
         if config.get("ckpt_path") in (None, "") and OmegaConf.select(config, "hydra.sweeper.storage", default=None):
             # a sweeper continuing a stored study (Optuna's SQLite, hparams_search): its new trials are new jobs, each
@@ -152,7 +208,7 @@ class ContinuedCSVWriter(ExperimentWriter):
 
 
 def clear_run(run_dir: str | Path, keep: tuple[str, ...] = (".hydra",)) -> list[str]:
-    """``overwrite=true``: remove what an earlier run left in ``run_dir`` (not this run's ``.hydra/`` and log)."""
+    """Remove what an earlier run left in ``run_dir`` (but ``keep``)."""
     removed = []
     for name in RUN_FILES if Path(run_dir).is_dir() else ():
         if not (Path(run_dir) / name).exists():
@@ -166,3 +222,20 @@ def clear_run(run_dir: str | Path, keep: tuple[str, ...] = (".hydra",)) -> list[
         path.unlink()
         removed.append(path.name)
     return removed
+
+
+def replace_run(run_dir: str | Path) -> list[str]:
+    """``overwrite=true``, once this run's inputs have passed their checks: remove the earlier run's files and put
+    this run's Hydra record and log (staged in ``.overwrite/`` by the guard) in their place."""
+    run_dir, staged = Path(run_dir), Path(run_dir) / STAGED
+    removed = clear_run(run_dir, keep=() if staged.is_dir() else (".hydra",))
+    if staged.is_dir():
+        for item in staged.iterdir():
+            os.replace(item, run_dir / item.name)  # the log replaces the earlier run's; it stays open where it goes
+        staged.rmdir()
+    return removed
+
+
+def drop_staged(run_dir: str | Path) -> None:
+    """An ``overwrite=true`` start refused by its checks: the earlier run stays exactly as it was."""
+    shutil.rmtree(Path(run_dir) / STAGED, ignore_errors=True)

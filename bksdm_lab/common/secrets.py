@@ -3,6 +3,7 @@ paths that reveal the home folder out of every file meant to be shared (see :fun
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -33,23 +34,44 @@ def redact_override(arg: str) -> str:
     return f"{key}={REDACTED}" if sep and is_secret(key.lstrip("+~")) else arg
 
 
+_PAIR = re.compile(r"""(?P<key>[+~]*[\w.\-/]+)=(?P<value>'[^']*'|"[^"]*"|[^\s,'"\])]+)""")
+
+
+def redact_text(text: object) -> str:
+    """``text`` with the value of every ``key=value`` whose key is secret-named redacted (overrides in a message)."""
+    return _PAIR.sub(lambda m: f"{m['key']}={REDACTED}" if is_secret(m["key"].lstrip("+~")) else m[0], str(text))
+
+
+class RedactLog(logging.Filter):
+    """A logging filter for Hydra's handlers (its launchers log each job's overrides): no secret value in a message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if (clean := redact_text(text)) != text:
+            record.msg, record.args = clean, None
+        return True
+
+
 def scrub_hydra_dir(run_dir: str | Path) -> None:
     """Rewrite ``<run dir>/.hydra/{config,overrides,hydra}.yaml`` without secret values."""
-    hydra_dir = Path(run_dir) / ".hydra"
     for name in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-        path = hydra_dir / name
-        if not path.is_file():
-            continue
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        data = [redact_override(a) for a in data] if isinstance(data, list) else redact(data)
-        if isinstance(data, dict) and "hydra" in data:  # hydra.yaml: the overrides are listed there too
-            overrides = data["hydra"].get("overrides", {})
-            for key in ("task", "hydra"):
-                overrides[key] = [redact_override(a) for a in overrides.get(key) or []]
-            job = data["hydra"].get("job", {})
-            if job.get("override_dirname"):
-                job["override_dirname"] = ",".join(redact_override(a) for a in job["override_dirname"].split(","))
-        OmegaConf.save(OmegaConf.create(data), path)
+        scrub_config_file(Path(run_dir) / ".hydra" / name)
+
+
+def scrub_config_file(path: str | Path) -> None:
+    """Rewrite a config Hydra saved (a run's ``.hydra/*.yaml``, a sweep's ``multirun.yaml``) without secret values."""
+    if not Path(path).is_file():
+        return
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    data = [redact_override(a) for a in data] if isinstance(data, list) else redact(data)
+    if isinstance(data, dict) and "hydra" in data:  # hydra.yaml, multirun.yaml: the overrides are listed there too
+        overrides = data["hydra"].get("overrides", {})
+        for key in ("task", "hydra"):
+            overrides[key] = [redact_override(a) for a in overrides.get(key) or []]
+        job = data["hydra"].get("job", {})
+        if job.get("override_dirname"):
+            job["override_dirname"] = ",".join(redact_override(a) for a in job["override_dirname"].split(","))
+    OmegaConf.save(OmegaConf.create(data), path)
 
 
 def redact_dirname(override_dirname: str) -> str:

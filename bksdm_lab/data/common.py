@@ -19,11 +19,31 @@ log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
-    """The data folder or its metadata is not usable; the message says what was found."""
+    """The data folder or its metadata is not usable; the message says what was found, in one line, also when a
+    DataLoader worker raised it (torch raises it again in the main process with the worker's traceback)."""
+
+    def __init__(self, message: str = ""):
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            message = message.rstrip().rsplit("\n", 1)[-1].partition(f"{type(self).__name__}: ")[2]
+        super().__init__(message)
 
 
-SKIP_REASONS = ("missing", "corrupt", "bomb", "caption", "small")
+SKIP_REASONS = ("missing", "corrupt", "bomb", "caption", "small", "outside")
 CONVERT_REASONS = ("mode", "16bit", "alpha", "small")
+
+
+def build_datamodule(data_cfg, tokenizer) -> pl.LightningDataModule:
+    """``instantiate(data_cfg)``; a DataError the data module raises stays itself (one line, exit 2), where Hydra
+    would wrap it."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(data_cfg, tokenizer=tokenizer)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, DataError):
+            raise err.__cause__ from None
+        raise
 
 
 class CaptionDataModule(pl.LightningDataModule):

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from bksdm_lab.data.common import (
+    BadSample,
     CaptionDataModule,
     DataError,
     check_caption,
@@ -77,13 +78,21 @@ def read_metadata(root: Path, caption_column: str = "text", image_column: str = 
     return [(r[image_column], r[caption_column]) for r in rows]
 
 
+def outside_root(root: Path, file_name) -> Path | None:
+    """Where a metadata entry resolves when that is outside ``root`` (resolved: ``../``, an absolute path, a symlink
+    out of it), else None."""
+    path = (root / str(file_name)).resolve()
+    return None if path.is_relative_to(root.resolve()) else path
+
+
 class ImageCaptionFolder(Dataset):
     """An image folder with metadata; yields ``pixel_values``, ``input_ids`` and ``index``.
 
     A sample that cannot be used yields ``{"skipped": reason}`` instead of raising: the collate function
     drops it and counts it, so a bad file never kills a run and is never silently lost. Images smaller than
     the resolution are upscaled (``small_images: upscale``) or skipped (``skip``); odd modes (CMYK, RGBA,
-    grayscale, 16-bit) are converted to 8-bit RGB and counted.
+    grayscale, 16-bit) are converted to 8-bit RGB and counted. An entry that resolves outside ``root`` is skipped
+    and counted (``outside``) unless ``allow_outside_root``.
     """
 
     def __init__(
@@ -97,10 +106,12 @@ class ImageCaptionFolder(Dataset):
         max_samples: int | None = None,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
+        allow_outside_root: bool = False,
     ):
         if small_images not in ("upscale", "skip"):
             raise DataError(f"data.small_images={small_images!r} is not one of: upscale, skip")
         self.root = check_folder(root, caption_column, image_column)
+        self.allow_outside_root = allow_outside_root
         self.samples = read_metadata(self.root, caption_column, image_column)[:max_samples]
         if not self.samples:
             raise DataError(f"data.root={str(self.root)!r}: the metadata lists no samples")
@@ -117,6 +128,11 @@ class ImageCaptionFolder(Dataset):
 
         def read():
             check_caption(caption, str(file_name))
+            outside = None if self.allow_outside_root else outside_root(self.root, file_name)
+            if outside is not None:
+                raise BadSample(
+                    "outside", f"{file_name} is {outside}, outside data.root (data.allow_outside_root=true reads it)"
+                )
             pixels, converted = load_image(
                 self.root / str(file_name),
                 self.resolution,
@@ -143,6 +159,7 @@ class FolderDataModule(CaptionDataModule):
         max_samples: int | None = None,
         small_images: str = "upscale",
         max_pixels: int = 16384 * 16384,
+        allow_outside_root: bool = False,
         **shared,
     ):
         super().__init__(tokenizer, resolution, batch_size, **shared)
@@ -156,6 +173,7 @@ class FolderDataModule(CaptionDataModule):
             max_samples,
             small_images,
             max_pixels,
+            allow_outside_root,
         )
         # the last val_samples samples are held out: never trained on, served by val_dataloader
         self.val_samples = check_val_samples(self.val_samples, len(self.dataset), f"data.root={str(root)!r}")

@@ -29,12 +29,26 @@ log = logging.getLogger(__name__)
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
+def check_local_path(path) -> None:
+    """A ``data.path`` written as a local path (``/``, ``~``, ``.``) exists and holds files (a saved dataset or data
+    files), else a DataError; a hub name is looked up when loaded."""
+    text = str(path)
+    local = Path(text).expanduser()
+    if not text.startswith(("/", "~", ".")):
+        return
+    if not local.exists():
+        raise DataError(f"data.path={text!r} does not exist: give a local dataset folder or data files, or a hub name")
+    if local.is_dir() and not any(p.is_file() for p in local.rglob("*")):
+        raise DataError(f"data.path={text!r} is an empty folder: no saved dataset or data files in it")
+
+
 def load_hf_dataset(path: str, name: str | None = None, split: str = "train", **kwargs):
     """``load_from_disk`` for a saved dataset folder, else ``load_dataset(path, name, split=split)``."""
     try:
         import datasets
     except ImportError as err:  # pragma: no cover - a default dependency
         raise DataError("data=hf needs the `datasets` package: pip install datasets") from err
+    check_local_path(path)
     local = Path(str(path)).expanduser()
     try:
         if local.is_dir() and any((local / m).is_file() for m in SAVED_MARKERS):

@@ -1,12 +1,15 @@
 """Precomputed VAE latents: shards written by ``python -m bksdm_lab.prepare``, read without a VAE.
 
 A shard holds ``index``, ``input_ids`` (int32) and the unscaled VAE posterior of each good image (``mean``, ``std``)
-and of its mirror image (``mean_flip``, ``std_flip``), sampled as the online path samples it; ``meta.json`` lists them.
+and of its mirror image (``mean_flip``, ``std_flip``), sampled as the online path samples it; ``meta.json`` lists them
+with their size and sha256 (a cache written before these were recorded is checked for missing files only).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shlex
 from functools import partial
 from pathlib import Path
 
@@ -36,6 +39,50 @@ def read_meta(root: str | Path) -> dict:
     return meta
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_problem(root: Path, entry: dict, verify: bool) -> str | None:
+    """What is wrong with a listed shard's file (missing, another size than listed, with ``verify`` another sha256),
+    or None; an entry written without size and checksum is checked for a missing file only."""
+    path = root / entry["file"]
+    if not path.is_file():
+        return f"{entry['file']} is missing"
+    size = path.stat().st_size
+    if entry.get("bytes") is not None and size != entry["bytes"]:
+        return f"{entry['file']} is {size} bytes, meta.json lists {entry['bytes']} (damaged or cut short)"
+    if verify and entry.get("sha256") and sha256(path) != entry["sha256"]:
+        return f"{entry['file']} does not match its sha256 in meta.json (damaged)"
+    return None
+
+
+def repair_command(root: Path, meta: dict) -> str:
+    """The ``prepare`` command that repairs the cache at ``root`` (the arguments it was made with)."""
+    args = meta.get("prepare_args")
+    if args is None:
+        args = [f"teacher={meta.get('teacher')}", f"data=<the data of {meta.get('data_root')}>"]
+        args.append(f"shard_size={meta.get('shard_size')}")
+    return f"python -m bksdm_lab.prepare {shlex.join([*args, f'out={root}'])}"
+
+
+def damaged(root: str | Path, meta: dict, verify: bool = False) -> str | None:
+    """One line naming the damaged shards of a cache and the command that repairs it, or None."""
+    root = Path(root).expanduser()
+    problems = [p for entry in meta.get("shards", []) if (p := shard_problem(root, entry, verify))]
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return (
+        f"the latent cache {root} is damaged: {'; '.join(problems[:3])}{more}: repair it with "
+        f"`{repair_command(root, meta)}`"
+    )
+
+
 class LatentShards(Dataset):
     """Every cached sample, addressed by position; shards are memory-mapped, so a sample reads only its rows."""
 
@@ -52,9 +99,18 @@ class LatentShards(Dataset):
         return len(self._where)
 
     def _shard(self, k: int) -> dict:
-        if k not in self._open:
-            path = self.root / self.meta["shards"][k]["file"]
-            self._open[k] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if k not in self._open:  # checked whole once (a shard is read whole over an epoch anyway), then mapped
+            entry = self.meta["shards"][k]
+            problem = damaged(self.root, {**self.meta, "shards": [entry]}, verify=True)
+            if problem:
+                raise DataError(problem)
+            try:
+                self._open[k] = torch.load(self.root / entry["file"], map_location="cpu", mmap=True, weights_only=True)
+            except (OSError, RuntimeError) as err:
+                raise DataError(
+                    f"the latent cache {self.root}: {entry['file']} cannot be read ({err}): repair it with "
+                    f"`{repair_command(self.root, self.meta)}`"
+                ) from None
         return self._open[k]
 
     def __getitem__(self, item: int | tuple[int, bool]) -> dict:

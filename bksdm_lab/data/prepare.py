@@ -1,27 +1,34 @@
 """Precompute the teacher VAE's latents (and token ids) once, so training never loads or runs the VAE.
 
 Captions are cached as token ids, not text-encoder outputs: 308 bytes a sample against 118 KB of SD-v1 encodings
-(77 x 768 in fp16), and encoding text is a small part of a step (the breakdown in docs/benchmark.md).
+(77 x 768 in fp16), and encoding text is a small part of a step (the breakdown in docs/benchmark.md). Preparing into
+an existing cache checks every shard against its size and sha256 and encodes again what is missing or damaged.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import tempfile
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm import tqdm
 
 from bksdm_lab.common.checkpoint import AtomicCheckpointIO
-from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.cli import fail, guarded
 from bksdm_lab.common.conf import CONF_DIR
 from bksdm_lab.common.quiet import quiet_libraries
+from bksdm_lab.common.secrets import redact_override
 from bksdm_lab.data.common import SKIP_REASONS, DataError, collate
-from bksdm_lab.data.latents import META
+from bksdm_lab.data.latents import META, sha256, shard_problem
 from bksdm_lab.models.teachers import TeacherLoadError, load_teacher
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -57,7 +64,34 @@ def build_dataset(data_cfg: DictConfig, tokenizer):
     extra = {"random_flip": False}
     if "webdataset" in target.lower():
         extra.update(shuffle_shards=False, shuffle_buffer=1)
-    return instantiate(data_cfg, tokenizer=tokenizer, **extra).dataset
+    try:
+        return instantiate(data_cfg, tokenizer=tokenizer, **extra).dataset
+    except InstantiationException as err:  # the data module's own one-line error, not Hydra's wrapping of it
+        if isinstance(err.__cause__, DataError | OSError):
+            raise DataError(str(err.__cause__)) from None
+        raise
+
+
+def writable_out(out: str | Path) -> Path:
+    """``out`` as a folder this process can write in (made if missing), else a DataError naming it."""
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as err:
+        raise DataError(f"out={str(out)!r} cannot be written ({err.strerror}): choose a folder you can write") from None
+    return out
+
+
+class WritableOut(Callback):
+    """Before Hydra makes its log folder in ``out``: an ``out`` that cannot be written is one line, exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not OmegaConf.is_missing(config, "out"):
+            try:
+                writable_out(config.out)
+            except DataError as err:
+                fail("prepare", err)
 
 
 def data_source(data_cfg: DictConfig) -> str:
@@ -75,6 +109,8 @@ def _save_shard(out: Path, meta: dict, k: int, batches, rows: tuple[int, int], v
     name = f"shard-{k:05d}.pt"
     AtomicCheckpointIO().save_checkpoint(shard, out / name)  # never a half-written shard
     entry = {"file": name, "rows": list(rows), "count": len(shard["index"]), "batches": batches.n}
+    entry |= {"bytes": (out / name).stat().st_size, "sha256": sha256(out / name)}
+    entry["skipped"] = {r: n for r, n in skipped.items() if n}
     meta["shards"].append(entry)
     meta["shards"].sort(key=lambda s: s["file"])
     meta["skipped"] = {r: meta["skipped"].get(r, 0) + n for r, n in skipped.items()}
@@ -92,9 +128,23 @@ class _Counted:
             yield item
 
 
+def drop_damaged(out: Path, meta: dict) -> list[dict]:
+    """Take the listed shards whose file is missing or damaged (size, sha256) out of ``meta``, with their rows and
+    skip counts, and return them: they are encoded again."""
+    bad = [entry for entry in meta["shards"] if shard_problem(out, entry, verify=True)]
+    for entry in bad:
+        meta["shards"].remove(entry)
+        meta["done"] -= entry["rows"][1] - entry["rows"][0]
+        for reason, n in (entry.get("skipped") or {}).items():
+            meta["skipped"][reason] = meta["skipped"].get(reason, 0) - n
+    if bad:
+        names = ", ".join(entry["file"] for entry in bad)
+        print(f"bksdm_lab.prepare: {len(bad)} shard(s) of {out} missing or damaged ({names}): encoding them again")
+    return bad
+
+
 def prepare(cfg: DictConfig) -> Path:
-    out = Path(cfg.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_out(cfg.out)
     teacher = load_teacher(cfg.teacher)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = teacher.vae.to(device, torch.float16 if device.type == "cuda" else torch.float32)
@@ -106,6 +156,9 @@ def prepare(cfg: DictConfig) -> Path:
     rows = None if streamed else len(dataset)
     meta_path = out / META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    args = meta.get("prepare_args")  # the arguments that made it: the command that repairs it
+    if HydraConfig.initialized():
+        args = [redact_override(a) for a in HydraConfig.get().overrides.task if not a.startswith("out=")]
     identity = {
         "teacher": cfg.teacher.name,
         "teacher_source": teacher.source,
@@ -127,10 +180,12 @@ def prepare(cfg: DictConfig) -> Path:
         "skipped": meta.get("skipped", dict.fromkeys(SKIP_REASONS, 0)),
         "done": meta.get("done", 0),
         "complete": False,
+        **({"prepare_args": args} if args is not None else {}),
     }
+    redo = drop_damaged(out, meta)
     dtype = DTYPES[cfg.dtype]
     if streamed:
-        _prepare_stream(dataset, cfg, out, meta, vae, device, dtype)
+        _prepare_stream(dataset, cfg, out, meta, vae, device, dtype, redo)
     else:
         done_files = {s["file"] for s in meta["shards"]}
         shards = [(k, range(k * size, min(rows, (k + 1) * size))) for k in range((rows + size - 1) // size)]
@@ -158,16 +213,25 @@ def prepare(cfg: DictConfig) -> Path:
     return out
 
 
-def _prepare_stream(dataset, cfg: DictConfig, out: Path, meta: dict, vae, device, dtype) -> None:
+def _prepare_stream(dataset, cfg: DictConfig, out: Path, meta: dict, vae, device, dtype, redo: list[dict]) -> None:
     """A stream (WebDataset shards), read in order: shard k holds the next shard_size / batch_size batches.
-    A resumed run skips, undecoded, the batches of the shards already written."""
+    A resumed run skips, undecoded, the batches of the shards already written; a damaged shard (``redo``) is encoded
+    again from its place in the stream."""
     batch_size, per_shard = int(cfg.batch_size), int(cfg.shard_size) // int(cfg.batch_size)
-    done_batches = sum(s.get("batches", 0) for s in meta["shards"])
     dataset.batch_size = batch_size
-    dataset.set_epoch(0)
-    if done_batches:
-        dataset.resume_epoch, dataset.resume_batches = 0, done_batches
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=int(cfg.num_workers), collate_fn=collate)
+
+    def batches_from(done_batches: int) -> DataLoader:
+        dataset.set_epoch(0)
+        dataset.resume_epoch, dataset.resume_batches = (0, done_batches) if done_batches else (-1, 0)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=int(cfg.num_workers), collate_fn=collate)
+
+    listed = meta["shards"] + redo
+    for entry in redo:
+        before = sum(s["batches"] for s in listed if s["file"] < entry["file"])
+        batches = itertools.islice(batches_from(before), entry["batches"])
+        k = int(entry["file"].removeprefix("shard-").removesuffix(".pt"))
+        _save_shard(out, meta, k, batches, tuple(entry["rows"]), vae, device, dtype)
+    loader = batches_from(sum(s.get("batches", 0) for s in meta["shards"]))
     k, start, pending = len(meta["shards"]), meta["done"], []
     bar = tqdm(initial=start, unit="img", desc=f"prepare -> {out}")
     for batch in loader:

@@ -66,6 +66,17 @@ def expand_shards(shards: str | Iterable[str]) -> list[str]:
     return out
 
 
+def find_shards(shards: str | Iterable[str]) -> list[str]:
+    """The shards ``data.shards`` names; a DataError when it matches none or names local shards that do not exist."""
+    found = expand_shards(shards)
+    if not found:
+        raise DataError(f"data.shards={shards!r} matches no shard")
+    missing = [s for s in found if not is_url(s) and not Path(s).is_file()]
+    if missing:
+        raise DataError(f"data.shards: {len(missing)} of the {len(found)} shards do not exist, e.g. {missing[:3]}")
+    return found
+
+
 def open_shard(shard: str, timeout: float = 60.0):
     """A binary stream of the shard: a local file, or a ``file://`` / ``http(s)://`` URL read as it arrives."""
     if is_url(shard):
@@ -83,24 +94,46 @@ def split_key(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :].lower()
 
 
+class _Header(tarfile.TarInfo):
+    """A tar header that tells a shard's end (a zero block) from a cut: tarfile's stream mode ends a shard quietly at
+    a header that is missing (no end-of-archive blocks), cut short or not a header, and the rest is lost unsaid."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) != tarfile.BLOCKSIZE:
+            where = "inside a tar header" if buf else "before the tar end-of-archive blocks"
+            raise tarfile.ReadError(f"the file ends {where}: cut short")
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.InvalidHeaderError as err:  # a zero block (EOFHeaderError) is the end, and passes
+            raise tarfile.ReadError(f"not a tar header where one should be ({err})") from None
+
+
 def iter_shard(stream, shard_index: int) -> Iterator[dict]:
-    """Group the members of a tar stream by key: ``{"__key__", "index", <ext>: bytes, ...}``, in order."""
+    """Group the members of a tar stream by key: ``{"__key__", "index", <ext>: bytes, ...}``, in order. A shard
+    that ends early anywhere (inside a member or a header, or without its end-of-archive blocks) raises ReadError
+    after the sample read so far (the members before the cut)."""
     sample, ordinal = None, 0
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            tar.members = []  # stream mode keeps every TarInfo otherwise
-            if not member.isfile():
-                continue
-            key, ext = split_key(member.name)
-            if not ext or Path(key).name.startswith("."):  # no extension, or ._ / .DS_Store litter
-                continue
-            data = tar.extractfile(member).read()
-            if sample is not None and sample["__key__"] != key:
-                yield sample
-                sample, ordinal = None, ordinal + 1
-            if sample is None:
-                sample = {"__key__": key, "index": shard_index * INDEX_STRIDE + ordinal}
-            sample[ext] = data
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_Header) as tar:
+            for member in tar:
+                tar.members = []  # stream mode keeps every TarInfo otherwise
+                if not member.isfile():
+                    continue
+                key, ext = split_key(member.name)
+                if not ext or Path(key).name.startswith("."):  # no extension, or ._ / .DS_Store litter
+                    continue
+                data = tar.extractfile(member).read()
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample, ordinal = None, ordinal + 1
+                if sample is None:
+                    sample = {"__key__": key, "index": shard_index * INDEX_STRIDE + ordinal}
+                sample[ext] = data
+    except (tarfile.TarError, OSError, EOFError):
+        if sample is not None:
+            yield sample
+        raise
     if sample is not None:
         yield sample
 
@@ -131,14 +164,7 @@ class WebDatasetShards(IterableDataset):
     ):
         if small_images not in ("upscale", "skip"):
             raise DataError(f"data.small_images={small_images!r} is not one of: upscale, skip")
-        self.shards = expand_shards(shards)
-        if not self.shards:
-            raise DataError(f"data.shards={shards!r} matches no shard")
-        missing = [s for s in self.shards if not is_url(s) and not Path(s).is_file()]
-        if missing:
-            raise DataError(
-                f"data.shards: {len(missing)} of the {len(self.shards)} shards do not exist, e.g. {missing[:3]}"
-            )
+        self.shards = find_shards(shards)
         self.tokenizer, self.resolution, self.random_flip = tokenizer, resolution, random_flip
         self.caption_field = caption_field
         self.image_extensions = tuple(e.lower().lstrip(".") for e in image_extensions)

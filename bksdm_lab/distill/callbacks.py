@@ -213,12 +213,14 @@ class DataQuality(pl.Callback):
 class ExportPipeline(pl.Callback):
     """At the end of a successful fit that trained at least one optimizer step, rank 0 saves the (EMA) student with
     the teacher's VAE, text encoder, tokenizer and scheduler as a diffusers pipeline with a model card, and pushes it
-    to the Hub if asked. A fit that trained nothing exports nothing (``exported`` stays empty)."""
+    to the Hub if asked. A fit that trained nothing exports nothing (``exported`` stays empty); the final checkpoint
+    is written before (``FinalCheckpoint``), and a fit whose checkpoint could not be written stops before the export."""
 
-    def __init__(self, out_dir: str, weights: str = "ema", hub: dict | None = None):
+    def __init__(self, out_dir: str, weights: str = "ema", hub: dict | None = None, safety_checker: bool = True):
         if weights not in WEIGHTS:
             raise ValueError(f"callbacks.export.weights={weights!r} is not one of {WEIGHTS}")
         self.out_dir, self.weights, self.hub = Path(out_dir), weights, dict(hub or {})
+        self.safety_checker = bool(safety_checker)  # the teacher's, when it has one
         self.exported: dict[str, str] = {}  # what was written: {"pipeline": path, "hub": url}
         self._start_step: int | None = None
 
@@ -234,7 +236,9 @@ class ExportPipeline(pl.Callback):
         ckpt = trainer.checkpoint_callback
         checkpoint = str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.dirpath else None
         card = card_info(module.run_config, module.teacher, unet, trainer.global_step, weights, checkpoint=checkpoint)
-        self.exported["pipeline"] = str(export_pipeline(module.teacher, unet, self.out_dir, card=card))
+        self.exported["pipeline"] = str(
+            export_pipeline(module.teacher, unet, self.out_dir, card=card, safety_checker=self.safety_checker)
+        )
         if self.hub.get("push"):
             self.exported["hub"] = push_to_hub(
                 self.out_dir, self.hub["repo_id"], token=self.hub.get("token"), private=self.hub.get("private", True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bksdm_lab.common.checkpoint import CheckpointError, read_checkpoint
 from bksdm_lab.data.common import DataError
-from bksdm_lab.data.folder import check_folder, read_metadata
-from bksdm_lab.data.latents import read_meta
+from bksdm_lab.data.folder import check_folder, outside_root, read_metadata
+from bksdm_lab.data.hf import check_local_path
+from bksdm_lab.data.latents import damaged, read_meta
+from bksdm_lab.data.webdataset import find_shards
 from bksdm_lab.distill.fastpath import check_config as check_fast_path
 from bksdm_lab.distill.losses import check_config as check_loss_config
+from bksdm_lab.models.keep import same_student
 
 
 def _number(v) -> bool:
@@ -125,11 +129,12 @@ def check_resume(cfg: DictConfig, path: str | Path) -> list[str]:
         )
     elif saved.get("keep") is not None and "keep" in cfg.arch:  # same name (arch=keep), maybe another pattern
         asked = OmegaConf.to_container(cfg.arch.keep, resolve=True)
-        if saved["keep"] != asked:
+        if not same_student(saved["keep"], asked, cfg.teacher):
             problems.append(
                 f"ckpt_path={str(path)!r} holds a student of the keep pattern arch.keep={saved['keep']}, but this run "
                 f"asks for arch.keep={asked}: resume with the pattern it was trained with"
             )
+    problems += _data_position(ckpt, path)
     step, max_steps = int(ckpt.get("global_step", 0)), int(cfg.trainer.get("max_steps", -1))
     if max_steps != -1 and step >= max_steps:
         problems.append(
@@ -137,6 +142,21 @@ def check_resume(cfg: DictConfig, path: str | Path) -> list[str]:
             f"raise trainer.max_steps to continue the run"
         )
     return problems
+
+
+def _data_position(ckpt: dict, path: str | Path) -> list[str]:
+    """The data position (the train loader's ``epoch`` and ``samples``, saved by Lightning) is one this version
+    continues from: an earlier version's checkpoint holds another, which cannot be resumed."""
+    loop = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("state_dict") or {}
+    states = loop.get("combined_loader") or []
+    missing = sorted({k for state in states for k in ("epoch", "samples") if k not in (state or {})})
+    if not missing:
+        return []
+    return [
+        f"ckpt_path={str(path)!r} was written by an earlier bksdm_lab version (its data position has no "
+        f"{', '.join(missing)}): it cannot be resumed; export its student (`python -m bksdm_lab.export {path}`), or "
+        f"start a new run"
+    ]
 
 
 # ---- the data -----------------------------------------------------------------------------------------------------
@@ -218,21 +238,24 @@ def check_data(cfg: DictConfig) -> list[str]:
     try:
         if uses_cached_latents(data):
             meta = read_meta(data.root)
-            problems = check_cache_teacher(meta, cfg)
+            problems = check_cache_teacher(meta, cfg) + [p for p in [damaged(data.root, meta)] if p]  # sizes only
             count = sum(int(s["count"]) for s in meta.get("shards", []))
         elif data.get("synthetic") and not Path(str(data.root)).expanduser().exists():
-            problems, count = [], int(data.synthetic.num_images)  # written by the demo data module
+            problems, count = _writable(data.root), int(data.synthetic.num_images)  # written by the data module
         elif "root" in data:
             root = check_folder(data.root, data.caption_column, data.image_column)
-            problems, count = [], len(read_metadata(root, data.caption_column, data.image_column))
+            samples = read_metadata(root, data.caption_column, data.image_column)
+            problems = [] if data.get("allow_outside_root") else _inside(root, samples)
+            count = len(samples)
         else:
+            problems = _stream_problems(data)
             if val:  # a stream (data=webdataset) has no "last N samples" to hold out
-                return [
+                problems.append(
                     f"data.val_samples={val}: {data.get('_target_', 'this data format')} streams its samples and "
                     "holds none out; use data=folder, data=hf or data=latents for a held-out loss, or "
                     "data.val_samples=0 with optimized_metric=train/loss"
-                ]
-            return []
+                )
+            return problems
     except DataError as err:
         return [str(err)]
     if data.get("max_samples"):
@@ -244,6 +267,42 @@ def check_data(cfg: DictConfig) -> list[str]:
     if val >= count:
         return problems + [f"data.val_samples={val} holds out all {count} samples: nothing is left to train on"]
     return problems + check_batches(count - val, cfg, f"{what} without its {val} held-out samples (data.val_samples)")
+
+
+def _stream_problems(data: DictConfig) -> list[str]:
+    """The shards of ``data.shards`` exist; a local ``data.path`` holds a data set (hub names are looked up when
+    loaded)."""
+    try:
+        if data.get("shards") is not None:
+            find_shards(data.shards)
+        if data.get("path") is not None:
+            check_local_path(data.path)
+    except DataError as err:
+        return [str(err)]
+    return []
+
+
+def _writable(root) -> list[str]:
+    """A data set written at first use (the demo's): the nearest existing folder above ``root`` can be written."""
+    above = Path(str(root)).expanduser().absolute()
+    while not above.exists():
+        above = above.parent
+    if os.access(above, os.W_OK | os.X_OK):
+        return []
+    return [
+        f"data.root={str(root)!r} does not exist and {above} cannot be written: point data.root at a writable folder"
+    ]
+
+
+def _inside(root: Path, samples: list) -> list[str]:
+    """A folder none of whose entries resolves inside it (each one alone is skipped and counted when read)."""
+    if not samples or any(outside_root(root, name) is None for name, _ in samples):
+        return []
+    name = samples[0][0]
+    return [
+        f"data.root={str(root)!r}: every entry of its metadata resolves outside it (e.g. {name!r} is "
+        f"{outside_root(root, name)}): move the files into data.root, or set data.allow_outside_root=true"
+    ]
 
 
 def same_source(a: str, b: str) -> bool:

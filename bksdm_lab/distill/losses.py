@@ -282,7 +282,40 @@ def check_config(cfg) -> list[str]:
     if not problems:
         weights = node.get("weights")
         try:
-            KDLoss(terms, dict(weights) if isinstance(weights, DictConfig) else {})
+            loss = KDLoss(terms, dict(weights) if isinstance(weights, DictConfig) else {})
         except (ValueError, TypeError) as err:
-            problems.append(str(err))
+            return [str(err)]
+        problems += check_taps(cfg, loss)
+    return problems
+
+
+def check_taps(cfg, loss: KDLoss) -> list[str]:
+    """One line per feature pair of an active term naming a module the student or the teacher does not have, found on
+    the models built from their configs on the meta device (no weights: a fraction of a second at SD-v1.4 size)."""
+    from diffusers import UNet2DConditionModel
+    from omegaconf import OmegaConf
+
+    from bksdm_lab.models.keep import teacher_unet_config
+    from bksdm_lab.models.students import build_student
+    from bksdm_lab.models.taps import valid_names
+
+    try:
+        arch = OmegaConf.to_container(cfg.arch, resolve=True)
+        teacher_config, _ = teacher_unet_config(cfg.teacher)
+        with torch.device("meta"):
+            models = {"teacher": UNet2DConditionModel.from_config(teacher_config)}
+            models["student"] = build_student(teacher_config, arch)
+    except Exception:  # noqa: BLE001 - a bad arch or teacher: their own checks say so, before loading too
+        return []
+    names = {role: dict(model.named_modules()) for role, model in models.items()}
+    problems = []
+    for term in loss.active:
+        argument = "self_attention_pairs" if getattr(loss.terms[term], "at", None) == "self_attention" else "pairs"
+        for i, pair in enumerate(loss.terms[term].feature_pairs):
+            for role, name in zip(("teacher", "student"), pair):
+                if name not in names[role]:
+                    problems.append(
+                        f"loss.terms.{term}.{argument}.{i}: the {role} U-Net has no module {name!r}; the names there: "
+                        f"{valid_names(models[role], name)}"
+                    )
     return problems

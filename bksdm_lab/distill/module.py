@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,9 +19,35 @@ from bksdm_lab.distill.losses import KDInputs, KDLoss
 from bksdm_lab.models.taps import FeatureTaps
 from bksdm_lab.models.teachers import Teacher
 
+log = logging.getLogger("bksdm_lab")
+
 FROZEN = ("teacher_unet", "vae", "text_encoder")
 CHECKPOINTED = ("student.", "ema_student.")  # ema_student.*: written by the EMA callback
 NONFINITE_POLICIES = ("skip", "stop")
+# run-config keys (and the keys under them) that are not options of what trains: how this command was invoked, where
+# it logs, and the arch's note of which teacher config it was derived from (its topology is checked on load)
+PER_INVOCATION = ("resumes", "ckpt_path", "overwrite", "run_name", "logger", "hydra", "arch.derived_from.teacher")
+PER_INVOCATION_PREFIXES = tuple(k for key in PER_INVOCATION for k in (key, f"{key}."))
+UNSET = "(unset)"
+
+
+def flat(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_options(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list]:
+    """``{dotted key: [old value, new value]}`` of the options two run configs differ in."""
+    a, b = ({k: v for k, v in flat(c).items() if not k.startswith(PER_INVOCATION_PREFIXES)} for c in (old, new))
+    return {
+        k: [a.get(k, UNSET), b.get(k, UNSET)] for k in sorted(a.keys() | b.keys()) if a.get(k, UNSET) != b.get(k, UNSET)
+    }
 
 
 def first_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -303,3 +330,15 @@ class DistillModule(pl.LightningModule):
                 f"the checkpoint (a student of arch={arch}) does not fit this run's student: it {what}. Resume with "
                 f"the arch= and teacher= it was trained with"
             )
+        self.record_resume(meta.get("config"), int(checkpoint.get("global_step", 0)))
+
+    def record_resume(self, stored: Mapping[str, Any] | None, step: int) -> None:
+        """Keep in ``run_config["resumes"]`` (checkpointed, on the model card) the step of this resume and the options
+        it changed against the checkpoint's run config, and warn of the changes: a resumed run says what ran."""
+        if not isinstance(stored, Mapping) or not self.run_config:
+            return
+        changes = changed_options(stored, self.run_config)
+        self.run_config["resumes"] = [*(stored.get("resumes") or []), {"step": step, "changes": changes}]
+        if changes:
+            listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            log.warning("resumed at step %d with changed options: %s", step, listed)

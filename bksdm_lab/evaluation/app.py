@@ -1,12 +1,49 @@
-"""What the evaluation commands (``python -m bksdm_lab.generate``, ``python -m bksdm_lab.evaluate``) share: where
-a run's folder is, and this process's place among several launched by ``torchrun``."""
+"""What the evaluation commands (``python -m bksdm_lab.generate``, ``python -m bksdm_lab.evaluate``) share: the
+checks of their values, where a run's folder is, and this process's place among several launched by ``torchrun``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+
+Rule = tuple[Callable[[Any], bool], str]  # a value's test, and the allowed values in words
+BOOL: Rule = (lambda v: isinstance(v, bool), "one of [true, false]")
+
+
+def is_whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def whole(low: int, null: bool = False) -> Rule:
+    """The rule "a whole number >= low" (or null)."""
+    return (lambda v: (null and v is None) or is_whole(v, low)), f"{'null or ' if null else ''}a whole number >= {low}"
+
+
+def _device(value) -> bool:
+    import torch
+
+    try:
+        device = torch.device(value) if value is not None else None
+    except (RuntimeError, TypeError):
+        return False
+    cuda = device is not None and device.type == "cuda"
+    return not cuda or (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count())
+
+
+DEVICE: Rule = (_device, "null (cuda if available, else cpu), cpu, or cuda[:N] of a GPU here")
+
+
+def rule_problems(values: Mapping, rules: Mapping[str, Rule], prefix: str = "") -> list[str]:
+    """One line per value that breaks its rule (key -> rule, for the keys ``values`` has): the key, the value and
+    the allowed values."""
+    return [
+        f"{prefix}{k}={values[k]!r} is not {allowed}"
+        for k, (ok, allowed) in rules.items()
+        if k in values and not ok(values[k])
+    ]
 
 
 def run_dir(cfg) -> Path:

@@ -3,6 +3,7 @@ and the paper's evaluation, small (:class:`EvalCallback`, ``callbacks=with_eval`
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,20 @@ from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.evaluate import DEFAULT_CLIP, evaluate
 from bksdm_lab.evaluation.metrics import check_available, clip_from_spec, extractor_from_spec
 from bksdm_lab.models.export import build_pipeline
+
+# the sampling values SampleImages takes under names of its own (callbacks.samples.*): sampling key -> its name
+SAMPLE_OVERRIDES = {"seed": "seed", "steps": "num_inference_steps", "guidance": "guidance_scale"}
+
+
+def run_sampling_problems(cfg) -> list[str]:
+    """One line per bad sampling value of a training run (its ``sampling`` group and the sample callback's own
+    overrides), checked before anything loads."""
+    from omegaconf import OmegaConf
+
+    samples = OmegaConf.select(cfg, "callbacks.samples") or {}
+    own = {k: samples[k] for k in SAMPLE_OVERRIDES.values() if samples.get(k) is not None}
+    own_problems = gen.sampling_problems(own, "callbacks.samples.", SAMPLE_OVERRIDES)
+    return gen.sampling_problems(cfg.get("sampling")) + own_problems
 
 
 def ema_of(trainer, module) -> torch.nn.Module | None:
@@ -209,6 +224,7 @@ class EvalCallback(Callback):
         if self.out_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="bksdm_eval_")
         folder = (self.out_dir or Path(tmp.name)) / f"step{step:06d}"
+        shutil.rmtree(folder, ignore_errors=True)  # an earlier attempt at this step (a resumed run): not these weights
         kwargs = {**gen.sampling_kwargs(self.sampling), "batch_size": self.batch_size, "seed_mode": "per-prompt"}
         try:
             with torch.autocast(module.device.type, enabled=module.device.type == "cuda"):

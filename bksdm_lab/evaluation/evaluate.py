@@ -6,6 +6,7 @@ paper's numbers (BK-SDM, arXiv 2305.15798, MS-COCO 30K; the protocol: docs/evalu
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from bksdm_lab.evaluation.paper import PAPER_IMAGES, PAPER_RESULTS, PAPER_SETTIN
 
 DEFAULT_CLIP = PAPER_CLIP  # the `clip` default of the evaluation callback
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+log = logging.getLogger(__name__)
 
 
 class EvaluationError(RuntimeError):
@@ -73,12 +75,36 @@ def generated_paths(images: str | Path | Sequence[str | Path], num: int) -> list
     return paths
 
 
-def image_batches(paths: Sequence[Path], resize: int | None, batch_size: int) -> Iterator[list[Image.Image]]:
-    """RGB PIL images squashed to ``resize`` px (bicubic), in batches; without resize, one size per batch."""
+def read_image(path: Path, resize: int | None) -> Image.Image:
+    """An RGB image squashed to ``resize`` px (bicubic); a file that is no usable image raises the BadSample (reason:
+    missing, corrupt, bomb) training gives it."""
+    try:
+        with Image.open(path) as im:
+            return resize_image(im, resize)
+    except Exception:
+        from bksdm_lab.data.common import load_image
+
+        load_image(path, 1, False, "upscale", 2**63, name=str(path))  # only its verdict; PIL's bomb limit holds
+        raise
+
+
+def image_batches(
+    paths: Sequence[Path], resize: int | None, batch_size: int, skipped: list | None = None
+) -> Iterator[list[Image.Image]]:
+    """RGB PIL images squashed to ``resize`` px (bicubic), in batches; without resize, one size per batch. With a
+    ``skipped`` list, unusable files are skipped and their BadSamples appended to it, else raised."""
+    from bksdm_lab.data.common import BadSample
+
     batch: list[Image.Image] = []
     for path in paths:
-        with Image.open(path) as im:
-            image = resize_image(im, resize)
+        try:
+            image = read_image(path, resize)
+        except BadSample as bad:
+            if skipped is None:
+                raise
+            log.warning("skipping %s (%s)", bad, bad.reason)
+            skipped.append(bad)
+            continue
         if batch and (len(batch) == batch_size or image.size != batch[0].size):
             yield batch
             batch = []
@@ -146,8 +172,7 @@ class Scorer:
         """The next image (of prompt ``count``)."""
         start = time.perf_counter()
         if isinstance(image, (str, Path)):
-            with Image.open(image) as im:
-                image = resize_image(im, self.resize)
+            image = read_image(Path(image), self.resize)
         else:
             image = resize_image(image, self.resize)
         if self._batch and (len(self._batch) == self.batch_size or image.size != self._batch[0].size):
@@ -388,18 +413,21 @@ def compute_stats(
     batch_size: int = 50,
     num_images: int | None = None,
     progress: bool = False,
-) -> FeatureStats:
+) -> tuple[FeatureStats, list]:
     """FeatureStats (``mu``, ``sigma``, ``n``) of the images under ``folder`` (e.g. the 40,504 MS-COCO val2014
-    images, squashed to 256 px): the real side of torchmetrics' FID; ``.save(path)`` writes the reference npz."""
+    images, squashed to 256 px): the real side of torchmetrics' FID; ``.save(path)`` writes the reference npz. Files
+    that are no usable image are skipped, as in training: returned too (their BadSamples, with reason and file)."""
     from tqdm.auto import tqdm
 
     paths = list_images(folder, num_images)
     image_metrics = ImageMetrics(feature_extractor, inception_score=False)
+    skipped: list = []
     with tqdm(total=len(paths), unit="img", desc="stats", disable=not progress) as bar:
-        for batch in image_batches(paths, resize, batch_size):
+        for batch in image_batches(paths, resize, batch_size, skipped):
             image_metrics.update(to_uint8_batch(batch), real=True)
             bar.update(len(batch))
-    return image_metrics.real_stats()
+        bar.update(len(skipped))
+    return image_metrics.real_stats(), skipped
 
 
 # ---- reporting ---------------------------------------------------------------------------------------

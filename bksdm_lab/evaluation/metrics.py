@@ -7,6 +7,7 @@ that :class:`ImageMetrics` runs once per batch. The paper's models need the ``ev
 from __future__ import annotations
 
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,15 +167,28 @@ def _as_tensor(x) -> torch.Tensor:
 
 
 def _read_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``(mu, sigma, n)`` of a statistics ``.npz``, read without pickle (anything else: a one-line ValueError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
-    with np.load(path) as data:
+    not_stats = ValueError(
+        f"{path} is not a statistics file written by `python -m bksdm_lab.evaluate stats` (an .npz of mu and sigma)"
+    )
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):  # a pickle, text, a cut file: not read any further
+        raise not_stats from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise not_stats
+    with data:
         missing = [k for k in ("mu", "sigma") if k not in data]
         if missing:
             raise ValueError(f"{path} has no {', '.join(missing)} (keys: {sorted(data.files)}); not FID statistics")
-        n = int(data["n"]) if "n" in data else None
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n
+        try:
+            n = int(data["n"]) if "n" in data else None
+            return data["mu"].astype(np.float64), data["sigma"].astype(np.float64), n
+        except (ValueError, TypeError, OSError, zipfile.BadZipFile):  # object arrays, text, a cut member
+            raise not_stats from None
 
 
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import gc
+import hashlib
 import inspect
 import io
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from bksdm_lab.evaluation.app import BOOL, Rule, is_whole, rule_problems, whole
 from bksdm_lab.evaluation.paper import PAPER_SAMPLING
 from bksdm_lab.models.teachers import TeacherLoadError, teacher_source
 
@@ -332,6 +334,16 @@ def write_grid(out_dir: str | Path, num_prompts: int, grid: int = 16) -> Path | 
     return out_dir / "grid.png"
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's weights as loaded (names, dtypes, shapes and values in state-dict order), whatever the
+    source (a folder, a hub id, a checkpoint) and the memory layout."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _check_resume(out_dir: Path, settings: dict, prompts: Sequence[str], paths: Sequence[Path]) -> None:
     """Refuse to mix images of other settings or other prompts into one folder."""
     manifest = out_dir / MANIFEST
@@ -358,11 +370,6 @@ def _check_resume(out_dir: Path, settings: dict, prompts: Sequence[str], paths: 
                     f"{paths[i]} was generated for prompt {old_prompts[i]!r}, not {prompt!r}; "
                     f"use another out=, or delete {out_dir / IMAGE_DIR} to start over"
                 )
-
-
-def check_batch_size(batch_size) -> None:
-    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise GenerationError(f"sampling.batch_size={batch_size!r} is not one of: auto, a whole number >= 1")
 
 
 def first_batch_size(batch_size: int | str, device: torch.device, todo: int, max_batch_size: int) -> int:
@@ -432,9 +439,9 @@ class GenerateOptions:
     write_workers: int = 2
 
     def __post_init__(self):
-        if self.seed_mode not in SEED_MODES:
-            raise GenerationError(f"sampling.seed_mode={self.seed_mode!r} is not one of {SEED_MODES}")
-        check_batch_size(self.batch_size)
+        problems = sampling_problems({k: getattr(self, k) for k in SAMPLING_KEYS})
+        if problems:
+            raise GenerationError("\n".join(problems))
         if not 0 <= self.rank < self.world_size:
             raise GenerationError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
 
@@ -470,6 +477,7 @@ def generate_images(
         "seed_mode": o.seed_mode,
         "dtype": str(_latent_dtype(pipe)).removeprefix("torch."),
         "generator_device": gen_device.type,
+        "unet_sha256": weights_sha256(pipe.unet),  # the same path may hold a retrained model
     }
     paths = [out_dir / IMAGE_DIR / image_name(i) for i in range(len(prompts))]
     _check_resume(out_dir, settings, prompts, paths)
@@ -651,32 +659,50 @@ def sampling_kwargs(sampling: Mapping | None) -> dict:
     return {k: sampling[k] for k in SAMPLING_KEYS if sampling is not None and k in sampling}
 
 
-def check_sampling(sampling: Mapping) -> None:
-    """One-line errors for wrong ``sampling.*`` values, before anything heavy loads."""
+def _named(choices) -> Callable:
+    return lambda value: (value is None or isinstance(value, str)) and value in choices
+
+
+# conf/sampling key -> (its test, the allowed values): the one place the sampling values are checked
+SAMPLING_RULES: dict[str, Rule] = {
+    "scheduler": (_named(SCHEDULERS), f"one of {list(SCHEDULERS)}"),
+    "steps": whole(1),
+    # diffusers guides only above 1 (StableDiffusionPipeline.do_classifier_free_guidance): any value below is 1
+    "guidance": (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < math.inf,
+        "a number >= 1 (1: no classifier-free guidance)",
+    ),
+    "resolution": (
+        lambda v: v is None or (is_whole(v, 8) and v % 8 == 0),
+        "null (the model's) or a whole number >= 8 divisible by 8",
+    ),
+    "seed": (lambda v: is_whole(v, 0) and v < 2**63, "a whole number from 0 to 2**63 - 1"),
+    "seed_mode": (_named(SEED_MODES), f"one of {list(SEED_MODES)}"),
+    "precision": (_named((None, *PRECISIONS)), f"one of {[None, *PRECISIONS]}"),
+    "generator_device": (_named(("device", "cpu")), "one of ['device', 'cpu']"),
+    "batch_size": (lambda v: v == "auto" or is_whole(v, 1), "one of: auto, a whole number >= 1"),
+    "max_batch_size": whole(1),
+    "channels_last": BOOL,
+    "compile": BOOL,
+    "compile_mode": (_named(COMPILE_MODES), f"one of {list(COMPILE_MODES)}"),
+}
+
+
+def sampling_problems(sampling: Mapping | None, prefix: str = "sampling.", names: Mapping | None = None) -> list[str]:
+    """One line per bad value of a ``sampling`` config (over the paper's; a DictConfig or a dict) naming the key and
+    the allowed values, before anything loads. ``names``: check only these sampling keys, as a callback spells them
+    (sampling key -> its key, under ``prefix``), where it gives them."""
+    if names is not None:
+        return rule_problems(dict(sampling or {}), {names[k]: SAMPLING_RULES[k] for k in names}, prefix)
     s = sampling_dict(sampling)
-    if s["scheduler"] not in SCHEDULERS:
-        raise GenerationError(f"sampling.scheduler={s['scheduler']!r} is not one of {list(SCHEDULERS)}")
-    if s["seed_mode"] not in SEED_MODES:
-        raise GenerationError(f"sampling.seed_mode={s['seed_mode']!r} is not one of {list(SEED_MODES)}")
-    check_batch_size(s["batch_size"])
-    mbs = s["max_batch_size"]
-    if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
-        raise GenerationError(f"sampling.max_batch_size={mbs!r} is not a whole number >= 1")
-    if s["precision"] is not None and s["precision"] not in PRECISIONS:
-        raise GenerationError(f"sampling.precision={s['precision']!r} is not one of {[None, *PRECISIONS]}")
-    if s["generator_device"] not in ("device", "cpu"):
-        raise GenerationError(f"sampling.generator_device={s['generator_device']!r} is not one of ['device', 'cpu']")
-    for key in ("channels_last", "compile"):
-        if not isinstance(s[key], bool):
-            raise GenerationError(f"sampling.{key}={s[key]!r} is not one of [true, false]")
-    if s["compile"]:
+    problems = rule_problems(s, SAMPLING_RULES, prefix)
+    if s["compile"] is True:
         import torch._dynamo  # torch.compile's backends are listed by dynamo only (no public torch API)
 
         backends = torch._dynamo.list_backends(exclude_tags=())
         if s["compile_backend"] not in backends:
-            raise GenerationError(f"sampling.compile_backend={s['compile_backend']!r} is not one of {backends}")
-        if s["compile_mode"] not in COMPILE_MODES:
-            raise GenerationError(f"sampling.compile_mode={s['compile_mode']!r} is not one of {list(COMPILE_MODES)}")
+            problems.append(f"{prefix}compile_backend={s['compile_backend']!r} is not one of {backends}")
+    return problems
 
 
 def speed_up(pipe, channels_last: bool = False, compile: bool = False, backend: str = "inductor", mode=None):

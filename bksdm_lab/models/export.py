@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from omegaconf import OmegaConf
 from bksdm_lab.common.checkpoint import CheckpointError, read_checkpoint
 from bksdm_lab.common.cli import fail
 from bksdm_lab.common.quiet import quiet_libraries
-from bksdm_lab.common.secrets import public_source, shareable_text
+from bksdm_lab.common.secrets import public_source
 from bksdm_lab.models.students import build_student, count_params, removed_blocks, removed_by_stage
 from bksdm_lab.models.teachers import Teacher, TeacherLoadError, load_teacher
 
@@ -31,51 +32,78 @@ PAPER = "https://arxiv.org/abs/2305.15798"
 LICENSE_URL = "https://huggingface.co/spaces/CompVis/stable-diffusion-license"
 CARD_TAGS = ["stable-diffusion", "text-to-image", "bk-sdm", "knowledge-distillation"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LOCAL_PATH = re.compile(r"(?<![\w.:/<>~-])~?/[^\s,;'\"\])]+")  # an absolute or home path, not a URL's
 
 
 class ExportError(RuntimeError):
     """The checkpoint cannot be exported as asked; the message says why."""
 
 
-def build_pipeline(teacher: Teacher, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
-    """The teacher's VAE, text encoder, tokenizer and scheduler around a (student) U-Net."""
+def build_pipeline(
+    teacher: Teacher, unet: UNet2DConditionModel, safety_checker: bool = True
+) -> StableDiffusionPipeline:
+    """The teacher's VAE, text encoder, tokenizer and scheduler around a (student) U-Net, and the teacher's safety
+    checker and feature extractor when it has them (``safety_checker=False`` leaves them out)."""
+    checker, extractor = teacher.safety_parts() if safety_checker else (None, None)
     return StableDiffusionPipeline(
         vae=teacher.ensure_vae(device=unet.device),
         text_encoder=teacher.text_encoder,
         tokenizer=teacher.tokenizer,
         unet=unet,
         scheduler=teacher.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=checker,
+        feature_extractor=extractor,
+        requires_safety_checker=checker is not None,
     )
 
 
 def export_pipeline(
-    teacher: Teacher, unet: UNet2DConditionModel, out_dir: str | Path, *, card: Mapping[str, Any] | None = None
+    teacher: Teacher,
+    unet: UNet2DConditionModel,
+    out_dir: str | Path,
+    *,
+    card: Mapping[str, Any] | None = None,
+    safety_checker: bool = True,
 ) -> Path:
     """Save the pipeline in fp32 with safetensors; ``StableDiffusionPipeline.from_pretrained`` loads it.
 
-    With ``card`` (the ``info`` of :func:`load_checkpoint_student`) a model card ``README.md`` is written too.
+    With ``card`` (the ``info`` of :func:`load_checkpoint_student`) a model card ``README.md`` is written too, saying
+    whether the teacher's safety checker is included (:func:`build_pipeline`).
     """
     out_dir = Path(out_dir)
-    pipe = build_pipeline(teacher, unet)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")  # written whole beside it, then swapped in
+    for stale in [tmp, *out_dir.parent.glob(f".{out_dir.name}.tmp*"), *out_dir.parent.glob(f".{out_dir.name}.old*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed
+    pipe = build_pipeline(teacher, unet, safety_checker)
     dtypes = {name: getattr(pipe, name).dtype for name in ("vae", "text_encoder", "unet")}
     for name, dtype in dtypes.items():
         if dtype != torch.float32:
             getattr(pipe, name).to(torch.float32)
     sources = _hide_sources(pipe)
     try:
-        pipe.save_pretrained(out_dir, safe_serialization=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if card is not None:
+            write_model_card(tmp, {**card, "safety_checker": pipe.safety_checker is not None})
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves the folder as it was
+        raise
     finally:
         for component, source in sources.items():  # leave the caller's modules as they were
             component.register_to_config(_name_or_path=source)
         for name, dtype in dtypes.items():
             if dtype != torch.float32:
                 getattr(pipe, name).to(dtype)
-    if card is not None:
-        write_model_card(out_dir, card)
     return out_dir
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` (if any) by the folder ``new`` as a whole: nothing of the earlier one is left in it."""
+    old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+    if out_dir.exists():
+        os.rename(out_dir, old)
+    os.rename(new, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _hide_sources(pipe) -> dict:
@@ -161,9 +189,10 @@ def card_info(
         "params_teacher": count_params(teacher.unet),
         "removed_blocks": removed,
         "removed_by_stage": removed_by_stage(removed, teacher_keys),
-        "data_root": data.get("root"),
+        "data": _public_data(next((data[k] for k in ("root", "path", "shards") if data.get(k)), None)),
         "global_step": int(global_step),
         "batch_size": data.get("batch_size"),
+        "global_batch_size": data.get("global_batch_size"),
         "accumulate_grad_batches": trainer.get("accumulate_grad_batches") or 1,
         "devices": trainer.get("devices") if isinstance(trainer.get("devices"), int) else None,
         "num_nodes": trainer.get("num_nodes") if isinstance(trainer.get("num_nodes"), int) else None,
@@ -176,8 +205,26 @@ def card_info(
         "seed": cfg.get("seed"),
         "experiment_name": cfg.get("experiment_name"),
         "checkpoint": checkpoint,
+        "resumes": list(cfg.get("resumes") or []),
     }
     return info
+
+
+def _public_data(source: Any) -> str | None:
+    """How a model card names the training data: a hub dataset id or a URL (without its query) as it is, a local
+    path by its folder or file name only (:func:`~bksdm_lab.common.secrets.public_source`)."""
+    if isinstance(source, (list, tuple)):
+        return ", ".join(str(_public_data(s)) for s in source)
+    if not isinstance(source, str):
+        return None if source is None else str(source)
+    if "://" in source and not source.startswith("file://"):
+        return source.split("?", 1)[0]
+    return public_source(source.removeprefix("file://"))
+
+
+def _public_value(value: Any) -> str:
+    """A config value as the card shows it, every local path in it by its name only."""
+    return _LOCAL_PATH.sub(lambda path: str(public_source(path.group())), _fmt(value))
 
 
 def load_checkpoint_student(
@@ -234,16 +281,21 @@ def _fmt(value: Any) -> str:
 
 
 def _global_batch(info: Mapping[str, Any]) -> str:
+    """``micro-batch x accumulation [x devices x nodes] = images per step``; the accumulation is the one the run
+    used (``train.set_accumulation`` records it), and ``data.global_batch_size``, when set, is the total."""
     bs, acc = info.get("batch_size"), int(info.get("accumulate_grad_batches") or 1)
     if not isinstance(bs, int):
         return f"{_fmt(bs)} per device x {acc} accumulation"
     factors = [f"{bs} per device", f"{acc} accumulation"]
-    total = bs * acc
+    total, given = bs * acc, info.get("global_batch_size")
     for key, label in (("devices", "devices"), ("num_nodes", "nodes")):
         n = info.get(key)
         if isinstance(n, int) and n > 1:
             factors.append(f"{n} {label}")
             total *= n
+    if isinstance(given, int) and given != total and given % total == 0:  # devices=auto: known only at run time
+        factors.append(f"{given // total} ranks")
+        total = given
     return f"{' x '.join(factors)} = {total}"
 
 
@@ -317,23 +369,35 @@ def _card_training(info: Mapping[str, Any], teacher: str) -> list[str]:
     teacher_line = f"{teacher} (`{trained or source}`)"
     if trained and source and trained != source:
         teacher_line += f"; VAE, text encoder, tokenizer and scheduler exported from `{source}`"
-    data_root = info.get("data_root")
     kd = ", ".join(f"{k} {_fmt(v)}" for k, v in (info.get("kd_weights") or {}).items()) or "?"
     return [
         "",
         "## Training",
         "",
         f"- Teacher: {teacher_line}",
-        f"- Data: `{_fmt(shareable_text(data_root) if isinstance(data_root, str) else data_root)}`",
+        f"- Data: `{_fmt(info.get('data'))}`",
         f"- Steps: {_fmt(info.get('global_step'))} optimizer steps",
         f"- Batch: {_global_batch(info)}",
         f"- Learning rate: {_fmt(info.get('lr'))}",
         f"- Loss weights: {kd} (task = denoising target, out_kd = teacher output, feat_kd = teacher features)",
         f"- Weights exported: {weights}",
         f"- Precision: {_fmt(info.get('precision'))}; seed: {_fmt(info.get('seed'))}",
+        *_card_resumes(info.get("resumes") or []),
         "",
         "Trained with `bksdm_lab` (Hydra + PyTorch Lightning).",
     ]
+
+
+def _card_resumes(resumes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per resume that changed the run's options (``resumed at step 4: loss.weights.feat_kd 1 -> 0.5``);
+    the lines above show the options of the last one."""
+    lines = []
+    for resume in resumes:
+        changes = "; ".join(
+            f"{key} {_public_value(old)} -> {_public_value(new)}" for key, (old, new) in resume["changes"].items()
+        )
+        lines.append(f"- Resumed at step {_fmt(resume['step'])}: {changes or 'no option changed'}")
+    return lines
 
 
 def _card_usage(info: Mapping[str, Any], teacher: str) -> list[str]:
@@ -354,7 +418,12 @@ def _card_usage(info: Mapping[str, Any], teacher: str) -> list[str]:
         'image.save("sample.png")',
         "```",
         "",
-        "No safety checker is included (`safety_checker=None`); add one if your use needs it.",
+        (
+            "The teacher's safety checker and its feature extractor are included, as with the teacher."
+            if info.get("safety_checker")
+            else "No safety checker is included (`safety_checker=None`): the teacher has none, or it was left out on "
+            "export (`callbacks.export.safety_checker=false`, `--no-safety-checker`); add one if your use needs it."
+        ),
         "",
         "## License",
         "",
@@ -413,11 +482,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "ckpt", help="a checkpoint of `python -m bksdm_lab.train` (e.g. <run dir>/checkpoints/last.ckpt)"
     )
     parser.add_argument("--out", help="output folder (default: <run dir>/export-<weights>-step<NNNNNN>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it holds files")
     parser.add_argument(
         "--weights", choices=WEIGHTS, help="EMA or raw student weights (default: ema if the run kept one)"
     )
     parser.add_argument(
         "--teacher", metavar="PATH_OR_ID", help="load the teacher from here instead of the run config's"
+    )
+    parser.add_argument(
+        "--no-safety-checker", action="store_true", help="leave out the teacher's safety checker (default: keep it)"
     )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hugging Face model repo")
     parser.add_argument("--public", action="store_true", help="create the Hub repo public (default: private)")
@@ -429,18 +502,27 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "<redacted>") if token else text
 
 
+def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        fail("export", f"{out_dir} already holds files: nothing there is replaced unless asked (--overwrite "
+                       "replaces the whole folder), or choose another --out")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     quiet_libraries()
+    if args.out:
+        _refuse_existing(Path(args.out), args.overwrite)  # before loading anything
     try:
         teacher, unet, info = load_checkpoint_student(args.ckpt, weights=args.weights, teacher_pretrained=args.teacher)
     except (ExportError, TeacherLoadError, FileNotFoundError) as err:
         hint = " (For the export: --teacher PATH_OR_ID loads the teacher from elsewhere.)"
         fail("export", f"{err}{hint if isinstance(err, TeacherLoadError) else ''}")
     out_dir = Path(args.out) if args.out else default_out_dir(args.ckpt, info["weights"], info["global_step"])
+    _refuse_existing(out_dir, args.overwrite)
     if args.push_to_hub:
         info["repo_id"] = args.push_to_hub
-    export_pipeline(teacher, unet, out_dir, card=info)
+    export_pipeline(teacher, unet, out_dir, card=info, safety_checker=not args.no_safety_checker)
     print(
         f"bksdm_lab.export: wrote {out_dir} ({info['arch_title']}, {info['weights']} weights, "
         f"step {info['global_step']}, {info['params_student']:,} U-Net parameters)"

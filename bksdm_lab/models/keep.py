@@ -368,6 +368,18 @@ def resolver(what: str, *, _parent_, _root_):
     return getattr(derive(_parent_.get("keep"), unet_config, source), what)
 
 
+def same_student(a: Mapping[str, Any], b: Mapping[str, Any], teacher: Mapping[str, Any]) -> bool:
+    """Whether two keep patterns derive the same student of ``teacher`` (the same teacher layers in every stage, each
+    spelled out or derived), however they are written."""
+    if _plain(a) == _plain(b):
+        return True
+    try:
+        unet_config, source = teacher_unet_config(teacher)
+        return derive(a, unet_config, source).pattern == derive(b, unet_config, source).pattern
+    except KeepPatternError:  # one of them is not a pattern of this teacher: not the same student
+        return False
+
+
 def check_derived_from(arch: Mapping[str, Any], teacher_config: Mapping[str, Any]) -> None:
     """The teacher being loaded has the topology the pattern was derived against (one-line error if not)."""
     derived_from = _plain(arch.get("derived_from")) if "derived_from" in arch else None

@@ -12,6 +12,14 @@ from collections.abc import Iterable
 import torch
 
 
+def valid_names(model: torch.nn.Module, name: str, n: int = 8) -> str:
+    """Where a submodule name ``model`` does not have goes wrong: the children of its longest prefix it has."""
+    modules, parts = dict(model.named_modules()), name.split(".")
+    prefix = next(p for p in (".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)) if p in modules)
+    children = [f"{prefix}.{c}".lstrip(".") for c, _ in modules[prefix].named_children()]
+    return ", ".join(children[:n]) + (", ..." if len(children) > n else "")
+
+
 class FeatureTaps:
     """Keeps the latest output of each named submodule of ``model``.
 
@@ -25,8 +33,11 @@ class FeatureTaps:
         for name in dict.fromkeys(names):
             try:
                 module = model.get_submodule(name)
-            except AttributeError as err:
-                raise ValueError(f"feature tap {name!r} names no submodule of {type(model).__name__}: {err}") from None
+            except AttributeError:
+                raise ValueError(
+                    f"feature tap {name!r} names no submodule of {type(model).__name__}; the names there: "
+                    f"{valid_names(model, name)}"
+                ) from None
             self._handles.append(module.register_forward_hook(self._keep(name)))
 
     def _keep(self, name: str):

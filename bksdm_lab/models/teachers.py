@@ -1,7 +1,7 @@
 """Load a frozen teacher Stable Diffusion (U-Net, VAE, text encoder, tokenizer, schedulers).
 
 Real teachers (a hub id or a local diffusers folder) and the offline demo teacher go through the same
-``from_pretrained`` calls. Each part is loaded on its own, so no safety checker is ever needed.
+``from_pretrained`` calls. Each part is loaded on its own; the safety checker only for an export.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ from urllib.parse import urlparse
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from bksdm_lab.models.demo import build_demo_teacher, byte_level_tokenizer
 
 MODEL_CONFIGS = Path(__file__).parent / "configs"
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the training target supports (DistillModule.compute_loss)
+SAFETY_PARTS = ("safety_checker", "feature_extractor")
 
 
 class TeacherLoadError(RuntimeError):
@@ -59,6 +62,26 @@ class Teacher:
         if moves:  # only what is set: diffusers warns about fp32-only modules whenever dtype is passed, even None
             self.vae.to(**moves)
         return self.vae
+
+    def safety_parts(self) -> tuple[StableDiffusionSafetyChecker | None, CLIPImageProcessor | None]:
+        """The teacher pipeline's safety checker and its feature extractor, loaded from its source when its
+        ``model_index.json`` names both (SD-v1.4 does), else ``(None, None)``."""
+        kw = {"revision": self.revision}
+        local = Path(self.source)
+        if local.is_dir() and not (local / "model_index.json").is_file():
+            return None, None  # a folder of parts without a pipeline index: nothing says it has a checker
+        try:
+            index = DiffusionPipeline.load_config(self.source, **kw)
+            if not all((index.get(part) or [None])[0] for part in SAFETY_PARTS):
+                return None, None
+            checker = StableDiffusionSafetyChecker.from_pretrained(self.source, subfolder="safety_checker", **kw)
+            extractor = CLIPImageProcessor.from_pretrained(self.source, subfolder="feature_extractor", **kw)
+        except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TeacherLoadError(
+                f"Teacher {self.name!r}: the safety checker of {self.source!r} could not be loaded: {reason}"
+            ) from err
+        return checker.eval(), extractor
 
 
 def _looks_local(source: str) -> bool:
@@ -124,7 +147,8 @@ def _hub_unreachable(repo_id: str) -> str | None:
 
 
 def probe_teacher(cfg) -> None:
-    """Cheaply check that the teacher can be found (its U-Net config), raising TeacherLoadError if not."""
+    """Cheaply check that the teacher can be found (its U-Net config) and trained (its scheduler's prediction type),
+    raising TeacherLoadError if not."""
     if random_weights(cfg):  # nothing to find: only its shipped configs
         _random_configs(cfg)
         return
@@ -135,6 +159,26 @@ def probe_teacher(cfg) -> None:
         UNet2DConditionModel.load_config(source, subfolder="unet", revision=cfg.get("revision"))
     except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
         raise _load_error(cfg, source, err) from err
+    scheduler_config(cfg, source)
+
+
+def scheduler_config(cfg, source: str) -> dict:
+    """The teacher's scheduler config, refused (one line) when its ``prediction_type`` cannot be trained."""
+    try:
+        config = DDPMScheduler.load_config(source, subfolder="scheduler", revision=cfg.get("revision"))
+    except Exception as err:  # hub, file-system and format errors all end here, with the cause attached
+        raise _load_error(cfg, source, err) from err
+    return check_prediction_type(config, cfg.name, f"{source}/scheduler")
+
+
+def check_prediction_type(config: dict, name: str, where: str) -> dict:
+    kind = config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise TeacherLoadError(
+            f"Teacher {name!r}: prediction_type={kind!r} ({where}) is not supported: bksdm_lab trains teachers "
+            f"that predict {' or '.join(PREDICTION_TYPES)}"
+        )
+    return config
 
 
 def load_teacher(cfg, load_vae: bool = True) -> Teacher:
@@ -143,8 +187,8 @@ def load_teacher(cfg, load_vae: bool = True) -> Teacher:
         return random_teacher(cfg, load_vae)
     source = teacher_source(cfg)
     kw = {"revision": cfg.get("revision")}
+    sched_config = scheduler_config(cfg, source)
     try:
-        sched_config = DDPMScheduler.load_config(source, subfolder="scheduler", **kw)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.get("variant"), **kw)
         vae = (
             AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.get("variant"), **kw)
@@ -201,9 +245,11 @@ def random_weights(cfg) -> bool:
 
 def _random_configs(cfg) -> dict[str, dict]:
     try:
-        return shipped_configs(cfg.configs)
+        parts = shipped_configs(cfg.configs)
     except ValueError as err:
         raise TeacherLoadError(f"teacher.weights=random needs shipped configs: {err}") from None
+    check_prediction_type(parts["scheduler"], cfg.name, f"the shipped configs {cfg.configs}/scheduler")
+    return parts
 
 
 @dataclass
@@ -211,6 +257,9 @@ class RandomTeacher(Teacher):
     """A teacher of the shapes of the shipped ``configs``, with random weights (the byte-level demo tokenizer)."""
 
     configs: str = ""
+
+    def safety_parts(self) -> tuple[None, None]:
+        return None, None  # random weights ship no safety checker
 
     def ensure_vae(self, device=None, dtype=None) -> AutoencoderKL:
         if self.vae is None:
