@@ -142,7 +142,7 @@ def logged(cache_dir, tmp_path_factory) -> dict[str, list]:
 
     root = tmp_path_factory.mktemp("dashboard_run")
     data = make_synthetic_dataset(root / "data", num_images=16, size=80)
-    stats = ev.compute_stats(data, metrics.demo_extractor(), resize=256)
+    stats, _ = ev.compute_stats(data, metrics.demo_extractor(), resize=256)
     ref = metrics.save_stats(root / "ref.npz", stats.mu, stats.sigma)
     (data / "00003.jpg").write_bytes(b"this is not a JPEG")
     run_dir = root / "run"

@@ -101,7 +101,7 @@ def test_a_demo_runs_shared_files_name_no_home_folder(home, tmp_path):
     assert not leaks, f"the home folder {home} is named in {leaks}"
     # what a reader needs is still there, and the names are the ones the README promises
     card = texts["pipeline/README.md"]
-    assert "(`<local>/teacher`)" in card and "- Data: `~/.cache/bk/demo/data`" in card
+    assert "(`<local>/teacher`)" in card and "- Data: `<local>/data`" in card
     assert json.loads(texts["pipeline/vae/config.json"])["_name_or_path"] == "<local>/teacher"
     stored = json.loads(texts["last.ckpt config"])
     assert stored["teacher"]["pretrained"] == "~/.cache/bk/demo/teacher"

@@ -362,6 +362,7 @@ def test_export_refuses_an_existing_folder_unless_asked_and_then_replaces_it_who
     from bksdm_lab.models.export import main as export_main
 
     assert run(tmp_path / "run", "trainer.max_steps=1") == 0
+    capsys.readouterr()  # the training run's own output
     ckpt, out = str(tmp_path / "run" / "checkpoints" / "last.ckpt"), tmp_path / "pipeline"
     out.mkdir()
     (out / "unet").mkdir()
