@@ -115,4 +115,5 @@ class FinalCheckpoint(pl.Callback):
         ckpt = trainer.checkpoint_callback
         if ckpt is None or not ckpt.save_last or ckpt._last_global_step_saved == trainer.global_step:
             return  # no last.ckpt kept, or written at this step already
-        ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))  # ModelCheckpoint's own bookkeeping
+        # private: no public ModelCheckpoint call writes last.ckpt with its own bookkeeping (what resume reads)
+        ckpt._save_last_checkpoint(trainer, ckpt._monitor_candidates(trainer))
