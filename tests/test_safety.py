@@ -352,10 +352,19 @@ def test_a_logger_failing_at_the_end_is_a_warning_and_the_trained_weights_are_ke
     monkeypatch.setenv("HOME", str(mount_tmpfs(tmp_path / "home", "ro", "size=64k")))  # as on many compute nodes
     monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
     run_dir = tmp_path / "run"
-    samples = ["callbacks.samples.prompts=[a red circle]", "callbacks.samples.every_n_steps=1000"]  # at the end only
-    assert run(run_dir, "trainer.max_steps=2", "logger=wandb_csv", *samples) == 0
+    samples = ["callbacks.samples.prompts=[a red circle]", "callbacks.samples.every_n_steps=1"]  # mid-run, at the end
+    fails = "+callbacks.fails={_target_: test_safety.FailsAtEnd}"  # a user's own callback failing at the end
+    assert run(run_dir, "trainer.max_steps=2", "logger=wandb_csv", *samples, fails) == 0
     assert read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
-    assert "SampleImages failed at the end of training (the checkpoint is saved): Unable to write" in caplog.text
+    for step in (1, 2):  # W&B could not stage the images: a warning, and the PNGs are on disk
+        assert f"the sample images of step {step} were not logged (Unable to write" in caplog.text
+        assert (run_dir / "samples" / f"student_step{step:06d}" / "00.png").is_file()
+    assert "FailsAtEnd failed at the end of training (the checkpoint is saved): no space for the report" in caplog.text
+
+
+class FailsAtEnd(pl.Callback):
+    def on_train_end(self, trainer, module) -> None:
+        raise OSError("no space for the report")
 
 
 def test_export_refuses_an_existing_folder_unless_asked_and_then_replaces_it_whole(run, tmp_path, capsys, mount_tmpfs):

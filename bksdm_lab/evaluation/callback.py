@@ -3,6 +3,7 @@ and the paper's evaluation, small (:class:`EvalCallback`, ``callbacks=with_eval`
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,8 @@ from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.evaluate import DEFAULT_CLIP, evaluate
 from bksdm_lab.evaluation.metrics import check_available, clip_from_spec, extractor_from_spec
 from bksdm_lab.models.export import build_pipeline
+
+log = logging.getLogger(__name__)
 
 # the sampling values SampleImages takes under names of its own (callbacks.samples.*): sampling key -> its name
 SAMPLE_OVERRIDES = {"seed": "seed", "steps": "num_inference_steps", "guidance": "guidance_scale"}
@@ -112,12 +115,16 @@ class SampleImages(Callback):
             self._save(who, step, panels[who])
         if "teacher" in panels:
             self._teacher_images = panels["teacher"]
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                for who, images in panels.items():
-                    logger.log_image(key=f"samples/{who}", images=images, caption=self.prompts, step=step)
-        if "student" in panels:
-            self._log_table(trainer, step, panels)
+        try:
+            for logger in trainer.loggers:
+                if hasattr(logger, "log_image"):
+                    for who, images in panels.items():
+                        logger.log_image(key=f"samples/{who}", images=images, caption=self.prompts, step=step)
+            if "student" in panels:
+                self._log_table(trainer, step, panels)
+        except OSError as err:  # W&B stages media under $HOME (or WANDB_DATA_DIR): training goes on, the PNGs stay
+            where = f"; they are in {self.out_dir}" if self.out_dir else ""
+            log.warning("the sample images of step %d were not logged (%s)%s", step, err, where)
 
     def _log_table(self, trainer, step: int, panels: dict) -> None:
         wandb_loggers = [lg for lg in trainer.loggers if hasattr(lg, "log_table")]
