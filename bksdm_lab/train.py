@@ -32,7 +32,7 @@ from bksdm_lab.data.common import DataError, build_datamodule
 from bksdm_lab.distill import checks
 from bksdm_lab.distill.callbacks import ExportPipeline
 from bksdm_lab.distill.module import NonFiniteLossError
-from bksdm_lab.evaluation.callback import run_sampling_problems
+from bksdm_lab.evaluation.callback import generation_problems
 from bksdm_lab.models.students import WeightMapError, count_params, init_student_from_teacher, removed_blocks
 from bksdm_lab.models.teachers import TeacherLoadError, load_teacher, probe_teacher
 
@@ -55,7 +55,7 @@ def check_inputs(cfg: DictConfig, ckpt_path: str | None, probe_teacher_models: b
     problems += checks.check_call_args(cfg, "optimizer", given_later=("params",))
     problems += checks.check_call_args(cfg, "lr_scheduler", given_later=("optimizer",))
     problems += checks.check_global_batch(cfg)
-    problems += run_sampling_problems(cfg)  # the sampling group, and callbacks.samples' own values
+    problems += generation_problems(cfg)  # sampling values, the evaluation's reference statistics
     if ckpt_path is not None:
         problems += checks.check_resume(cfg, ckpt_path)
     if probe_teacher_models:

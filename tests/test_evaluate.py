@@ -506,15 +506,27 @@ def test_bad_sampling_and_scoring_values_fail_in_one_line_each_before_loading(tm
         assert line in err.splitlines(), line
 
 
-def test_train_checks_the_sampling_of_its_sample_callback_before_loading(compose_train):
-    """The run's sampling group and the sample callback's own values (callbacks.samples.*), in the train command's
-    input check, before any model loads."""
+def test_train_checks_the_sampling_of_its_sample_callback_before_loading(compose_train, tmp_path):
+    """The run's sampling group, the sample callback's own values (callbacks.samples.*) and the evaluation
+    callback's reference statistics, in the train command's input check, before any model loads."""
     from bksdm_lab.train import InputError, check_inputs
 
-    cfg = compose_train("experiment=demo", "sampling.steps=0", "+callbacks.samples.guidance_scale=0.5")
+    not_stats = tmp_path / "val.npz"
+    not_stats.write_text("mu sigma")
+    cfg = compose_train(
+        "experiment=demo",
+        "sampling.steps=0",
+        "+callbacks.samples.guidance_scale=0.5",
+        "callbacks=with_eval",
+        f"callbacks.eval.ref_stats={not_stats}",
+    )
     with pytest.raises(InputError) as err:
         check_inputs(cfg, None, probe_teacher_models=False)
     lines = str(err.value).splitlines()
     assert "sampling.steps=0 is not a whole number >= 1" in lines
     assert "callbacks.samples.guidance_scale=0.5 is not a number >= 1 (1: no classifier-free guidance)" in lines
     assert not any("num_inference_steps" in line for line in lines)  # the demo's own 10 steps are fine
+    assert (
+        f"callbacks.eval.ref_stats: {not_stats} is not a statistics file written by `python -m bksdm_lab.evaluate "
+        "stats` (an .npz of mu and sigma)" in lines
+    )

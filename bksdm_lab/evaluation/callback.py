@@ -17,7 +17,7 @@ from pytorch_lightning import Callback
 from bksdm_lab.distill.callbacks import find_ema
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.evaluate import DEFAULT_CLIP, evaluate
-from bksdm_lab.evaluation.metrics import check_available, clip_from_spec, extractor_from_spec
+from bksdm_lab.evaluation.metrics import check_available, clip_from_spec, extractor_from_spec, load_stats
 from bksdm_lab.models.export import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -26,15 +26,23 @@ log = logging.getLogger(__name__)
 SAMPLE_OVERRIDES = {"seed": "seed", "steps": "num_inference_steps", "guidance": "guidance_scale"}
 
 
-def run_sampling_problems(cfg) -> list[str]:
-    """One line per bad sampling value of a training run (its ``sampling`` group and the sample callback's own
-    overrides), checked before anything loads."""
+def generation_problems(cfg) -> list[str]:
+    """One line per bad generation value of a training run (its ``sampling`` group, the sample callback's own
+    overrides, the evaluation callback's ``ref_stats``), checked before anything loads."""
     from omegaconf import OmegaConf
 
     samples = OmegaConf.select(cfg, "callbacks.samples") or {}
     own = {k: samples[k] for k in SAMPLE_OVERRIDES.values() if samples.get(k) is not None}
-    own_problems = gen.sampling_problems(own, "callbacks.samples.", SAMPLE_OVERRIDES)
-    return gen.sampling_problems(cfg.get("sampling")) + own_problems
+    problems = gen.sampling_problems(cfg.get("sampling")) + gen.sampling_problems(
+        own, "callbacks.samples.", SAMPLE_OVERRIDES
+    )
+    ref_stats = OmegaConf.select(cfg, "callbacks.eval.ref_stats")
+    try:
+        if ref_stats:
+            load_stats(ref_stats)
+    except (FileNotFoundError, ValueError) as err:
+        problems.append(f"callbacks.eval.ref_stats: {err}")
+    return problems
 
 
 def ema_of(trainer, module) -> torch.nn.Module | None:
@@ -206,8 +214,8 @@ class EvalCallback(Callback):
     def setup(self, trainer, pl_module, stage: str | None = None) -> None:
         check_available(self.feature_extractor, self.clip)
         self.prompts = gen.read_prompts(self.prompt_list, None, self.metadata, self.num_prompts)
-        if self.ref_stats and not Path(self.ref_stats).is_file():
-            raise FileNotFoundError(f"EvalCallback: ref_stats {self.ref_stats!r} does not exist")
+        if self.ref_stats:
+            load_stats(self.ref_stats)  # a file that is no statistics npz: one line now, not at the first evaluation
 
     def _metric_models(self, device: torch.device):
         if self._models is None:
