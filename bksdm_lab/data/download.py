@@ -294,6 +294,14 @@ def download(url: str, dest: Path, size: int | None = None, sha256: str | None =
     return digest
 
 
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
 def verify(path: Path, size: int | None, sha256: str | None, digest: str | None = None, source: str = "") -> str:
     """Check ``path`` against a size and a sha256 (either may be None); raise DownloadError, deleting nothing."""
     actual = path.stat().st_size
@@ -304,11 +312,7 @@ def verify(path: Path, size: int | None, sha256: str | None, digest: str | None 
             f"({'the server said' if source else 'published'}). {keep}"
         )
     if digest is None:
-        hasher = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(CHUNK), b""):
-                hasher.update(block)
-        digest = hasher.hexdigest()
+        digest = file_sha256(path)
     if sha256 is not None and digest != sha256.lower():
         raise DownloadError(
             f"sha256 mismatch for {path.name}: got {digest}, expected {sha256.lower()} (a corrupt transfer, or "

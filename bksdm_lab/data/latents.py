@@ -7,7 +7,6 @@ with their size and sha256 (a cache written before these were recorded is checke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from functools import partial
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bksdm_lab.data.common import CaptionDataModule, DataError, resumable_loader
+from bksdm_lab.data.download import file_sha256
 from bksdm_lab.data.split import TrainPart, check_val_samples, held_out_loader
 
 META = "meta.json"
@@ -39,14 +39,6 @@ def read_meta(root: str | Path) -> dict:
     return meta
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def shard_problem(root: Path, entry: dict, verify: bool) -> str | None:
     """What is wrong with a listed shard's file (missing, another size than listed, with ``verify`` another sha256),
     or None; an entry written without size and checksum is checked for a missing file only."""
@@ -56,7 +48,7 @@ def shard_problem(root: Path, entry: dict, verify: bool) -> str | None:
     size = path.stat().st_size
     if entry.get("bytes") is not None and size != entry["bytes"]:
         return f"{entry['file']} is {size} bytes, meta.json lists {entry['bytes']} (damaged or cut short)"
-    if verify and entry.get("sha256") and sha256(path) != entry["sha256"]:
+    if verify and entry.get("sha256") and file_sha256(path) != entry["sha256"]:
         return f"{entry['file']} does not match its sha256 in meta.json (damaged)"
     return None
 

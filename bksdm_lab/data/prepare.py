@@ -28,7 +28,8 @@ from bksdm_lab.common.conf import CONF_DIR
 from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.common.secrets import redact_override
 from bksdm_lab.data.common import SKIP_REASONS, DataError, collate
-from bksdm_lab.data.latents import META, sha256, shard_problem
+from bksdm_lab.data.download import file_sha256
+from bksdm_lab.data.latents import META, shard_problem
 from bksdm_lab.models.teachers import TeacherLoadError, load_teacher
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -109,7 +110,7 @@ def _save_shard(out: Path, meta: dict, k: int, batches, rows: tuple[int, int], v
     name = f"shard-{k:05d}.pt"
     AtomicCheckpointIO().save_checkpoint(shard, out / name)  # never a half-written shard
     entry = {"file": name, "rows": list(rows), "count": len(shard["index"]), "batches": batches.n}
-    entry |= {"bytes": (out / name).stat().st_size, "sha256": sha256(out / name)}
+    entry |= {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
     entry["skipped"] = {r: n for r, n in skipped.items() if n}
     meta["shards"].append(entry)
     meta["shards"].sort(key=lambda s: s["file"])
