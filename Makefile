@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -qq -e ".[dev,cluster]"  # -qq: errors only, not setuptools' editable-install notice
+	$(PY) -m pip install -qq -e ".[dev,cluster,experiments]"  # -qq: errors only, not setuptools' editable-install notice
 	touch $@
 
 demo: install

@@ -249,25 +249,40 @@ def test_short_ablation_and_notebook(judge_cache, tmp_path, monkeypatch):
     assert "train/feat_kd/up_blocks.0" in header
     assert "train/feat_kd/" not in (out / "runs" / "task_only" / "seed0" / "csv" / "metrics.csv").read_text()
 
-    # the notebook, run from notebooks/ on this ablation
+    # the notebook, run from notebooks/ on this ablation, with a block-importance chart in it (as
+    # `python -m bksdm_lab.importance out=<ablation>/importance` draws one) and a prediction check beside it
+    from matplotlib.figure import Figure
+
+    (out / "importance").mkdir()
+    chart = Figure(figsize=(4, 2))
+    chart.subplots().barh(["up_blocks.1", "down_blocks.2"], [0.3, 0.1])
+    chart.savefig(out / "importance" / "importance.png")
+    (out / "importance" / "importance.md").write_text("| layer | drop |\n|---|---|\n| up_blocks.1 | 0.3 |\n")
+    (out / "prediction.md").write_text("ranking held: 2 of 2 layers\n")
     monkeypatch.setenv("TOY_ABLATION_DIR", str(out))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own (inline) backend puts figures in the outputs
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
         nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     ).execute()
-    texts, images = [], 0
+    texts, images = [], []
     for cell in nb.cells:
         for o in cell.get("outputs", []):
             assert o.output_type != "error", o
             if o.output_type == "stream":
                 texts.append(o.text)
             elif "image/png" in o.get("data", {}):
-                images += 1
+                images.append(cell.source)
     text = "".join(texts)
     assert f"ablation: {out}" in text and "variants: bksdm, task_only" in text
     assert "train/loss_task: 2 variants, 4 logged steps" in text
     assert "bksdm: 6 feat_kd layers: down_blocks.0," in text and "task_only: no feat_kd per-layer columns" in text
     assert "samples grid columns: real render | teacher | bksdm s0 | task_only s0" in text
     assert "| teacher (upper bound) |" in text
-    assert images == 3  # the curves, the per-layer curves, the samples grid
+    assert "| up_blocks.1 | 0.3 |" in text and "ranking held: 2 of 2 layers" in text
+    assert "no block importance" not in text
+    # one figure each: the curves, the per-layer curves, the samples grid, the importance chart
+    assert len(images) == 4
+    assert "train/loss_task" in images[0] and "layer_columns" in images[1]
+    assert "results.samples" in images[2] and "importance.png" in images[3]

@@ -185,16 +185,27 @@ def test_world_teacher_refuses_bad_values_before_loading(tmp_path):
     from bksdm_lab.world.teacher import WorldTeacherError, train_teacher
 
     cfg = compose_world(
-        f"paths.cache_dir={tmp_path}", "unet.steps=0", "data.size=36", "text_encoder=nope", "+unet.overrides.bogus=1"
+        f"paths.cache_dir={tmp_path}", "unet.steps=0", "data.size=36", "text_encoder.layers=0", "+unet.overrides.bogus=1"
     )
     with pytest.raises(WorldTeacherError) as err:
         train_teacher(cfg)
     lines = str(err.value).splitlines()
     assert any(line.startswith("unet.steps=0 must be an integer >= 1") for line in lines)
     assert any(line.startswith("data.size=36 must be a multiple of 32") for line in lines)
-    assert any(line.startswith("text_encoder='nope' is not a shipped config set; allowed: [") for line in lines)
+    assert any(line.startswith("text_encoder.layers=0 must be an integer >= 1") for line in lines)
     assert any("not U-Net config keys: ['bogus']" in line for line in lines)
     assert not tmp_path.joinpath("world").exists()
+
+
+def test_world_tokenizer_makes_one_token_of_each_word_and_bytes_of_the_rest():
+    from bksdm_lab.world.teacher import world_tokenizer
+
+    tok = world_tokenizer()
+    text = "three large yellow triangles at the bottom on a black background"  # the longest kind of caption
+    ids = tok(text).input_ids
+    assert tok.convert_ids_to_tokens(ids[1:-1]) == [w + "</w>" for w in text.split()] and len(ids) <= 16
+    assert len({w for s in scenes.all_scenes() for w in scenes.caption(s).split()}) == 30  # every word, one token
+    assert len(tok("pink dog", add_special_tokens=False).input_ids) == 7  # unknown words fall back to bytes
 
 
 def test_world_teacher_reuses_its_folder_and_refuses_any_other(tmp_path, capsys, monkeypatch):

@@ -7,6 +7,7 @@ writes a set in the LAION-Aesthetics folder layout (``data=world``). PIL and the
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import random
 import re
@@ -88,6 +89,11 @@ def sample_scene(rng: random.Random) -> Scene:
         count=rng.choice(VOCABULARIES["count"]),
         background=rng.choice(VOCABULARIES["background"]),
     )
+
+
+def all_scenes() -> list[Scene]:
+    """Every scene of the world, once each."""
+    return [Scene(*values) for values in itertools.product(*(VOCABULARIES[a] for a in ATTRIBUTES))]
 
 
 def _plural(shape: str, count: int) -> str:

@@ -6,6 +6,7 @@ python -m bksdm_lab.world.teacher data.num_images=64 vae.steps=4 unet.steps=4 sa
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ class WorldTeacherError(RuntimeError):
 
 
 # ---- the config, its hash and the cache folder -------------------------------------------------------------------
+TEXT_ENCODER_KEYS = tuple(f"text_encoder.{k}" for k in ("max_length", "layers", "heads", "intermediate_size"))
 HASHED = ("seed", "data", "text_encoder", "caption_dropout", "vae", "unet")
 
 
@@ -73,10 +75,9 @@ def check_config(cfg: DictConfig) -> list[str]:
 
     problems = []
     shipped = sorted(p.name for p in MODEL_CONFIGS.iterdir() if p.is_dir())
-    for key in ("text_encoder", "unet.configs"):
-        if OmegaConf.select(cfg, key) not in shipped:
-            problems.append(f"{key}={OmegaConf.select(cfg, key)!r} is not a shipped config set; allowed: {shipped}")
-    for key in ("data.num_images", "vae.steps", "vae.batch_size", "unet.steps", "unet.batch_size"):
+    if cfg.unet.configs not in shipped:
+        problems.append(f"unet.configs={cfg.unet.configs!r} is not a shipped config set; allowed: {shipped}")
+    for key in ("data.num_images", "vae.steps", "vae.batch_size", "unet.steps", "unet.batch_size", *TEXT_ENCODER_KEYS):
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{key}={value!r} must be an integer >= 1")
@@ -203,24 +204,52 @@ def encode_all(vae, pixels: torch.Tensor, batch: int = 128) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
-def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
-    ids = tokenizer(
+def world_tokenizer(max_length: int = 16):
+    """The byte-level CLIP tokenizer plus one token per word of the world's captions (BPE merges that build each
+    word), so a caption is about a dozen tokens and each attribute one token; any other text falls back to bytes."""
+    from transformers import CLIPTokenizer
+
+    from bksdm_lab.models.demo import byte_level_tokenizer
+
+    base = byte_level_tokenizer().get_vocab()
+    base = {t: i for t, i in base.items() if not t.startswith("<|")}
+    words = sorted({w for s in scenes.all_scenes() for w in scenes.caption(s).split()}, key=lambda w: (-len(w), w))
+    for _ in range(len(words)):  # BPE applies the lowest-ranked merge first: a word split wrongly goes to the front
+        vocab, merges = dict(base), []
+        for word in words:
+            for k in range(2, len(word) + 1):
+                pair = (word[: k - 1], word[k - 1] + ("</w>" if k == len(word) else ""))
+                if pair not in merges:
+                    merges.append(pair)
+                vocab.setdefault("".join(pair), len(vocab))
+        vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+        split = [w for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1]
+        if not split:
+            return tok
+        words = split + [w for w in words if w not in split]
+    raise AssertionError(f"no merge order makes single tokens of {split}")
+
+
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(ids)[0]
 
 
-def train_unet(unet, ema, latents, text, caption_index, empty, noise_scheduler, cfg, gen) -> dict:
-    """Epsilon prediction on ``latents`` (mean, std: the posterior, sampled each step), captions dropped at
-    ``cfg.caption_dropout``; ``ema`` follows ``unet``."""
+def train_unet(models, ema, latents, ids, caption_index, noise_scheduler, cfg, gen) -> dict:
+    """Epsilon prediction on ``latents`` (mean, std: the posterior, sampled each step) by ``models.unet`` reading
+    ``models.text_encoder`` (trained with it) on the caption token ``ids`` (row 0: the empty caption, used at
+    ``cfg.caption_dropout``); ``ema`` follows ``models``."""
     mean, std = latents
+    unet, text_encoder = models.unet, models.text_encoder
     steps, batch, base_lr = int(cfg.unet.steps), int(cfg.unet.batch_size), float(cfg.unet.lr)
     warmup = int(cfg.unet.warmup)
-    opt = torch.optim.AdamW(unet.parameters(), lr=base_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(models.parameters(), lr=base_lr, weight_decay=0.01)
     alphas = noise_scheduler.config.num_train_timesteps
     recent: list[float] = []
     start = time.perf_counter()
-    unet.train()
+    models.train()
     ema_params = list(ema.parameters())
     for step in range(steps):
         if step < warmup:
@@ -235,17 +264,16 @@ def train_unet(unet, ema, latents, text, caption_index, empty, noise_scheduler, 
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, alphas, (batch,), generator=gen)
         noisy = noise_scheduler.add_noise(z, noise, t)
-        cond = text[caption_index[idx]]
         drop = torch.rand(batch, generator=gen) < float(cfg.caption_dropout)
-        cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+        cond = text_encoder(ids[torch.where(drop, 0, caption_index[idx])])[0]
         loss = F.mse_loss(unet(noisy, t, cond).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
         opt.step()
         decay = min(float(cfg.unet.ema_decay), (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema_params, unet.parameters()):
+            for e, p in zip(ema_params, models.parameters()):
                 e.lerp_(p, 1 - decay)
         recent = (recent + [loss.item()])[-50:]
         if (step + 1) % max(1, steps // 20) == 0 or step + 1 == steps:
@@ -276,7 +304,6 @@ def build(cfg: DictConfig, tmp: Path) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bksdm_lab.models.demo import byte_level_tokenizer
     from bksdm_lab.models.teachers import shipped_configs
 
     times: dict[str, float] = {}
@@ -299,33 +326,47 @@ def build(cfg: DictConfig, tmp: Path) -> None:
     vae.register_to_config(scaling_factor=scaling)
     times["vae_s"] = time.perf_counter() - t
 
-    # Stage 2: the U-Net, in the scaled latent space, reading the frozen random text encoder.
+    # Stage 2: the U-Net, in the scaled latent space, and the text encoder it reads, trained together.
     t = time.perf_counter()
-    text_cfg = shipped_configs(cfg.text_encoder)["text_encoder"]
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval().requires_grad_(False)
-    tokenizer = byte_level_tokenizer()
+    tokenizer = world_tokenizer(int(cfg.text_encoder.max_length))
+    special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=int(cfg.text_encoder.max_length),
+        hidden_size=int(shipped["unet"]["cross_attention_dim"]),
+        intermediate_size=int(cfg.text_encoder.intermediate_size),
+        num_attention_heads=int(cfg.text_encoder.heads),
+        num_hidden_layers=int(cfg.text_encoder.layers),
+        projection_dim=int(shipped["unet"]["cross_attention_dim"]),
+        hidden_act="quick_gelu",
+        bos_token_id=special[0],
+        eos_token_id=special[1],
+        pad_token_id=special[1],
+    )
     unique = sorted(set(captions))
-    text = encode_text(text_encoder, tokenizer, unique)
-    empty = encode_text(text_encoder, tokenizer, [""])
-    lookup = {c: i for i, c in enumerate(unique)}
+    ids = token_ids(tokenizer, ["", *unique])
+    lookup = {c: i + 1 for i, c in enumerate(unique)}
     caption_index = torch.tensor([lookup[c] for c in captions])
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(_unet_config(cfg, shipped))
-    ema = UNet2DConditionModel.from_config(unet.config)
-    ema.load_state_dict(unet.state_dict())
-    ema.requires_grad_(False).eval()
+    models = torch.nn.ModuleDict(
+        {
+            "unet": UNet2DConditionModel.from_config(_unet_config(cfg, shipped)),
+            "text_encoder": CLIPTextModel(text_config),
+        }
+    )
+    ema = copy.deepcopy(models).requires_grad_(False).eval()
     noise_scheduler = DDPMScheduler.from_config(shipped["scheduler"])
     unet_losses = train_unet(
-        unet, ema, (mean * scaling, std * scaling), text, caption_index, empty, noise_scheduler, cfg, gen
+        models, ema, (mean * scaling, std * scaling), ids, caption_index, noise_scheduler, cfg, gen
     )
+    unet, text_encoder = ema.unet, ema.text_encoder
     times["unet_s"] = time.perf_counter() - t
 
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=ema,
+        unet=unet,
         scheduler=PNDMScheduler.from_config(shipped["scheduler"]),
         safety_checker=None,
         feature_extractor=None,

@@ -34,14 +34,22 @@ VARIANTS: dict[str, list[str]] = {
     "random_init": ["arch.init=random"],  # (b) the same losses from diffusers' random initialisation
     "task_only": ["loss.weights.out_kd=0", "loss.weights.feat_kd=0"],  # (c) task loss only
     "task_out_kd": ["loss.weights.feat_kd=0"],  # (d) task + output KD
+    "feat_kd_norm": ["loss.terms.feat_kd.normalize=teacher"],  # (a) with each layer's feature KD on one scale
+    # the feature-KD weight, swept (not in the default set: --variants feat_kd_w0.1,feat_kd_w10)
+    **{f"feat_kd_w{w}": [f"loss.weights.feat_kd={w}"] for w in ("0.01", "0.1", "10")},
 }
 DESCRIPTIONS = {
     "bksdm": "teacher init, task + out_kd + feat_kd (BK-SDM)",
     "random_init": "random init, task + out_kd + feat_kd",
     "task_only": "teacher init, task only",
     "task_out_kd": "teacher init, task + out_kd",
+    "feat_kd_norm": "teacher init, task + out_kd + feat_kd normalised by the teacher feature's mean square",
+    **{v: f"BK-SDM with feat_kd weighted {v.removeprefix('feat_kd_w')}" for v in VARIANTS if v.startswith("feat_kd_w")},
 }
-BASE = ["experiment=world", "arch=tiny"]
+DEFAULT_VARIANTS = ["bksdm", "random_init", "task_only", "task_out_kd", "feat_kd_norm"]
+BASE = ["experiment=world", "arch=tiny", "data=world_latents"]
+# Overrides that name the world set and teacher: they also go to the latent cache's `prepare` (data=world).
+PREPARE_KEYS = ("teacher.", "paths.", "data.synthetic.")
 SHORT = [
     "trainer.max_steps=4",
     "trainer.log_every_n_steps=1",
@@ -66,9 +74,26 @@ def command(variant: str, seed: int, overrides: list[str], folder: Path) -> list
         *BASE,
         f"seed={seed}",
         *VARIANTS[variant],
-        *overrides,
+        *(o for o in overrides if not o.startswith("data.synthetic.")),
         f"hydra.run.dir={folder}",
     ]
+
+
+def cache_complete(root: str) -> bool:
+    from bksdm_lab.data.common import DataError
+    from bksdm_lab.data.latents import read_meta
+
+    try:
+        return bool(read_meta(root))
+    except DataError:
+        return False
+
+
+def prepare_command(overrides: list[str], root: str) -> list[str]:
+    """The one `prepare` of the world set's latents under the teacher's VAE, which every run then reads."""
+    keep = [o for o in overrides if o.startswith(PREPARE_KEYS)]
+    return [sys.executable, "-m", "bksdm_lab.prepare", "teacher=world", "data=world", "device=cpu", "num_workers=0",
+            *keep, f"out={root}"]  # fmt: skip
 
 
 def teacher_of(overrides: list[str]) -> dict:
@@ -76,8 +101,9 @@ def teacher_of(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*BASE, *overrides])
+        cfg = compose(config_name="train", overrides=[*BASE, *(o for o in overrides if "synthetic" not in o)])
     return {
+        "latents": str(Path(str(cfg.data.root)).expanduser()),
         "pretrained": str(Path(str(cfg.teacher.pretrained)).expanduser()),
         "resolution": int(cfg.teacher.get("resolution") or 0) or None,
         "guidance": float(cfg.sampling.guidance),
@@ -95,7 +121,9 @@ def parse_args(argv):
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     parser.add_argument("--out", type=Path, default=Path("outputs") / "toy_ablation" / stamp)
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; --short: 0)")
-    parser.add_argument("--variants", default=None, help=f"comma-separated, of {list(VARIANTS)} (default all)")
+    parser.add_argument(
+        "--variants", default=None, help=f"comma-separated, of {list(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})"
+    )
     parser.add_argument("--parallel", type=int, default=2, help="trainings at once (one torch thread each)")
     parser.add_argument("--short", action="store_true", help="1 seed x 2 variants x 4 steps (tests)")
     args = parser.parse_args(argv)
@@ -104,7 +132,7 @@ def parse_args(argv):
         args.seeds = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds={seeds!r}: comma-separated integers, e.g. 0,1,2")
-    names = args.variants.split(",") if args.variants else (SHORT_VARIANTS if args.short else list(VARIANTS))
+    names = args.variants.split(",") if args.variants else (SHORT_VARIANTS if args.short else DEFAULT_VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
@@ -171,6 +199,18 @@ def main(argv=None) -> int:
             todo.append((variant, seed, folder))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    latents = settings["teacher"]["latents"]
+    if todo and not cache_complete(latents):
+        cmd = prepare_command(args.overrides, latents)
+        print(f"world latents: preparing {latents}", flush=True)
+        with (out / "logs" / "prepare.log").open("w", encoding="utf-8") as log:
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode:
+                print(
+                    f"error: preparing the world latents failed (see {out / 'logs' / 'prepare.log'})", file=sys.stderr
+                )
+                return 1
     running: list[tuple[str, int, Path, subprocess.Popen, float, object]] = []
     failed = []
     start = time.perf_counter()

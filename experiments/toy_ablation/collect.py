@@ -39,6 +39,7 @@ CLAIMS = [
     ("bksdm", "random_init", "teacher init beats random init"),
     ("task_out_kd", "task_only", "output KD beats the task loss alone"),
     ("bksdm", "task_out_kd", "feature KD adds to output KD"),
+    ("feat_kd_norm", "task_out_kd", "feature KD adds to output KD, each layer's term normalised"),
 ]
 EVAL_DIR = "world_eval"
 
