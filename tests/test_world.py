@@ -185,7 +185,11 @@ def test_world_teacher_refuses_bad_values_before_loading(tmp_path):
     from bksdm_lab.world.teacher import WorldTeacherError, train_teacher
 
     cfg = compose_world(
-        f"paths.cache_dir={tmp_path}", "unet.steps=0", "data.size=36", "text_encoder.layers=0", "+unet.overrides.bogus=1"
+        f"paths.cache_dir={tmp_path}",
+        "unet.steps=0",
+        "data.size=36",
+        "text_encoder.layers=0",
+        "+unet.overrides.bogus=1",
     )
     with pytest.raises(WorldTeacherError) as err:
         train_teacher(cfg)
