@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HYDRA = ["train", "prepare", "generate", "evaluate", "bench", "arch"]
+HYDRA = ["train", "prepare", "generate", "evaluate", "bench", "arch", "importance"]
 ARGPARSE = ["export", "data.download"]
 
 

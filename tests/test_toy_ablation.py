@@ -176,6 +176,39 @@ def test_judge_command_line(judge_cache, tmp_path, capsys):
     assert "invalid choice: 'tiny'" in capsys.readouterr().err
 
 
+def test_prediction_distils_the_best_and_worst_ranked_layers_of_one_size_and_says_if_the_ranking_held():
+    import sys
+
+    sys.path.insert(0, str(RECIPE))
+    import prediction
+
+    keep = {"down": [[0], [0]], "up": [[0], [0]], "mid": True}
+    layers = [{"layer": "baseline", "rank": None, "params": 10}]
+    layers += [
+        {"layer": f"l{i}", "rank": i, "params": 8, "drop": i / 10, "keep": json.dumps(keep)} for i in (1, 2, 4, 5, 6)
+    ]
+    layers += [{"layer": "mid_block", "rank": 3, "params": 9, "drop": 0.3, "keep": json.dumps(keep)}]
+    best, worst = prediction.pick(layers)
+    assert [r["layer"] for r in best + worst] == ["l1", "l2", "l5", "l6"]  # the size group of five, not mid_block
+    names = prediction.patterns(best, worst)
+    assert names["without_l1"]["overrides"] == [
+        "arch=keep", "arch.keep.down=[[0],[0]]", "arch.keep.up=[[0],[0]]", "arch.keep.mid=true"
+    ]  # fmt: skip
+    record = {"settings": {"rank_by": "agree/all", "lower_is_better": False, "teacher": "world", "prompts": ["p"]}}
+    record["layers"] = layers
+
+    def scores(values):
+        return [{"model": m, "agree/all": str(v)} for m, vs in zip(names, values) for v in vs]
+
+    held = prediction.verdict(record, names, scores([[0.9, 0.8], [0.7, 0.75], [0.5, 0.6], [0.4, 0.3]]))
+    assert held[-1].startswith("- the ranking held after distillation: yes") and "seed ranges apart" in held[-1]
+    assert "| best-ranked: rank 1, without l1 | 1 | 0.100 | 0.850 [0.800, 0.900] | 2 |" in held
+    failed = prediction.verdict(record, names, scores([[0.9], [0.5], [0.6], [0.4]]))
+    assert failed[-1].startswith("- the ranking held after distillation: no")
+    with pytest.raises(SystemExit, match="no four removable layers of one size"):
+        prediction.pick(layers[:3])
+
+
 # ---- slow: the short ablation end to end, then the notebook on it --------------------------------------------------
 SHORT_TEACHER = ["data.num_images=16", "vae.steps=2", "unet.steps=2", "samples.prompts=0"]
 

@@ -71,7 +71,7 @@ def command(variant: str, seed: int, overrides: list[str], folder: Path) -> list
         sys.executable,
         "-m",
         "bksdm_lab.train",
-        *BASE,
+        *(b for b in BASE if not (b.startswith("arch=") and any(o.startswith("arch=") for o in VARIANTS[variant]))),
         f"seed={seed}",
         *VARIANTS[variant],
         *(o for o in overrides if not o.startswith("data.synthetic.")),
@@ -124,9 +124,15 @@ def parse_args(argv):
     parser.add_argument(
         "--variants", default=None, help=f"comma-separated, of {list(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})"
     )
+    parser.add_argument(
+        "--patterns", type=Path, default=None, help="a JSON file of more variants: {name: {overrides, description}}"
+    )
     parser.add_argument("--parallel", type=int, default=2, help="trainings at once (one torch thread each)")
     parser.add_argument("--short", action="store_true", help="1 seed x 2 variants x 4 steps (tests)")
     args = parser.parse_args(argv)
+    if args.patterns:  # e.g. keep patterns to distil (prediction.py writes them)
+        for name, v in json.loads(args.patterns.read_text(encoding="utf-8")).items():
+            VARIANTS[name], DESCRIPTIONS[name] = list(v["overrides"]), v["description"]
     seeds = args.seeds or ("0" if args.short else "0,1,2")
     try:
         args.seeds = [int(s) for s in seeds.split(",") if s.strip()]
