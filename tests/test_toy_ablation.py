@@ -185,10 +185,10 @@ def test_prediction_distils_the_best_and_worst_ranked_layers_of_one_size_and_say
     keep = {"down": [[0], [0]], "up": [[0], [0]], "mid": True}
     layers = [{"layer": "baseline", "rank": None, "params": 10}]
     layers += [
-        {"layer": f"l{i}", "rank": i, "params": 8, "drop": i / 10, "keep": json.dumps(keep)} for i in (1, 2, 4, 5, 6)
+        {"layer": f"l{i}", "rank": 7 - i, "params": 8, "drop": i / 10, "keep": json.dumps(keep)} for i in (1, 2, 3, 5, 6)
     ]
-    layers += [{"layer": "mid_block", "rank": 3, "params": 9, "drop": 0.3, "keep": json.dumps(keep)}]
-    best, worst = prediction.pick(layers)
+    layers += [{"layer": "mid_block", "rank": 3, "params": 9, "drop": 0.4, "keep": json.dumps(keep)}]
+    best, worst = prediction.pick(layers)  # best: without the layers that matter least (rank 1 matters most)
     assert [r["layer"] for r in best + worst] == ["l1", "l2", "l5", "l6"]  # the size group of five, not mid_block
     names = prediction.patterns(best, worst)
     assert names["without_l1"]["overrides"] == [
@@ -202,7 +202,7 @@ def test_prediction_distils_the_best_and_worst_ranked_layers_of_one_size_and_say
 
     held = prediction.verdict(record, names, scores([[0.9, 0.8], [0.7, 0.75], [0.5, 0.6], [0.4, 0.3]]))
     assert held[-1].startswith("- the ranking held after distillation: yes") and "seed ranges apart" in held[-1]
-    assert "| best-ranked: rank 1, without l1 | 1 | 0.100 | 0.850 [0.800, 0.900] | 2 |" in held
+    assert "| best-ranked: without l1 (importance rank 6) | 6 | 0.100 | 0.850 [0.800, 0.900] | 2 |" in held
     failed = prediction.verdict(record, names, scores([[0.9], [0.5], [0.6], [0.4]]))
     assert failed[-1].startswith("- the ranking held after distillation: no")
     with pytest.raises(SystemExit, match="no four removable layers of one size"):

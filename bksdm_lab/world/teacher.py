@@ -1,6 +1,6 @@
 """The CPU-scale world's teacher: a small Stable Diffusion trained on the world's scenes, once, on CPU.
 
-python -m bksdm_lab.world.teacher                 # conf/world.yaml: about 20 min on one core, then cached
+python -m bksdm_lab.world.teacher                 # conf/world.yaml: about 35 min on one core, then cached
 python -m bksdm_lab.world.teacher data.num_images=64 vae.steps=4 unet.steps=4 samples.prompts=2   # seconds
 """
 

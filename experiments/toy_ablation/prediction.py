@@ -5,8 +5,8 @@
 
 1. ``python -m bksdm_lab.importance`` on the world teacher (into ``DIR/importance/``, once): every removable layer
    scored with the teacher's weights, no training.
-2. Among the one-layer-smaller patterns of one size (the largest such group), the two best-ranked (the layers that
-   matter least) and the two worst-ranked are distilled, each with every seed (ablation.py, into
+2. Among the one-layer-smaller patterns of one size (the largest such group), the two best-ranked (without the
+   layers that matter least) and the two worst-ranked (without those that matter most) are distilled, each with every seed (ablation.py, into
    ``DIR/prediction/``), and scored (collect.py).
 3. ``DIR/prediction.md``: per pattern its importance rank and its students' scores (mean, [min, max] over seeds), and
    whether the ranking held: both best-ranked patterns' students beat both worst-ranked ones on the ranked metric.
@@ -55,12 +55,13 @@ def run(cmd: list[str]) -> None:
 
 
 def pick(layers: list[dict]) -> tuple[list[dict], list[dict]]:
-    """The two best- and two worst-ranked removable layers among those whose removal leaves the same size."""
+    """Among the removable layers whose removal leaves the same size, the best-ranked patterns (without the two layers
+    that matter least: the smallest drops) and the worst-ranked (without the two that matter most)."""
     by_size = defaultdict(list)
     for row in layers:
         if row.get("rank"):
             by_size[row["params"]].append(row)
-    group = sorted(max(by_size.values(), key=len), key=lambda r: r["rank"])
+    group = sorted(max(by_size.values(), key=len), key=lambda r: float(r["drop"]))
     if len(group) < 4:
         sys.exit(f"error: no four removable layers of one size (largest group: {[r['layer'] for r in group]})")
     return group[:2], group[-2:]
@@ -74,7 +75,7 @@ def patterns(best: list[dict], worst: list[dict]) -> dict:
             overrides = ["arch=keep", *(f"arch.keep.{k}={json.dumps(v).replace(' ', '')}" for k, v in keep.items())]
             out[f"without_{row['layer']}"] = {
                 "overrides": overrides,
-                "description": f"{tag}-ranked: rank {row['rank']}, without {row['layer']}",
+                "description": f"{tag}-ranked: without {row['layer']} (importance rank {row['rank']})",
             }
     return out
 
