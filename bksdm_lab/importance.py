@@ -1,6 +1,6 @@
 """python -m bksdm_lab.importance: how much each teacher layer a keep pattern can remove matters (a Hydra app).
 
-python -m bksdm_lab.importance teacher=world sampling.guidance=4          # the CPU world, its judge's metric
+python -m bksdm_lab.importance teacher=world sampling.guidance=1.75          # the CPU world, its judge's metric
 python -m bksdm_lab.importance teacher=sd14 metric=clip_fid clip_fid.ref_stats=val2014_256.npz
 
 Every layer the starting pattern (``arch``, default the whole teacher) keeps is removed in turn: the one-step-smaller

@@ -174,6 +174,9 @@ def test_judge_command_line(judge_cache, tmp_path, capsys):
     with pytest.raises(SystemExit):
         J.main(["--judge", "tiny"])
     assert "invalid choice: 'tiny'" in capsys.readouterr().err
+    # the fixed prompt set, for `python -m bksdm_lab.generate prompts_file=...`: no judge is trained for it
+    assert J.main(["prompts", "--num", "5", "--cache-dir", str(tmp_path / "none")]) == 0
+    assert capsys.readouterr().out.splitlines() == J.world_prompts(5) and not (tmp_path / "none").exists()
 
 
 def test_prediction_distils_the_best_and_worst_ranked_layers_of_one_size_and_says_if_the_ranking_held():
@@ -185,7 +188,8 @@ def test_prediction_distils_the_best_and_worst_ranked_layers_of_one_size_and_say
     keep = {"down": [[0], [0]], "up": [[0], [0]], "mid": True}
     layers = [{"layer": "baseline", "rank": None, "params": 10}]
     layers += [
-        {"layer": f"l{i}", "rank": 7 - i, "params": 8, "drop": i / 10, "keep": json.dumps(keep)} for i in (1, 2, 3, 5, 6)
+        {"layer": f"l{i}", "rank": 7 - i, "params": 8, "drop": i / 10, "keep": json.dumps(keep)}
+        for i in (1, 2, 3, 5, 6)
     ]
     layers += [{"layer": "mid_block", "rank": 3, "params": 9, "drop": 0.4, "keep": json.dumps(keep)}]
     best, worst = prediction.pick(layers)  # best: without the layers that matter least (rank 1 matters most)
@@ -282,15 +286,17 @@ def test_short_ablation_and_notebook(judge_cache, tmp_path, monkeypatch):
     assert "train/feat_kd/up_blocks.0" in header
     assert "train/feat_kd/" not in (out / "runs" / "task_only" / "seed0" / "csv" / "metrics.csv").read_text()
 
-    # the notebook, run from notebooks/ on this ablation, with a block-importance chart in it (as
-    # `python -m bksdm_lab.importance out=<ablation>/importance` draws one) and a prediction check beside it
-    from matplotlib.figure import Figure
+    # the notebook, run from notebooks/ on this ablation, with the short teacher's block importance beside it (the
+    # prediction check's distillations are the ablation's own runs: its verdict is tested above, in-process)
+    from test_generate import compose
 
-    (out / "importance").mkdir()
-    chart = Figure(figsize=(4, 2))
-    chart.subplots().barh(["up_blocks.1", "down_blocks.2"], [0.3, 0.1])
-    chart.savefig(out / "importance" / "importance.png")
-    (out / "importance" / "importance.md").write_text("| layer | drop |\n|---|---|\n| up_blocks.1 | 0.3 |\n")
+    from bksdm_lab import importance
+
+    importance.run(compose("importance", [
+        "teacher=world", f"teacher.pretrained={teacher}", "num_prompts=4", "sampling.steps=2", "sampling.guidance=1.75",
+        "world.judge=short", "world.reference=32", f"world.cache_dir={judge_cache}", "budget.params=null",
+        "score_proposals=false", f"out={out / 'importance'}",
+    ]))  # fmt: skip
     (out / "prediction.md").write_text("ranking held: 2 of 2 layers\n")
     monkeypatch.setenv("TOY_ABLATION_DIR", str(out))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -313,7 +319,7 @@ def test_short_ablation_and_notebook(judge_cache, tmp_path, monkeypatch):
     assert "bksdm: 6 feat_kd layers: down_blocks.0," in text and "task_only: no feat_kd per-layer columns" in text
     assert "samples grid columns: real render | teacher | bksdm s0 | task_only s0" in text
     assert "| teacher (upper bound) |" in text
-    assert "| up_blocks.1 | 0.3 |" in text and "ranking held: 2 of 2 layers" in text
+    assert "# Layer importance: world teacher" in text and "| 1 | " in text and "ranking held: 2 of 2 layers" in text
     assert "no block importance" not in text
     # one figure each: the curves, the per-layer curves, the samples grid, the importance chart
     assert len(images) == 4

@@ -128,7 +128,7 @@ def test_write_world_writes_the_folder_layout_then_reuses_it(tmp_path):
 def test_write_world_refuses_other_parameters_and_foreign_folders(tmp_path):
     out = write_world(tmp_path / "world", num_images=4, seed=0, size=32)
     before = sorted(p.name for p in out.iterdir())
-    with pytest.raises(DataError, match=r"written with version=2, num_images=4, seed=0, size=32, not the .*seed=1"):
+    with pytest.raises(DataError, match=r"written with version=3, num_images=4, seed=0, size=32, not the .*seed=1"):
         write_world(out, num_images=4, seed=1, size=32)
     assert sorted(p.name for p in out.iterdir()) == before  # refused: nothing deleted or rewritten
     foreign = tmp_path / "mine"
@@ -251,7 +251,7 @@ def test_world_data_module_writes_the_set_once(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert tuple(batch["pixel_values"].shape) == (4, 3, 32, 32)
-    with pytest.raises(DataError, match="written with version=2, num_images=8"):
+    with pytest.raises(DataError, match="written with version=3, num_images=8"):
         WorldDataModule(root, tokenizer=byte_level_tokenizer(), resolution=32, synthetic={"num_images": 9, "seed": 0})
 
 

@@ -2,6 +2,7 @@
 
 python -m bksdm_lab.world.judge                       # train (or load) the judge, print its accuracies
 python -m bksdm_lab.world.judge score DIR [DIR ...]   # score folders of generated images (+ real renders)
+python -m bksdm_lab.world.judge prompts --num 500     # the fixed world prompts, one a line (generate's prompts_file)
 """
 
 from __future__ import annotations
@@ -340,11 +341,12 @@ def _format_row(name: str, row: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bksdm_lab.world.judge", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="train", choices=["train", "score"])
+    parser.add_argument("command", nargs="?", default="train", choices=["train", "score", "prompts"])
     parser.add_argument("folders", nargs="*", help="score: folders of generated images (generate's layout)")
     parser.add_argument("--cache-dir", default=None, help="default: $BKSDM_CACHE_DIR or ~/.cache/bksdm_lab")
     parser.add_argument("--reference", type=int, default=1000, help="real renders in the FID reference")
     parser.add_argument("--json", default=None, help="score: write the scores to this file")
+    parser.add_argument("--num", type=int, default=500, help="prompts: how many (world_prompts, seed 1234)")
     parser.add_argument("--judge", default="full", choices=sorted(JUDGES), help="the judge's settings (then --<field>)")
     for f in fields(JudgeConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, help=f"({f.default})")
@@ -355,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "score" and not args.folders:
         parser.error("score needs at least one folder")
+    if args.command == "prompts":
+        print("\n".join(world_prompts(args.num)))
+        return 0
     judge, report = load_judge(cfg, args.cache_dir, log=lambda m: print(m, file=sys.stderr))
     acc = report["held_out_accuracy"]
     print(f"judge: {report['path']} (trained in {report['train_seconds']} s)")

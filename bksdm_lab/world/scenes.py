@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-WORLD_VERSION = 2  # bump when a change here changes the images or captions: old sets are then refused, not reused
+WORLD_VERSION = 3  # bump when a change here changes the images or captions: old sets are then refused, not reused
 
 # Vocabularies. Shape colours and backgrounds never coincide, so every shape is visible.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -56,7 +56,7 @@ _POSITION_PHRASES = {
     "centre": "in the centre",
 }
 # Shape radius as a fraction of the image side, and where each position puts the group's centre.
-_RADIUS = {"small": 0.085, "large": 0.14}
+_RADIUS = {"small": 0.1, "large": 0.14}
 _ANCHORS = {"left": (0.22, 0.5), "right": (0.78, 0.5), "top": (0.5, 0.22), "bottom": (0.5, 0.78), "centre": (0.5, 0.5)}
 _SPACING = 0.31  # distance between the centres of neighbouring shapes, fraction of the side
 _JITTER = 0.025  # largest random shift of each shape's centre, fraction of the side

@@ -1,6 +1,6 @@
 """Score the toy ablation's runs with the world's judge and write its table (step 2 of experiments/toy_ablation).
 
-    python experiments/toy_ablation/collect.py --out DIR [--prompts 500] [--judge full|short] [--short]
+    python experiments/toy_ablation/collect.py --out DIR [--prompts 200] [--threads 2] [--judge full|short] [--short]
 
 For every run of ``DIR/runs.csv`` (written by ablation.py) it generates one image per world prompt (a fixed set:
 ``judge.world_prompts(N)``, seed 1234) from the run's exported pipeline (``bksdm_lab.evaluation.sampling``: PNDM,
@@ -88,7 +88,8 @@ def fmt(stats: dict, digits: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="experiments/toy_ablation/collect.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the folder ablation.py wrote")
-    parser.add_argument("--prompts", type=int, default=None, help="world prompts per run (default 500; --short 16)")
+    parser.add_argument("--prompts", type=int, default=None, help="world prompts per run (default 200; --short 16)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (it runs after the trainings)")
     parser.add_argument("--reference", type=int, default=None, help="real renders for FID (default 1000; --short 64)")
     parser.add_argument("--judge", choices=sorted(J.JUDGES), default=None, help="default full (--short: short)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 25; --short 4)")
@@ -213,7 +214,7 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out
-    n_prompts = args.prompts or (16 if args.short else 500)
+    n_prompts = args.prompts or (16 if args.short else 200)
     n_reference = args.reference or (64 if args.short else 1000)
     judge_cfg = J.JUDGES[args.judge or ("short" if args.short else "full")]
     settings = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
         "seed_mode": "per-prompt",
         "generator_device": "cpu",
     }
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     judge, report = J.load_judge(judge_cfg, args.cache_dir, log=print)
     print(f"judge {report['path']}: held-out accuracy " + json.dumps(report["held_out_accuracy"]))

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     teacher = [o for o in args.overrides if o.startswith(("teacher.", "paths."))]
     importance = args.out / "importance"
     if not (importance / "importance.json").is_file():
-        run([sys.executable, "-m", "bksdm_lab.importance", "teacher=world", "sampling.guidance=4", "score_proposals=false",
+        run([sys.executable, "-m", "bksdm_lab.importance", "teacher=world", "sampling.guidance=1.75", "score_proposals=false",
              f"num_prompts={args.prompts}", *(SHORT if args.short else []), *teacher, f"out={importance}"])  # fmt: skip
     record = json.loads((importance / "importance.json").read_text(encoding="utf-8"))
     best, worst = pick(record["layers"])
