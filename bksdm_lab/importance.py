@@ -424,9 +424,14 @@ def _json(value) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def overrides(keep: dict) -> str:
+def override_list(keep: dict) -> list[str]:
     """``keep`` as the overrides ``python -m bksdm_lab.train`` takes."""
-    return shlex.join(["arch=keep", *(f"arch.keep.{k}={_json(keep[k])}" for k in ("down", "up", "mid"))])
+    return ["arch=keep", *(f"arch.keep.{k}={_json(keep[k])}" for k in ("down", "up", "mid"))]
+
+
+def overrides(keep: dict) -> str:
+    """:func:`override_list` as one shell-quoted line."""
+    return shlex.join(override_list(keep))
 
 
 def report_pattern(keep: dict) -> str:

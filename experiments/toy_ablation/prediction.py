@@ -24,8 +24,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from bksdm_lab.importance import override_list
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from ablation import teacher_of  # noqa: E402
+
 SHORT = ["num_prompts=4", "sampling.steps=2", "world.judge=short", "world.reference=64", "budget.params=null"]
 
 
@@ -71,11 +76,10 @@ def patterns(best: list[dict], worst: list[dict]) -> dict:
     out = {}
     for tag, rows in (("best", best), ("worst", worst)):
         for row in rows:
-            keep = json.loads(row["keep"]) if isinstance(row["keep"], str) else row["keep"]
-            overrides = ["arch=keep", *(f"arch.keep.{k}={json.dumps(v).replace(' ', '')}" for k, v in keep.items())]
             out[f"without_{row['layer']}"] = {
-                "overrides": overrides,
+                "overrides": override_list(json.loads(row["keep"])),
                 "description": f"{tag}-ranked: without {row['layer']} (importance rank {row['rank']})",
+                "tag": tag,
             }
     return out
 
@@ -101,8 +105,8 @@ def verdict(record: dict, names: dict, scores: list[dict]) -> list[str]:
         lines.append(
             f"| {v['description']} | {rows[layer]['rank']} | {float(rows[layer]['drop']):.3f} | {cell} | {len(vals)} |"
         )
-    best = [n for n, v in names.items() if v["description"].startswith("best")]
-    worst = [n for n, v in names.items() if v["description"].startswith("worst")]
+    best = [n for n, v in names.items() if v["tag"] == "best"]
+    worst = [n for n, v in names.items() if v["tag"] == "worst"]
     if not all(per.get(n) for n in names):
         return [*lines, "", "- not every pattern's students were scored: no verdict"]
     mean = {n: statistics.fmean(per[n]) for n in names}
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
     teacher = [o for o in args.overrides if o.startswith(("teacher.", "paths."))]
     importance = args.out / "importance"
     if not (importance / "importance.json").is_file():
-        run([sys.executable, "-m", "bksdm_lab.importance", "teacher=world", "sampling.guidance=1.75", "score_proposals=false",
+        guidance = teacher_of(args.overrides)["guidance"]  # the world's, as the students are scored (collect.py)
+        run([sys.executable, "-m", "bksdm_lab.importance", "teacher=world", f"sampling.guidance={guidance:g}", "score_proposals=false",
              f"num_prompts={args.prompts}", *(SHORT if args.short else []), *teacher, f"out={importance}"])  # fmt: skip
     record = json.loads((importance / "importance.json").read_text(encoding="utf-8"))
     best, worst = pick(record["layers"])
