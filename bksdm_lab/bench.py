@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bksdm_lab import CONF_DIR
-from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.cli import check_group_choices, guarded
 from bksdm_lab.distill.checks import accumulation
 
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}  # dense 16-bit peaks by device name; peak_tflops= overrides
@@ -500,4 +500,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    check_group_choices("bench")
     main()

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
-from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.cli import check_group_choices, guarded
 from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.app import BOOL, DEVICE, LaunchError, Processes, rule_problems, run_dir, whole
@@ -314,4 +314,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    check_group_choices("evaluate")
     main()

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bksdm_lab import CONF_DIR
-from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.cli import check_group_choices, guarded
 from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.app import BOOL, DEVICE, LaunchError, Processes, rule_problems, run_dir, whole
@@ -61,4 +61,5 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
+    check_group_choices("generate")
     main()

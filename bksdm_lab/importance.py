@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bksdm_lab import CONF_DIR
-from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.cli import check_group_choices, guarded
 from bksdm_lab.common.quiet import quiet_libraries
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.app import BOOL, DEVICE, rule_problems, run_dir, whole
@@ -646,4 +646,5 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
+    check_group_choices("importance")
     main()

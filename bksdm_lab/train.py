@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from bksdm_lab import CONF_DIR
 from bksdm_lab.common import rundir
 from bksdm_lab.common.checkpoint import AtomicCheckpointIO, CheckpointError, DiskFullError, FinalCheckpoint
-from bksdm_lab.common.cli import guarded
+from bksdm_lab.common.cli import check_group_choices, guarded
 from bksdm_lab.common.interrupt import EXIT_CODE as INTERRUPTED_EXIT
 from bksdm_lab.common.interrupt import Interrupted, StopOnInterrupt
 from bksdm_lab.common.quiet import quiet_libraries
@@ -297,4 +297,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_group_choices("train")
     main()

@@ -58,3 +58,20 @@ def _mark_failed(err: BaseException) -> None:
     folder = Path(HydraConfig.get().runtime.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / FAILED_MARKER).write_text(f"{type(err).__name__}: {err}\n")
+
+
+def check_group_choices(command: str, argv: list[str] | None = None) -> None:
+    """A config-group override naming no option of its group (``arch=tinyy``, ``finetune=ful``) as one line, exit 2,
+    before Hydra composes anything (Hydra's own report spans a dozen lines, with its search path)."""
+    from bksdm_lab.common.conf import CONF_DIR
+
+    for arg in sys.argv[1:] if argv is None else argv:
+        key, sep, value = arg.partition("=")
+        group = CONF_DIR / key.lstrip("+")
+        # plugins add options to hydra/*; sweep functions (choice(...), range(...)) are Hydra's to expand
+        if not sep or key.startswith(("~", "hydra")) or "." in key or "(" in value or not group.is_dir():
+            continue
+        choices = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):  # a multirun's a,b,c
+            if option not in (*choices, "null") and not (group / option).is_dir():
+                fail(command, f"{key}={option!r} is not one of: {', '.join(choices)}")
