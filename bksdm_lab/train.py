@@ -157,7 +157,7 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     set_accumulation(trainer, datamodule, run_config)
     if not getattr(datamodule, "val_samples", 0):
         trainer.limit_val_batches = 0  # nothing held out: no validation loop, so Lightning asks for no empty loader
-    summary = parameter_summary(module, teacher, student, cfg)
+    summary = parameter_summary(module, teacher, module.student, cfg)
 
     for logger in loggers:
         logger.log_hyperparams({"config": run_config, **summary})

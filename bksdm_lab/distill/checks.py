@@ -83,8 +83,19 @@ def check_values(cfg: DictConfig) -> list[str]:
         ]
         + check_loss_config(cfg)
         + check_fast_path(cfg)
+        + module_problems(cfg)
         + hub
     )
+
+
+def module_problems(cfg: DictConfig) -> list[str]:
+    """The checks of the LightningModule's own options: ``config_problems(cfg)`` of the module class's file
+    (:mod:`bksdm_lab.distill.lcm`), where it has one."""
+    target = _select(cfg, "module._target_")
+    if not target:
+        return []
+    check = getattr(get_object(target.rpartition(".")[0]), "config_problems", None)
+    return check(cfg) if check is not None else []
 
 
 def _select(cfg: DictConfig, key: str):

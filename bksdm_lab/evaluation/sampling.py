@@ -30,7 +30,12 @@ from bksdm_lab.evaluation.paper import PAPER_SAMPLING
 from bksdm_lab.models.teachers import TeacherLoadError, teacher_source
 
 # conf/sampling `scheduler` names -> the diffusers class each gives
-SCHEDULERS = {"pndm": "PNDMScheduler", "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}
+SCHEDULERS = {
+    "pndm": "PNDMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "lcm": "LCMScheduler",  # a latent consistency student's (experiment=lcm), in 2-8 steps
+}
 SEED_MODES = ("paper", "per-prompt")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_DIR = "images"
@@ -223,8 +228,9 @@ def load_pipeline(
 
 
 def set_scheduler(pipe, name: str = "pndm"):
-    """PNDM (the paper's), DPM-Solver++ (multistep, 2nd order) or Euler, from the pipeline's scheduler config."""
-    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    """PNDM (the paper's), DPM-Solver++ (multistep, 2nd order), Euler or LCM, from the pipeline's scheduler config (an
+    LCM student's export keeps its own LCMScheduler settings)."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler
 
     config = pipe.scheduler.config
     if name == "pndm":
@@ -234,6 +240,9 @@ def set_scheduler(pipe, name: str = "pndm"):
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
     elif name == "euler":
         pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+    elif name == "lcm":
+        if not isinstance(pipe.scheduler, LCMScheduler):
+            pipe.scheduler = LCMScheduler.from_config(config)
     else:
         raise GenerationError(f"sampling.scheduler={name!r} is not one of {list(SCHEDULERS)}")
     return pipe

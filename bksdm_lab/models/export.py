@@ -29,6 +29,7 @@ from bksdm_lab.models.teachers import Teacher, TeacherLoadError, load_teacher
 
 WEIGHTS = ("ema", "student")
 PAPER = "https://arxiv.org/abs/2305.15798"
+LCM_PAPER = "https://arxiv.org/abs/2310.04378"
 LICENSE_URL = "https://huggingface.co/spaces/CompVis/stable-diffusion-license"
 CARD_TAGS = ["stable-diffusion", "text-to-image", "bk-sdm", "knowledge-distillation"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -206,6 +207,9 @@ def card_info(
         "experiment_name": cfg.get("experiment_name"),
         "checkpoint": checkpoint,
         "resumes": list(cfg.get("resumes") or []),
+        "lcm": ((cfg.get("module") or {}).get("lcm") or None),  # experiment=lcm: the few-step card
+        "loss_kind": (cfg.get("loss") or {}).get("kind"),
+        "sampling": {k: (cfg.get("sampling") or {}).get(k) for k in ("steps", "guidance")},
     }
     return info
 
@@ -312,8 +316,39 @@ def model_card(info: Mapping[str, Any]) -> str:
     arch = info.get("arch_title") or info.get("arch_name")
     teacher = info.get("teacher_title") or info.get("teacher_name")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
-    lines += _card_model(info, arch, teacher) + _card_training(info, teacher) + _card_usage(info, teacher)
+    model = _card_lcm(info) if info.get("lcm") else _card_model(info, arch, teacher)
+    lines += model + _card_training(info, teacher) + _card_usage(info, teacher)
     return "\n".join(lines)
+
+
+def _card_lcm(info: Mapping[str, Any]) -> list[str]:
+    """The card's title and what a latent consistency student is, how it was distilled, how it generates."""
+    lcm, source = info["lcm"], public_source(info.get("teacher_trained_source") or info.get("teacher_source"))
+    start = public_source(lcm.get("init_from")) or source
+    w_min, w_max = lcm.get("guidance") or ("?", "?")
+    if lcm.get("guidance_embedding"):
+        guidance = (
+            f"it takes the guidance as an input (`time_cond_proj_dim={lcm['guidance_embedding']}`, trained for "
+            f"w in [{_fmt(w_min)}, {_fmt(w_max)}]): `guidance_scale` = w + 1, with no unconditional pass"
+        )
+    else:
+        guidance = (
+            f"the guidance (w in [{_fmt(w_min)}, {_fmt(w_max)}]) is distilled in: generate with `guidance_scale=1`"
+        )
+    lora = lcm.get("lora")
+    return [
+        f"# `{start}`, few-step: a latent consistency model",
+        "",
+        f"Latent consistency distillation ([Luo et al., arXiv 2310.04378]({LCM_PAPER})) of `{start}`, with `{source}` "
+        f"as the ODE teacher (a DDIM solver of {_fmt(lcm.get('ode_solver_steps'))} steps, classifier-free guided). "
+        f"The U-Net keeps the architecture it started from"
+        + (f" and was trained through LoRA adapters (rank {_fmt(lora.get('rank'))}), merged here" if lora else "")
+        + f"; {guidance}. The scheduler of this folder is `LCMScheduler`: generate in 2-8 steps. The folder loads in "
+        "plain diffusers.",
+        "",
+        f"- U-Net parameters: **{_fmt(info.get('params_student'))}**",
+        f"- Consistency loss: {_fmt(info.get('loss_kind'))}",
+    ]
 
 
 def _card_model(info: Mapping[str, Any], arch: str, teacher: str) -> list[str]:
@@ -369,6 +404,12 @@ def _card_training(info: Mapping[str, Any], teacher: str) -> list[str]:
     teacher_line = f"{teacher} (`{trained or source}`)"
     if trained and source and trained != source:
         teacher_line += f"; VAE, text encoder, tokenizer and scheduler exported from `{source}`"
+    decay = info.get("ema_decay")
+    target = (
+        "the student itself"
+        if decay is None
+        else f"the exponential moving average of the student (decay {_fmt(decay)})"
+    )
     kd = ", ".join(f"{k} {_fmt(v)}" for k, v in (info.get("kd_weights") or {}).items()) or "?"
     return [
         "",
@@ -379,7 +420,9 @@ def _card_training(info: Mapping[str, Any], teacher: str) -> list[str]:
         f"- Steps: {_fmt(info.get('global_step'))} optimizer steps",
         f"- Batch: {_global_batch(info)}",
         f"- Learning rate: {_fmt(info.get('lr'))}",
-        f"- Loss weights: {kd} (task = denoising target, out_kd = teacher output, feat_kd = teacher features)",
+        f"- Loss weights: {kd} (task = denoising target, out_kd = teacher output, feat_kd = teacher features)"
+        if not info.get("lcm")
+        else f"- Target network: {target}",
         f"- Weights exported: {weights}",
         f"- Precision: {_fmt(info.get('precision'))}; seed: {_fmt(info.get('seed'))}",
         *_card_resumes(info.get("resumes") or []),
@@ -405,6 +448,10 @@ def _card_usage(info: Mapping[str, Any], teacher: str) -> list[str]:
     repo = info.get("repo_id") or "path/to/this/folder"
     res = info.get("resolution")
     size = f", height={res}, width={res}" if isinstance(res, int) else ""
+    sampling = info.get("sampling") or {}
+    steps = "num_inference_steps=25"
+    if info.get("lcm"):  # its folder's scheduler is LCMScheduler
+        steps = f"num_inference_steps={sampling.get('steps') or 4}, guidance_scale={_fmt(sampling.get('guidance'))}"
     return [
         "",
         "## Usage",
@@ -414,7 +461,7 @@ def _card_usage(info: Mapping[str, Any], teacher: str) -> list[str]:
         "from diffusers import StableDiffusionPipeline",
         "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")',
-        f'image = pipe("a golden retriever floating in the ocean", num_inference_steps=25{size}).images[0]',
+        f'image = pipe("a golden retriever floating in the ocean", {steps}{size}).images[0]',
         'image.save("sample.png")',
         "```",
         "",
