@@ -33,6 +33,9 @@ EXPECTED_MISSING = {
     ("data", "latents"): ["data.root"],
     ("data", "webdataset"): ["data.shards"],
     ("data", "hf"): ["data.path"],
+    ("teacher", "pipeline"): ["teacher.pretrained"],  # and the experiments built on it
+    ("experiment", "lcm"): ["teacher.pretrained"],
+    ("experiment", "lcm_lora"): ["teacher.pretrained"],
 }
 
 
@@ -60,7 +63,7 @@ def _missing(cfg) -> list[str]:
 def test_every_group_has_options():
     groups = {g for g, _ in OPTIONS}
     assert groups == set(GROUPS)
-    assert {o for g, o in OPTIONS if g == "arch"} == {"base", "keep", "small", "tiny"}
+    assert {o for g, o in OPTIONS if g == "arch"} == {"base", "keep", "same", "small", "tiny"}
     assert {o for g, o in OPTIONS if g == "experiment"} == {
         "ablation",
         "demo",
@@ -68,8 +71,10 @@ def test_every_group_has_options():
         "paper_2m",
         "paper_v2",
         "world",
+        "lcm",
+        "lcm_lora",
     }
-    assert {o for g, o in OPTIONS if g == "teacher"} == {"demo", "sd14", "sd15", "sd21", "sd21base", "world"}
+    assert {o for g, o in OPTIONS if g == "teacher"} == {"demo", "sd14", "sd15", "sd21", "sd21base", "world", "pipeline"}
 
 
 def test_readme_configuration_table_names_every_option():
@@ -96,7 +101,8 @@ def test_every_option_composes_and_resolves(hydra_conf, group, option):
     assert resolved["hydra"]["runtime"]["output_dir"] == "/tmp/bksdm_run"
     assert resolved["hydra"]["run"]["dir"].startswith(resolved["paths"]["log_dir"] + "/")
     assert resolved["data"]["resolution"] == resolved["teacher"]["resolution"]
-    assert resolved["loss"]["terms"]["feat_kd"]["pairs"] == resolved["arch"]["feature_pairs"]
+    if "terms" in resolved["loss"]:  # a KD loss (loss=lcm has no feature terms)
+        assert resolved["loss"]["terms"]["feat_kd"]["pairs"] == resolved["arch"]["feature_pairs"]
     assert resolved["trainer"]["default_root_dir"] == "/tmp/bksdm_run"
     assert resolved["callbacks"]["checkpoint"]["dirpath"] == "/tmp/bksdm_run/checkpoints"
     if group == "experiment":  # a _global_ package: it sets top-level keys, has no node of its own
@@ -169,3 +175,14 @@ def test_unknown_arch_lists_the_options():
     assert "Available options in 'arch'" in msg
     for option in ("base", "small", "tiny"):
         assert f"\t{option}\n" in msg
+
+
+def test_a_group_option_that_does_not_exist_is_one_line_before_composing(capsys):
+    from bksdm_lab.common.cli import check_group_choices
+
+    check_group_choices("train", ["arch=tiny", "hydra/launcher=submitit_local", "experiment=null", "arch.init=random"])
+    with pytest.raises(SystemExit) as stop:
+        check_group_choices("train", ["-m", "arch=tiny,smal", "loss=bksdm"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "bksdm_lab.train: error: arch='smal' is not one of: base, keep, same, small, tiny\n"
