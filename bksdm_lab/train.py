@@ -287,7 +287,7 @@ def main(cfg: DictConfig) -> float | None:
         losses = [f"{k} {float(v):.4g}" for k, v in last.items() if k == "train/loss" or k.startswith("train/loss_")]
         rows = {**summary, "samples": samples if samples and Path(samples).is_dir() else None}
         print("\nbksdm_lab: run finished")
-        for key in ("run_dir", "checkpoint", "csv", "wandb", "samples", "pipeline", "hub", "steps"):
+        for key in ("run_dir", "checkpoint", "csv", "wandb", "samples", "pipeline", "lora", "hub", "steps"):
             if rows.get(key) is not None:
                 print(f"  {key:<10} {rows[key]}")
         if losses:

@@ -142,3 +142,20 @@ def test_a_killed_lcm_run_resumes_exactly(cache_dir, demo_export_dir, lcm_run, t
     )
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_lcm_lora_writes_adapters_that_load_onto_the_plain_student(cache_dir, demo_export_dir, tmp_path):
+    run = tmp_path / "run"
+    args = lcm_args(demo_export_dir, run, "trainer.max_steps=2")
+    train_in_process(cache_dir, run, "experiment=lcm_lora", *args[1:-1])
+    merged = StableDiffusionPipeline.from_pretrained(run / "pipeline")  # the adapters merged in
+    assert isinstance(merged.scheduler, LCMScheduler) and merged.unet.config.time_cond_proj_dim is None
+    base = StableDiffusionPipeline.from_pretrained(demo_export_dir)
+    base.scheduler = LCMScheduler.from_config(base.scheduler.config)
+    before = generate(base, guidance=1.0)
+    base.load_lora_weights(run / "lora")
+    after = generate(base, guidance=1.0)
+    assert abs(after - before).max() > 1e-4  # the adapters change the student
+    assert abs(after - generate(merged, guidance=1.0)).max() < 1e-4  # and are what the merged pipeline holds
+    card = (run / "lora" / "README.md").read_text()
+    assert 'pipe.load_lora_weights("path/to/this/folder")' in card and "LCMScheduler.from_config" in card

@@ -24,7 +24,7 @@ from bksdm_lab.common.cli import fail
 
 # what a training run writes into its folder (the Hydra log is <job name>.log); RESULTS make it hold a run (a start
 # that failed its checks leaves only Hydra's record, .hydra/, which the next start may rewrite)
-RESULTS = ("checkpoints", "pipeline", "csv", "samples", "tensorboard", "wandb")
+RESULTS = ("checkpoints", "pipeline", "lora", "csv", "samples", "tensorboard", "wandb")
 RUN_FILES = (".hydra", *RESULTS, ".resumes", "FAILED")
 RESUMES = ".resumes"
 STAGED = ".overwrite"  # the Hydra record and log of an overwrite=true start, until its inputs have passed the checks

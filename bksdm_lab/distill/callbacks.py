@@ -15,7 +15,8 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from bksdm_lab.data.common import DataError
 from bksdm_lab.distill.fastpath import logging_step
-from bksdm_lab.models.export import WEIGHTS, card_info, export_pipeline, push_to_hub
+from bksdm_lab.models.export import WEIGHTS, card_info, export_pipeline, push_to_hub, write_model_card
+from bksdm_lab.models.lora import merged, save_lora
 
 log = logging.getLogger("bksdm_lab")
 
@@ -236,6 +237,11 @@ class ExportPipeline(pl.Callback):
         ckpt = trainer.checkpoint_callback
         checkpoint = str(Path(ckpt.dirpath) / "last.ckpt") if ckpt is not None and ckpt.dirpath else None
         card = card_info(module.run_config, module.teacher, unet, trainer.global_step, weights, checkpoint=checkpoint)
+        if getattr(unet, "peft_config", None):  # LoRA adapters (experiment=lcm_lora): they go beside, merged here
+            lora_dir = save_lora(self.out_dir.with_name("lora"), unet=unet).parent
+            write_model_card(lora_dir, {**card, "lora_folder": True})
+            self.exported["lora"] = str(lora_dir)
+            unet = merged(unet)
         self.exported["pipeline"] = str(
             export_pipeline(module.teacher, unet, self.out_dir, card=card, safety_checker=self.safety_checker)
         )

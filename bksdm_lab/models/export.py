@@ -342,9 +342,16 @@ def _card_lcm(info: Mapping[str, Any]) -> list[str]:
         f"Latent consistency distillation ([Luo et al., arXiv 2310.04378]({LCM_PAPER})) of `{start}`, with `{source}` "
         f"as the ODE teacher (a DDIM solver of {_fmt(lcm.get('ode_solver_steps'))} steps, classifier-free guided). "
         f"The U-Net keeps the architecture it started from"
-        + (f" and was trained through LoRA adapters (rank {_fmt(lora.get('rank'))}), merged here" if lora else "")
-        + f"; {guidance}. The scheduler of this folder is `LCMScheduler`: generate in 2-8 steps. The folder loads in "
-        "plain diffusers.",
+        + (f" and was trained through LoRA adapters (rank {_fmt(lora.get('rank'))})" if lora else "")
+        + (", merged here" if lora and not info.get("lora_folder") else "")
+        + f"; {guidance}. "
+        + (
+            f"This folder holds the adapters, in the diffusers LoRA format: load them onto `{start}` with "
+            "`LCMScheduler` and generate in 2-8 steps."
+            if info.get("lora_folder")
+            else "The scheduler of this folder is `LCMScheduler`: generate in 2-8 steps. The folder loads in plain "
+            "diffusers."
+        ),
         "",
         f"- U-Net parameters: **{_fmt(info.get('params_student'))}**",
         f"- Consistency loss: {_fmt(info.get('loss_kind'))}",
@@ -450,6 +457,8 @@ def _card_usage(info: Mapping[str, Any], teacher: str) -> list[str]:
     size = f", height={res}, width={res}" if isinstance(res, int) else ""
     sampling = info.get("sampling") or {}
     steps = "num_inference_steps=25"
+    lora = info.get("lora_folder")  # a LoRA folder (experiment=lcm_lora): loaded onto the pipeline it was trained on
+    base = public_source(info.get("teacher_trained_source") or info.get("teacher_source"))
     if info.get("lcm"):  # its folder's scheduler is LCMScheduler
         steps = f"num_inference_steps={sampling.get('steps') or 4}, guidance_scale={_fmt(sampling.get('guidance'))}"
     return [
@@ -458,9 +467,14 @@ def _card_usage(info: Mapping[str, Any], teacher: str) -> list[str]:
         "",
         "```python",
         "import torch",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {'LCMScheduler, ' if lora else ''}StableDiffusionPipeline",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = StableDiffusionPipeline.from_pretrained("{base if lora else repo}", torch_dtype=torch.float16).to("cuda")',
+        *(
+            ["pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)", f'pipe.load_lora_weights("{repo}")']
+            if lora
+            else []
+        ),
         f'image = pipe("a golden retriever floating in the ocean", {steps}{size}).images[0]',
         'image.save("sample.png")',
         "```",
