@@ -1,6 +1,7 @@
 """Latent consistency distillation (experiment=lcm, lcm_lora) of the demo's exported student."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import pytest
 import torch
 from conftest import PYTHON, run_app, subprocess_env, train_in_process
 from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from test_evaluate import TINY, ref_stats  # noqa: F401  (the fixture: the demo images' reference statistics)
 
+from bksdm_lab import evaluate as evaluate_app
 from bksdm_lab import train as train_app
 from bksdm_lab.common.checkpoint import read_checkpoint
 from bksdm_lab.distill.lcm import guidance_embedding, with_guidance_input
@@ -159,3 +162,22 @@ def test_lcm_lora_writes_adapters_that_load_onto_the_plain_student(cache_dir, de
     assert abs(after - generate(merged, guidance=1.0)).max() < 1e-4  # and are what the merged pipeline holds
     card = (run / "lora" / "README.md").read_text()
     assert 'pipe.load_lora_weights("path/to/this/folder")' in card and "LCMScheduler.from_config" in card
+
+
+def test_evaluate_scores_the_lcm_student_with_sampling_lcm_at_4_steps(
+    lcm_run,
+    demo_data_dir,
+    ref_stats,
+    tmp_path,
+    capsys,
+    monkeypatch,
+    no_hydra_state_left,  # noqa: F811
+):
+    out = tmp_path / "eval"
+    args = [f"pipeline={lcm_run / 'pipeline'}", f"metadata={demo_data_dir / 'metadata.csv'}", "num_prompts=2"]
+    args += ["sampling=lcm", "sampling.resolution=64", f"ref_stats={ref_stats}", f"out={out}", *TINY]
+    code, stdout, err = run_app(evaluate_app.main, args, capsys, monkeypatch)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["generation"]["scheduler"] == "LCMScheduler" and results["generation"]["steps"] == 4
+    assert results["generation"]["guidance"] == 8.0 and results["fid"] >= 0
