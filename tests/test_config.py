@@ -36,6 +36,7 @@ EXPECTED_MISSING = {
     ("teacher", "pipeline"): ["teacher.pretrained"],  # and the experiments built on it
     ("experiment", "lcm"): ["teacher.pretrained"],
     ("experiment", "lcm_lora"): ["teacher.pretrained"],
+    ("experiment", "world_lcm"): ["teacher.pretrained"],
 }
 
 
@@ -73,8 +74,17 @@ def test_every_group_has_options():
         "world",
         "lcm",
         "lcm_lora",
+        "world_lcm",
     }
-    assert {o for g, o in OPTIONS if g == "teacher"} == {"demo", "sd14", "sd15", "sd21", "sd21base", "world", "pipeline"}
+    assert {o for g, o in OPTIONS if g == "teacher"} == {
+        "demo",
+        "sd14",
+        "sd15",
+        "sd21",
+        "sd21base",
+        "world",
+        "pipeline",
+    }
 
 
 def test_readme_configuration_table_names_every_option():

@@ -224,7 +224,7 @@ def test_sweeps_and_shell_variables_expand_into_every_job():
     ]
     assert substitutions(arguments('python -m bksdm_lab.train experiment=paper arch="$arch" "$@"')) == [
         ["experiment=paper", f"arch={a}"]
-        for a in ("base", "keep", "small", "tiny")  # keep: the pattern template
+        for a in ("base", "keep", "same", "small", "tiny")  # keep: the pattern template; same: the teacher's
     ]
     with pytest.raises(AssertionError, match="SHELL_VARIABLES"):
         substitutions(["teacher=$teacher"])

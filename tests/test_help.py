@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HYDRA = ["train", "prepare", "generate", "evaluate", "bench", "arch", "importance"]
+HYDRA = ["train", "prepare", "generate", "evaluate", "bench", "arch", "importance", "finetune"]
 ARGPARSE = ["export", "data.download"]
 
 

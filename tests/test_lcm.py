@@ -165,17 +165,12 @@ def test_lcm_lora_writes_adapters_that_load_onto_the_plain_student(cache_dir, de
 
 
 def test_evaluate_scores_the_lcm_student_with_sampling_lcm_at_4_steps(
-    lcm_run,
-    demo_data_dir,
-    ref_stats,
-    tmp_path,
-    capsys,
-    monkeypatch,
-    no_hydra_state_left,  # noqa: F811
+    lcm_run, demo_data_dir, request, tmp_path, capsys, monkeypatch, no_hydra_state_left
 ):
+    stats = request.getfixturevalue("ref_stats")
     out = tmp_path / "eval"
     args = [f"pipeline={lcm_run / 'pipeline'}", f"metadata={demo_data_dir / 'metadata.csv'}", "num_prompts=2"]
-    args += ["sampling=lcm", "sampling.resolution=64", f"ref_stats={ref_stats}", f"out={out}", *TINY]
+    args += ["sampling=lcm", "sampling.resolution=64", f"ref_stats={stats}", f"out={out}", *TINY]
     code, stdout, err = run_app(evaluate_app.main, args, capsys, monkeypatch)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())

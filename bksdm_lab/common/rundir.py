@@ -24,7 +24,7 @@ from bksdm_lab.common.cli import fail
 
 # what a training run writes into its folder (the Hydra log is <job name>.log); RESULTS make it hold a run (a start
 # that failed its checks leaves only Hydra's record, .hydra/, which the next start may rewrite)
-RESULTS = ("checkpoints", "pipeline", "lora", "csv", "samples", "tensorboard", "wandb")
+RESULTS = ("checkpoints", "pipeline", "lora", "validation", "csv", "samples", "tensorboard", "wandb")
 RUN_FILES = (".hydra", *RESULTS, ".resumes", "FAILED")
 RESUMES = ".resumes"
 STAGED = ".overwrite"  # the Hydra record and log of an overwrite=true start, until its inputs have passed the checks
@@ -32,7 +32,7 @@ LOCK = ".lock"  # held (flock) by the process running in the folder; it says whi
 _HELD: dict[str, int] = {}  # folder -> open lock file of this process, kept until the process exits
 
 
-def hold(folder: str | Path, key: str) -> None:
+def hold(folder: str | Path, key: str, command: str = "train") -> None:
     """Hold ``folder`` for this process (created if missing) until it exits, however it exits: the kernel drops the
     lock with the process. Exit 2, one line, if another process holds it (naming it) or the folder is not writable."""
     folder = Path(folder).resolve()
@@ -42,13 +42,13 @@ def hold(folder: str | Path, key: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
-        fail("train", f"{key}={str(folder)!r} is not writable ({err.strerror}): choose a folder you can write to")
+        fail(command, f"{key}={str(folder)!r} is not writable ({err.strerror}): choose a folder you can write to")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        fail("train", f"{key}={str(folder)!r} is in use by a run that is still going ({holder}): wait for it to end, "
+        fail(command, f"{key}={str(folder)!r} is in use by a run that is still going ({holder}): wait for it to end, "
                       f"or choose another {key}")  # fmt: skip
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.now():%Y-%m-%d %H:%M:%S}".encode())
@@ -136,8 +136,8 @@ class GuardRunDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if launched_rank() > 0:
             return
-        run_dir = Path(str(config.hydra.run.dir))
-        hold(run_dir, "hydra.run.dir")
+        run_dir, command = Path(str(config.hydra.run.dir)), str(config.hydra.job.name or "train")
+        hold(run_dir, "hydra.run.dir", command)
         present = run_files(run_dir)
         if not present:
             return
@@ -148,7 +148,7 @@ class GuardRunDir(Callback):
             shutil.rmtree(run_dir / STAGED, ignore_errors=True)  # left by a start that was killed
             record = STAGED
         else:
-            fail("train", refusal(run_dir, present))
+            fail(command, refusal(run_dir, present))
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.output_subdir = f"{record}/.hydra"
             handlers = OmegaConf.select(config, "hydra.job_logging.handlers", default=None)
@@ -158,15 +158,15 @@ class GuardRunDir(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN and launched_rank() == 0:  # each job holds its own folder
-            hold(config.hydra.runtime.output_dir, "hydra.sweep.subdir")
+            hold(config.hydra.runtime.output_dir, "hydra.sweep.subdir", str(config.hydra.job.name or "train"))
 
     def on_job_end(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
             release(config.hydra.runtime.output_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        hold(sweep_dir, "hydra.sweep.dir")
+        sweep_dir, command = Path(str(config.hydra.sweep.dir)), str(config.hydra.job.name or "train")
+        hold(sweep_dir, "hydra.sweep.dir", command)
         jobs = [p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and run_files(p)]
         if not jobs:
             return
@@ -183,7 +183,7 @@ class GuardRunDir(Callback):
                 config.hydra.overrides.hydra.append(f"hydra.sweep.subdir='{prefix}_{subdir}'")
             return
         if config.get("ckpt_path") in (None, ""):
-            fail("train", refusal(sweep_dir, [p.name for p in jobs], "hydra.sweep.dir"))  # the whole sweep
+            fail(command, refusal(sweep_dir, [p.name for p in jobs], "hydra.sweep.dir"))  # the whole sweep
         # every job of a resumed sweep records its start beside its run's (the jobs' configs are composed again
         # from these overrides)
         record = f"{RESUMES}/{_stamp(sweep_dir)}"
