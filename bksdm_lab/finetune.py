@@ -7,7 +7,6 @@ python -m bksdm_lab.finetune finetune=full pipeline=nota-ai/bk-sdm-small instanc
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import hydra
@@ -29,7 +28,15 @@ from bksdm_lab.common.secrets import redact, redact_dirname, shareable
 from bksdm_lab.distill.checks import check_call_args
 from bksdm_lab.evaluation import sampling as gen
 from bksdm_lab.evaluation.app import BOOL, Rule, rule_problems, whole
-from bksdm_lab.train import USER_ERRORS, InputError, NothingTrainedError, resolve_ckpt_path, start_process
+from bksdm_lab.train import (
+    USER_ERRORS,
+    InputError,
+    NothingTrainedError,
+    print_finished,
+    resolve_ckpt_path,
+    start_process,
+    until_interrupted,
+)
 
 
 def _positive(v) -> bool:
@@ -272,33 +279,19 @@ def outputs(trainer: pl.Trainer, out_dir: Path, result: db.SaveResult) -> dict:
     }
 
 
-def finetune_until_interrupted(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
-    """:func:`finetune`; Ctrl-C exits with its own code, naming the checkpoint it saved."""
-    try:
-        return finetune(cfg)
-    except Interrupted as stop:
-        print(f"bksdm_lab.finetune: {stop}; resume with the same hydra.run.dir and ckpt_path=last", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT) from None
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
     """Fine-tune; returns the last logged train/loss (for sweepers)."""
     start_process(offline=cfg.offline)
-    finished = guarded("finetune", finetune_until_interrupted, cfg, (*USER_ERRORS, gen.GenerationError))
+    errors = (*USER_ERRORS, gen.GenerationError)
+    finished = guarded("finetune", until_interrupted("finetune", finetune), cfg, errors)
     if finished is None:  # a failed job of a sweep (marked FAILED; the others still run)
         return None
     summary, trainer = finished
-    last = trainer.callback_metrics
     if trainer.is_global_zero:
-        losses = [f"{k} {float(v):.4g}" for k, v in last.items() if k.startswith("train/loss")]
-        print("\nbksdm_lab: fine-tuning finished")
-        for key in ("run_dir", "checkpoint", "csv", "wandb", "validation", "lora", "pipeline", "hub", "steps"):
-            if summary.get(key) is not None:
-                print(f"  {key:<10} {summary[key]}")
-        if losses:
-            print(f"  {'losses':<10} {', '.join(losses)}")
-    loss = last.get("train/loss")
+        keys = ("run_dir", "checkpoint", "csv", "wandb", "validation", "lora", "pipeline", "hub", "steps")
+        print_finished("fine-tuning", summary, keys, trainer.callback_metrics)
+    loss = trainer.callback_metrics.get("train/loss")
     return float(loss) if loss is not None else None
 
 

@@ -264,34 +264,45 @@ def start_process(offline: bool = False) -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
-def train_until_interrupted(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
-    """:func:`train`; Ctrl-C (which stops a sweep too) exits with its own code, naming the checkpoint it saved."""
-    try:
-        return train(cfg)
-    except Interrupted as stop:
-        print(f"bksdm_lab.train: {stop}; resume with the same hydra.run.dir and ckpt_path=last", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT) from None
+def until_interrupted(command: str, fn):
+    """``fn`` (a command's run); Ctrl-C (which stops a sweep too) exits with its own code, naming the checkpoint saved."""
+
+    def run(cfg: DictConfig):
+        try:
+            return fn(cfg)
+        except Interrupted as stop:
+            print(
+                f"bksdm_lab.{command}: {stop}; resume with the same hydra.run.dir and ckpt_path=last", file=sys.stderr
+            )
+            raise SystemExit(INTERRUPTED_EXIT) from None
+
+    return run
+
+
+def print_finished(what: str, rows: dict, keys, metrics) -> None:
+    """The end of a run on the console: where it wrote what (``keys`` of ``rows`` that are set) and its last losses."""
+    losses = [f"{k} {float(v):.4g}" for k, v in metrics.items() if k == "train/loss" or k.startswith("train/loss_")]
+    print(f"\nbksdm_lab: {what} finished")
+    for key in keys:
+        if rows.get(key) is not None:
+            print(f"  {key:<10} {rows[key]}")
+    if losses:
+        print(f"  {'losses':<10} {', '.join(losses)}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns ``cfg.optimized_metric`` (its last logged value) for sweepers."""
     start_process(offline=cfg.offline)
-    finished = guarded("train", train_until_interrupted, cfg, USER_ERRORS)
+    finished = guarded("train", until_interrupted("train", train), cfg, USER_ERRORS)
     if finished is None:  # a failed job of a sweep (marked FAILED; the others still run)
         return None
     summary, trainer = finished
     if trainer.is_global_zero:
         samples = ((cfg.get("callbacks") or {}).get("samples") or {}).get("out_dir")
-        last = trainer.callback_metrics  # the last logged value of each metric
-        losses = [f"{k} {float(v):.4g}" for k, v in last.items() if k == "train/loss" or k.startswith("train/loss_")]
         rows = {**summary, "samples": samples if samples and Path(samples).is_dir() else None}
-        print("\nbksdm_lab: run finished")
-        for key in ("run_dir", "checkpoint", "csv", "wandb", "samples", "pipeline", "lora", "hub", "steps"):
-            if rows.get(key) is not None:
-                print(f"  {key:<10} {rows[key]}")
-        if losses:
-            print(f"  {'losses':<10} {', '.join(losses)}")
+        keys = ("run_dir", "checkpoint", "csv", "wandb", "samples", "pipeline", "lora", "hub", "steps")
+        print_finished("run", rows, keys, trainer.callback_metrics)
     metric = trainer.callback_metrics.get(cfg.optimized_metric)
     return float(metric) if metric is not None else None
 

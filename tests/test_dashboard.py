@@ -125,7 +125,7 @@ def test_real_cli_no_login_error(cache_dir, tmp_path):
 
 
 def test_unknown_arch_is_named():
-    with pytest.raises(db.DashboardError, match="unknown arch 'huge'.*base, keep, small, tiny"):
+    with pytest.raises(db.DashboardError, match="unknown arch 'huge'.*base, keep, same, small, tiny"):
         db.arch_feature_layers("huge")
 
 

@@ -94,7 +94,14 @@ def class_images(class_cache) -> list:
 
 
 @pytest.fixture(scope="module")
-def lora_run(demo_export_dir, subject, class_cache, tmp_path_factory):
+def runs_cache(tmp_path_factory):
+    """The cache of lora_run and full_run alone: the first of them generates the class images, the second reuses them."""
+    return tmp_path_factory.mktemp("runs_cache")
+
+
+@pytest.fixture(scope="module")
+def lora_run(demo_export_dir, subject, runs_cache, tmp_path_factory):
+    class_cache = runs_cache
     run_dir = tmp_path_factory.mktemp("lora") / "run"
     out = run(run_dir, *common(demo_export_dir, subject, class_cache), "finetune.lr=1e-3", "logger=wandb_csv")
     mtimes = {p.name: p.stat().st_mtime_ns for p in class_images(class_cache)}
@@ -102,7 +109,8 @@ def lora_run(demo_export_dir, subject, class_cache, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(demo_export_dir, subject, class_cache, lora_run, tmp_path_factory):
+def full_run(demo_export_dir, subject, runs_cache, lora_run, tmp_path_factory):
+    class_cache = runs_cache
     run_dir = tmp_path_factory.mktemp("full") / "run"
     out = run(
         run_dir, *common(demo_export_dir, subject, class_cache), "finetune=full", "finetune.lr=1e-4", "logger=csv"
@@ -168,15 +176,12 @@ def test_a_corrupt_subject_image_is_skipped_and_counted(lora_run):
     assert "subject images: 3 (1 corrupt skipped)" in out
 
 
-def test_class_images_are_generated_once_then_reused(lora_run, full_run, class_cache):
+def test_class_images_are_generated_once_then_reused(lora_run, full_run, runs_cache):
     _, lora_out, mtimes = lora_run
-    (
-        _,
-        full_out,
-    ) = full_run
+    _, full_out = full_run
     assert "class images: 4 generated, 0 reused" in lora_out
     assert "class images: 0 generated, 4 reused" in full_out
-    assert {p.name: p.stat().st_mtime_ns for p in class_images(class_cache)} == mtimes and len(mtimes) == 4
+    assert {p.name: p.stat().st_mtime_ns for p in class_images(runs_cache)} == mtimes and len(mtimes) == 4
 
 
 def test_a_full_run_exports_a_pipeline_that_loads_and_differs(full_run, demo_export_dir):

@@ -128,6 +128,11 @@ def _stamp(run_dir: Path) -> str:
     return name
 
 
+def command_of(config: DictConfig) -> str:
+    """The command a Hydra app's config belongs to (its job name: train, finetune, ...), for its error lines."""
+    return str(OmegaConf.select(config, "hydra.job.name", default=None) or "train")
+
+
 class GuardRunDir(Callback):
     """Hold the run folder (:func:`hold`), then refuse (exit 2, one line) to start a run into a folder holding another
     run, unless the run resumes that folder's checkpoint (its Hydra record and log go to ``.resumes/<time>/``) or
@@ -136,7 +141,7 @@ class GuardRunDir(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if launched_rank() > 0:
             return
-        run_dir, command = Path(str(config.hydra.run.dir)), str(config.hydra.job.name or "train")
+        run_dir, command = Path(str(config.hydra.run.dir)), command_of(config)
         hold(run_dir, "hydra.run.dir", command)
         present = run_files(run_dir)
         if not present:
@@ -158,14 +163,14 @@ class GuardRunDir(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN and launched_rank() == 0:  # each job holds its own folder
-            hold(config.hydra.runtime.output_dir, "hydra.sweep.subdir", str(config.hydra.job.name or "train"))
+            hold(config.hydra.runtime.output_dir, "hydra.sweep.subdir", command_of(config))
 
     def on_job_end(self, config: DictConfig, **kwargs) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
             release(config.hydra.runtime.output_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir, command = Path(str(config.hydra.sweep.dir)), str(config.hydra.job.name or "train")
+        sweep_dir, command = Path(str(config.hydra.sweep.dir)), command_of(config)
         hold(sweep_dir, "hydra.sweep.dir", command)
         jobs = [p for p in sorted(sweep_dir.iterdir()) if p.is_dir() and run_files(p)]
         if not jobs:

@@ -183,10 +183,11 @@ PATTERN = "keep"  # conf/arch/keep.yaml: the base of every pattern, reported onl
 
 
 def variant_names(variants=None) -> list[str]:
-    """``variants``, or (null) every conf/arch/*.yaml but keep.yaml (a pattern's base, the teacher's size as shipped)."""
+    """``variants``, or (null) every conf/arch/*.yaml but keep.yaml (a pattern's base, the teacher's size as shipped)
+    and same.yaml (the teacher's own architecture)."""
     if variants is not None:
         return [str(v) for v in variants]
-    return sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml") if p.stem != PATTERN)
+    return sorted(p.stem for p in (CONF_DIR / "arch").glob("*.yaml") if p.stem not in (PATTERN, "same"))
 
 
 def load_archs(names, overrides=()) -> dict:
