@@ -22,8 +22,7 @@ from bksdm_lab import dreambooth as db
 from bksdm_lab.common import rundir
 from bksdm_lab.common.checkpoint import AtomicCheckpointIO, CheckpointError, FinalCheckpoint, read_checkpoint
 from bksdm_lab.common.cli import check_group_choices, guarded
-from bksdm_lab.common.interrupt import EXIT_CODE as INTERRUPTED_EXIT
-from bksdm_lab.common.interrupt import Interrupted, StopOnInterrupt
+from bksdm_lab.common.interrupt import StopOnInterrupt
 from bksdm_lab.common.secrets import redact, redact_dirname, shareable
 from bksdm_lab.distill.checks import check_call_args
 from bksdm_lab.evaluation import sampling as gen
@@ -31,7 +30,7 @@ from bksdm_lab.evaluation.app import BOOL, Rule, rule_problems, whole
 from bksdm_lab.train import (
     USER_ERRORS,
     InputError,
-    NothingTrainedError,
+    fit,
     print_finished,
     resolve_ckpt_path,
     start_process,
@@ -241,21 +240,7 @@ def finetune(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
     }
     for logger in loggers:
         logger.log_hyperparams({"config": run_config, **summary})
-    exit_code = 1  # what W&B records: anything but a fit that returned is a failure
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if interrupt.start_step is None or trainer.global_step <= interrupt.start_step:
-            raise NothingTrainedError(
-                f"the run trained 0 optimizer steps (it ended at step {trainer.global_step}): check trainer.max_steps"
-            )
-        exit_code = 0
-    except Interrupted:
-        exit_code = INTERRUPTED_EXIT
-        raise
-    finally:
-        import wandb
-
-        wandb.finish(exit_code=exit_code)
+    fit(trainer, module, datamodule, ckpt_path, interrupt, "check trainer.max_steps")
     return {**summary, **outputs(trainer, out_dir, result)}, trainer
 
 

@@ -161,13 +161,23 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
 
     for logger in loggers:
         logger.log_hyperparams({"config": run_config, **summary})
+    fit(
+        trainer, module, datamodule, ckpt_path, interrupt,
+        "so nothing was exported: check trainer.max_steps, trainer.max_epochs and trainer.limit_train_batches against "
+        "the data",
+    )  # fmt: skip
+    return {**summary, **outputs(trainer, out_dir)}, trainer
+
+
+def fit(trainer: pl.Trainer, module, datamodule, ckpt_path, interrupt: StopOnInterrupt, hint: str) -> None:
+    """``trainer.fit``, refused (:class:`NothingTrainedError`, ``hint`` says what to check) when it trained no optimizer
+    step, and the W&B run finished: marked failed unless the fit returned after training a step."""
     exit_code = 1  # what W&B records: anything but a fit that returned is a failure
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if interrupt.start_step is None or trainer.global_step <= interrupt.start_step:
             raise NothingTrainedError(
-                f"the run trained 0 optimizer steps (it ended at step {trainer.global_step}), so nothing was "
-                f"exported: check trainer.max_steps, trainer.max_epochs and trainer.limit_train_batches against the data"
+                f"the run trained 0 optimizer steps (it ended at step {trainer.global_step}), {hint}"
             )
         exit_code = 0
     except Interrupted:
@@ -177,7 +187,6 @@ def train(cfg: DictConfig) -> tuple[dict, pl.Trainer]:
         import wandb
 
         wandb.finish(exit_code=exit_code)  # failed or interrupted runs are marked failed; the next job starts clean
-    return {**summary, **outputs(trainer, out_dir)}, trainer
 
 
 def warn_at_end(callbacks: list[pl.Callback]) -> None:
