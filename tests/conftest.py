@@ -120,6 +120,38 @@ def demo_export_dir(demo_teacher_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_v2_teacher_dir(tmp_path_factory) -> Path:
+    """A tiny teacher of SD-v2 topology (linear projections in the transformers, a head count per stage,
+    v-prediction), built once like the demo's v1 teacher."""
+    from bksdm_lab.models.demo import build_demo_teacher
+    from bksdm_lab.models.teachers import shipped_configs
+
+    configs = shipped_configs("demo")
+    configs["unet"].update(use_linear_projection=True, attention_head_dim=[2, 4, 4, 4])
+    configs["scheduler"].update(prediction_type="v_prediction")
+    return build_demo_teacher(tmp_path_factory.mktemp("demo_v2") / "teacher", configs)
+
+
+@pytest.fixture(scope="session")
+def demo_teachers(demo_teacher_dir, demo_v2_teacher_dir) -> dict[str, Path]:
+    """The demo teachers by SD version: {"v1": folder, "v2": folder}."""
+    return {"v1": demo_teacher_dir, "v2": demo_v2_teacher_dir}
+
+
+def student_pipeline(teacher_dir: Path, arch: str, pipeline_class=None):
+    """The teacher's pipeline (``pipeline_class``, default StableDiffusionPipeline) with its U-Net replaced by the
+    ``arch`` student initialised from it: what a user gets from an export of that student."""
+    from diffusers import StableDiffusionPipeline
+
+    from bksdm_lab.models.students import init_student_from_teacher
+
+    pipe = (pipeline_class or StableDiffusionPipeline).from_pretrained(teacher_dir, safety_checker=None)
+    pipe.unet = init_student_from_teacher(pipe.unet, arch_cfg(arch))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def compose_train_cfg(run_dir: Path, *overrides: str):
     """conf/train.yaml composed as `python -m bksdm_lab.train hydra.run.dir=<run_dir> <overrides>` would compose it,
     registered as the current Hydra config (so ${hydra:...} resolves); `bksdm_lab.train.main(cfg)` then runs the app

@@ -60,6 +60,12 @@ def map_key(student_key: str, weight_map: Mapping[str, str]) -> str:
     return weight_map[best] + student_key[len(best) :] if best else student_key
 
 
+def student_names(student_keys, weight_map: Mapping[str, str]) -> dict[str, str]:
+    """Teacher name -> student name, for every teacher tensor (or module) a student one copies from: the weight map
+    read backwards, for carrying what was made for the teacher's layers (a LoRA, an IP-Adapter) onto the student's."""
+    return {map_key(key, weight_map): key for key in student_keys}
+
+
 def plan_weight_copy(
     student_shapes: Mapping[str, torch.Size], teacher_shapes: Mapping[str, torch.Size], weight_map: Mapping[str, str]
 ) -> dict[str, str]:
