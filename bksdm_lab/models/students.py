@@ -160,6 +160,12 @@ _BLOCK = re.compile(
 )
 
 
+def block_of(key: str) -> str | None:
+    """The removable building block a U-Net key lies in (``up_blocks.1.attentions.2``, ``mid_block``), else None."""
+    m = _BLOCK.match(key)
+    return m.group(1) if m else None
+
+
 def teacher_blocks(teacher_keys) -> list[str]:
     """The removable building blocks of a U-Net (resnets, attentions, samplers, the mid block), in order."""
     seen: dict[str, None] = {}
