@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HYDRA = ["train", "prepare", "generate", "evaluate", "bench", "arch", "importance", "finetune"]
+HYDRA = ["train", "prepare", "generate", "evaluate", "bench", "arch", "importance", "finetune", "lora_transfer"]
 ARGPARSE = ["export", "data.download"]
 
 
